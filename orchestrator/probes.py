@@ -1,0 +1,81 @@
+"""Direct checks the CLI makes itself: an instance's /health, and a proxy's applied generation."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+import aiohttp
+
+from .backend import ProxyStatus, Refused
+
+
+async def probe_http(
+    session: aiohttp.ClientSession, address: str, port: int, timeout: float = 2.0
+) -> str:
+    """GET /health on an instance: "ok" or "error: <why>"."""
+    url = f"http://{address}:{port}/health"
+    try:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+            await r.read()
+            return "ok" if r.status == 200 else f"error: /health answered {r.status}"
+    except aiohttp.ClientConnectorError as exc:
+        return f"error: {exc.os_error.strerror if exc.os_error else exc}".lower()
+    except asyncio.TimeoutError:
+        return f"error: no answer within {timeout:g}s"
+    except aiohttp.ClientError as exc:
+        return f"error: {exc}"
+
+
+async def proxy_generation(
+    session: aiohttp.ClientSession, admin: str, timeout: float = 2.0
+) -> tuple[int | None, str | None]:
+    """The generation a proxy reports at admin /v1/status, or (None, error)."""
+    try:
+        async with session.get(
+            f"http://{admin}/v1/status", timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as r:
+            if r.status != 200:
+                return None, f"admin answered {r.status}"
+            body = await r.json()
+            return int(body["generation"]), None
+    except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, ValueError) as exc:
+        return None, f"unreachable: {exc or type(exc).__name__}"
+
+
+async def proxy_statuses(
+    session: aiohttp.ClientSession, proxies: Sequence[tuple[str, str]], generation: int
+) -> list[ProxyStatus]:
+    results = await asyncio.gather(*(proxy_generation(session, admin) for _, admin in proxies))
+    return [
+        ProxyStatus(name=n, admin=a, generation=g, in_sync=g is not None and g >= generation, error=e)
+        for (n, a), (g, e) in zip(proxies, results, strict=True)
+    ]
+
+
+async def wait_proxies(
+    session: aiohttp.ClientSession,
+    proxies: Sequence[tuple[str, str]],
+    generation: int,
+    timeout: float = 10.0,
+    interval: float = 0.005,
+) -> float:
+    """Poll every proxy until all report `generation` (or newer). Returns seconds waited.
+    Raises Refused naming the proxies that did not follow."""
+    start = time.perf_counter()
+    pending = list(proxies)
+    while True:
+        results = await asyncio.gather(*(proxy_generation(session, a) for _, a in pending))
+        pending = [
+            p for p, (g, _) in zip(pending, results, strict=True) if g is None or g < generation
+        ]
+        if not pending:
+            return time.perf_counter() - start
+        if time.perf_counter() - start > timeout:
+            names = ", ".join(f"{n} ({a})" for n, a in pending)
+            raise Refused(
+                f"generation {generation} was written, but {len(pending)} proxy(ies) did not "
+                f"apply it within {timeout:g}s: {names}"
+            )
+        await asyncio.sleep(interval)
