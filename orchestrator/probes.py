@@ -22,7 +22,7 @@ async def probe_http(
             return "ok" if r.status == 200 else f"error: /health answered {r.status}"
     except aiohttp.ClientConnectorError as exc:
         return f"error: {exc.os_error.strerror if exc.os_error else exc}".lower()
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return f"error: no answer within {timeout:g}s"
     except aiohttp.ClientError as exc:
         return f"error: {exc}"
@@ -40,7 +40,7 @@ async def proxy_generation(
                 return None, f"admin answered {r.status}"
             body = await r.json()
             return int(body["generation"]), None
-    except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, ValueError) as exc:
+    except (TimeoutError, aiohttp.ClientError, KeyError, ValueError) as exc:
         return None, f"unreachable: {exc or type(exc).__name__}"
 
 
@@ -49,7 +49,9 @@ async def proxy_statuses(
 ) -> list[ProxyStatus]:
     results = await asyncio.gather(*(proxy_generation(session, admin) for _, admin in proxies))
     return [
-        ProxyStatus(name=n, admin=a, generation=g, in_sync=g is not None and g >= generation, error=e)
+        ProxyStatus(
+            name=n, admin=a, generation=g, in_sync=g is not None and g >= generation, error=e
+        )
         for (n, a), (g, e) in zip(proxies, results, strict=True)
     ]
 

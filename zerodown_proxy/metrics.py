@@ -35,7 +35,9 @@ class Counter:
         return self.values.get(labels, 0)
 
     def render(self) -> list[str]:
-        return [f"{self.name}{_labels(self.label_names, k)} {_num(v)}" for k, v in self.values.items()]
+        return [
+            f"{self.name}{_labels(self.label_names, k)} {_num(v)}" for k, v in self.values.items()
+        ]
 
 
 class Gauge(Counter):

@@ -1,0 +1,277 @@
+"""The `zerodown` command. Exit codes: 0 success, 1 refused or failed (reason on stderr), 2 usage.
+
+The release commands (status, deploy, switch, rollback) talk to a backend: the local stack by
+default, or Consul + Nomad with `--backend nomad` (or ZERODOWN_BACKEND=nomad).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .backend import AppStatus, Backend, Refused
+
+
+def _err(msg: str) -> None:
+    print(f"zerodown: {msg}", file=sys.stderr, flush=True)
+
+
+def _progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def make_backend(args: argparse.Namespace) -> Backend:
+    kind = args.backend or os.environ.get("ZERODOWN_BACKEND") or "local"
+    if kind == "local":
+        from .release_local import LocalBackend
+
+        return LocalBackend(Path(args.state_dir).resolve())
+    if kind == "nomad":
+        from .release_nomad import NomadConsulBackend
+
+        return NomadConsulBackend.from_env(args)
+    raise Refused(f"unknown backend {kind!r}: use local or nomad")
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def cmd_proxy(args: argparse.Namespace) -> int:
+    from zerodown_proxy.config import ConfigError, load_config
+    from zerodown_proxy.jsonlog import setup_logging
+    from zerodown_proxy.server import run
+
+    overrides: dict[str, dict[str, Any]] = {
+        "proxy": {
+            "http_listen": args.http_listen,
+            "hsms_listen": args.hsms_listen,
+            "admin_listen": args.admin_listen,
+        },
+        "discovery": {"file": args.registry, "provider": args.discovery},
+    }
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as exc:
+        _err(str(exc))
+        return 2
+    setup_logging(cfg.proxy.log_level)
+    return run(cfg, args.ready_file)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from .local_stack import up
+
+    up(
+        Path(args.state_dir).resolve(),
+        http_listen=args.http_listen,
+        hsms_listen=args.hsms_listen,
+        admin_listen=args.admin_listen,
+        version=args.version,
+        per_group=args.instances,
+        hsms=not args.no_hsms,
+        progress=_progress,
+    )
+    print(f"local stack up in {Path(args.state_dir).resolve()}")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from .local_stack import down
+
+    down(Path(args.state_dir).resolve(), progress=_progress)
+    return 0
+
+
+def print_status(st: AppStatus) -> None:
+    print(f"app {st.app}  backend {st.backend}  generation {st.generation}")
+    for role, g in (("Active", st.active), ("Standby", st.standby)):
+        print(f"  {role:<8} {g.group or '-':<8} version {g.version or '-':<10} "
+              f"{g.healthy}/{len(g.instances)} healthy")  # fmt: skip
+        for i in g.instances:
+            print(f"    {i.id:<22} {i.address}:{i.http_port:<6} {i.version:<8} "
+                  f"registered={i.registered:<8} probe={i.probe}")  # fmt: skip
+    sync = "in sync" if st.in_sync else "NOT in sync"
+    print(f"  proxies ({len(st.proxies)}, {sync}):")
+    for p in st.proxies:
+        gen = p.generation if p.generation is not None else "?"
+        extra = f"  ({p.error})" if p.error else ""
+        print(f"    {p.name:<22} {p.admin:<22} generation {gen}{extra}")
+
+
+async def _status(args: argparse.Namespace) -> int:
+    st = await make_backend(args).status(args.app)
+    if args.json:
+        print(orjson.dumps(st.to_json(), option=orjson.OPT_INDENT_2).decode())
+    else:
+        print_status(st)
+    return 0
+
+
+async def _deploy(args: argparse.Namespace) -> int:
+    msg = await make_backend(args).deploy(args.app, args.version, args.image, _progress)
+    print(msg)
+    return 0
+
+
+async def _switch(args: argparse.Namespace) -> int:
+    out = await make_backend(args).switch(args.app, args.to, _progress)
+    print(f"switched {out.app} to {out.to_group} ({out.to_version}); {out.proxies} proxy(ies) "
+          f"applied generation {out.generation} in {out.propagation_s * 1000:.1f} ms")  # fmt: skip
+    return 0
+
+
+async def _rollback(args: argparse.Namespace) -> int:
+    out = await make_backend(args).rollback(args.app, _progress)
+    print(f"rolled back {out.app} to {out.to_group} ({out.to_version}); {out.proxies} proxy(ies) "
+          f"applied generation {out.generation} in {out.propagation_s * 1000:.1f} ms")  # fmt: skip
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def cmd_sample_app(args: argparse.Namespace) -> int:
+    from .sample_app import run
+
+    return run(args)
+
+
+def cmd_hsms_sim(args: argparse.Namespace) -> int:
+    from .hsms_sim import run
+
+    return run(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from benchmarks.cli import run
+
+    return run(args)
+
+
+# -- parser -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zerodown", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def release_opts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--app", default="drimeap", help="app name (default drimeap)")
+        sp.add_argument(
+            "--state-dir",
+            default=os.environ.get("ZERODOWN_STATE_DIR", ".zerodown"),
+            help="local stack state directory (default ./.zerodown)",
+        )
+        sp.add_argument("--backend", choices=("local", "nomad"), default=None,
+                        help="local stack (default) or Consul + Nomad")  # fmt: skip
+        sp.add_argument("--job", default=None, help="Nomad job id (default: the app name)")
+
+    sp = sub.add_parser("proxy", help="run the edge proxy")
+    sp.add_argument("--config", default=None, help="TOML config file")
+    sp.add_argument("--http-listen", default=None, help="override [proxy] http_listen")
+    sp.add_argument("--hsms-listen", default=None, help="override [proxy] hsms_listen")
+    sp.add_argument("--admin-listen", default=None, help="override [proxy] admin_listen")
+    sp.add_argument("--registry", default=None, help="override [discovery] file")
+    sp.add_argument("--discovery", choices=("file", "consul"), default=None)
+    sp.add_argument("--ready-file", default=None, help="write bound ports as JSON here")
+    sp.set_defaults(fn=cmd_proxy)
+
+    sp = sub.add_parser("up", help="start the local stack")
+    release_opts(sp)
+    sp.add_argument("--http-listen", default="0.0.0.0:8080")
+    sp.add_argument("--hsms-listen", default="0.0.0.0:5000")
+    sp.add_argument("--admin-listen", default="127.0.0.1:8081")
+    sp.add_argument("--version", default="v1", help="version both groups start on")
+    sp.add_argument("--instances", type=int, default=2, help="instances per group")
+    sp.add_argument("--no-hsms", action="store_true", help="HTTP only")
+    sp.set_defaults(fn=cmd_up)
+
+    sp = sub.add_parser("down", help="stop the local stack")
+    release_opts(sp)
+    sp.set_defaults(fn=cmd_down)
+
+    sp = sub.add_parser("status", help="Active/Standby groups, health, proxies in sync")
+    release_opts(sp)
+    sp.add_argument("--json", action="store_true", help="machine-readable (zerodown.status/v1)")
+    sp.set_defaults(afn=_status)
+
+    sp = sub.add_parser("deploy", help="put VERSION on the Standby group; wait until healthy")
+    release_opts(sp)
+    sp.add_argument("version", help="version to deploy (e.g. v2)")
+    sp.add_argument("--image", default=None, help="docker image (Nomad backend)")
+    sp.set_defaults(afn=_deploy)
+
+    sp = sub.add_parser("switch", help="flip Active<->Standby; wait for every proxy")
+    release_opts(sp)
+    sp.add_argument("--to", default=None, help="group to make Active (default: the Standby)")
+    sp.set_defaults(afn=_switch)
+
+    sp = sub.add_parser("rollback", help="switch back to the previous group")
+    release_opts(sp)
+    sp.set_defaults(afn=_rollback)
+
+    sp = sub.add_parser("demo", help="local stack + load + deploy + switch + summary")
+    sp.add_argument("--http-listen", default="127.0.0.1:8080")
+    sp.add_argument("--hsms-listen", default="127.0.0.1:5000")
+    sp.add_argument("--admin-listen", default="127.0.0.1:8081")
+    sp.add_argument("--clients", type=int, default=8, help="keep-alive HTTP clients")
+    sp.add_argument("--seconds", type=float, default=3.0, help="load before and after the switch")
+    sp.add_argument("--state-dir", default=None, help="default: a temporary directory")
+    sp.set_defaults(fn=cmd_demo)
+
+    sp = sub.add_parser("sample-app", help="the sample drimEAP backend")
+    from .sample_app import add_arguments as sample_args
+
+    sample_args(sp)
+    sp.set_defaults(fn=cmd_sample_app)
+
+    sp = sub.add_parser("hsms-sim", help="equipment simulator (HSMS active side)")
+    try:
+        from .hsms_sim import add_arguments as sim_args
+
+        sim_args(sp)
+    except ImportError as exc:  # the simulator needs secsgem; say so instead of a traceback
+        sp.set_defaults(unavailable=f"hsms-sim is unavailable: {exc}")
+    sp.set_defaults(fn=cmd_hsms_sim)
+
+    sp = sub.add_parser("bench", help="benchmarks (see benchmarks/README.md)")
+    try:
+        from benchmarks.cli import add_arguments as bench_args
+
+        bench_args(sp)
+    except ImportError as exc:
+        sp.set_defaults(unavailable=f"benchmarks are unavailable: {exc}")
+    sp.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "unavailable", None):
+        _err(args.unavailable)
+        return 1
+    try:
+        if getattr(args, "afn", None) is not None:
+            return asyncio.run(args.afn(args))
+        return int(args.fn(args) or 0)
+    except Refused as exc:
+        _err(str(exc))
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a command that fails says why in one line; details in debug
+        from zerodown_proxy.discovery.file import RegistryError
+
+        if isinstance(exc, RegistryError | OSError):
+            _err(str(exc))
+            return 1
+        raise

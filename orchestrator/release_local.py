@@ -1,0 +1,259 @@
+"""Release backend for the local stack: deploy restarts Standby processes, switch rewrites the
+registry file's Active pointer (under a lock), and both wait on the proxy's admin API."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from . import registry
+from .backend import (
+    AppStatus,
+    GroupStatus,
+    InstanceStatus,
+    Progress,
+    Refused,
+    SwitchOutcome,
+)
+from .local_stack import StackPaths, load_stack, save_stack, start_instance, stop_pid
+from .probes import probe_http, proxy_statuses, wait_proxies
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(self, state_dir: Path, proxy_timeout: float = 10.0) -> None:
+        self.paths = StackPaths(state_dir)
+        self.proxy_timeout = proxy_timeout
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _app(self, reg: dict[str, Any], app: str) -> dict[str, Any]:
+        try:
+            return reg["apps"][app]
+        except KeyError:
+            known = ", ".join(reg.get("apps", {})) or "none"
+            raise Refused(f"app {app} is not in the local registry (known: {known})") from None
+
+    @staticmethod
+    def _groups(a: dict[str, Any]) -> tuple[str, str | None]:
+        active = a["active"]
+        others = sorted({i["group"] for i in a["instances"]} - {active})
+        return active, (others[0] if others else None)
+
+    @staticmethod
+    def _proxies(reg: dict[str, Any]) -> list[tuple[str, str]]:
+        return [(p["name"], p["admin"]) for p in reg.get("proxies", [])]
+
+    def _audit(self, entry: dict[str, Any]) -> None:
+        entry = {"ts": time.time(), "user": getpass.getuser(), **entry}
+        with open(self.paths.root / "history.jsonl", "ab") as f:
+            f.write(orjson.dumps(entry) + b"\n")
+
+    async def _probe_all(
+        self, session: aiohttp.ClientSession, instances: list[dict[str, Any]]
+    ) -> list[str]:
+        return list(
+            await asyncio.gather(
+                *(probe_http(session, i["address"], i["http_port"]) for i in instances)
+            )
+        )
+
+    # -- Backend ------------------------------------------------------------------------------
+
+    async def status(self, app: str) -> AppStatus:
+        reg = registry.read(self.paths.registry)
+        a = self._app(reg, app)
+        active, standby = self._groups(a)
+        async with aiohttp.ClientSession() as session:
+            probes = await self._probe_all(session, a["instances"])
+            proxies = await proxy_statuses(session, self._proxies(reg), reg["generation"])
+        groups = {active: GroupStatus(active, None), standby: GroupStatus(standby, None)}
+        for inst, probe in zip(a["instances"], probes, strict=True):
+            g = groups.get(inst["group"])
+            if g is None:
+                continue
+            g.instances.append(
+                InstanceStatus(
+                    id=inst["id"],
+                    group=inst["group"],
+                    version=inst["version"],
+                    address=inst["address"],
+                    http_port=inst["http_port"],
+                    hsms_port=inst.get("hsms_port"),
+                    registered="passing" if inst.get("healthy", True) else "critical",
+                    probe=probe,
+                )
+            )
+        for g in groups.values():
+            versions = sorted({i.version for i in g.instances})
+            g.version = ",".join(versions) if versions else None
+        return AppStatus(
+            backend=self.name,
+            app=app,
+            generation=reg["generation"],
+            active=groups[active],
+            standby=groups[standby] if standby else GroupStatus(None, None),
+            proxies=proxies,
+        )
+
+    async def deploy(self, app: str, version: str, image: str | None, progress: Progress) -> str:
+        if image:
+            raise Refused(
+                "--image applies to the Nomad backend; the local stack runs the sample app"
+            )
+        stack = load_stack(self.paths)
+        reg = registry.read(self.paths.registry)
+        a = self._app(reg, app)
+        active, standby = self._groups(a)
+        if standby is None:
+            raise Refused(f"app {app} has no Standby group to deploy to")
+        targets = [i for i in a["instances"] if i["group"] == standby]
+        progress(f"deploying {version} to Standby group {standby} ({len(targets)} instances); "
+                 f"Active group {active} is not touched")  # fmt: skip
+        hsms = any(i.get("hsms_port") for i in targets)
+        device_id = a.get("hsms_device_id") or 0
+        for inst in targets:
+            iid = inst["id"]
+
+            def mark(reg: dict[str, Any], iid: str = iid, **fields: Any) -> None:
+                for i in self._app(reg, app)["instances"]:
+                    if i["id"] == iid:
+                        i.update(fields)
+
+            registry.update(self.paths.registry, lambda r, iid=iid: mark(r, iid, healthy=False))
+            old = stack["instances"].get(iid)
+            if old:
+                await asyncio.to_thread(stop_pid, old["pid"])
+            progress(f"  {iid}: stopped, starting {version}")
+            info = await asyncio.to_thread(
+                start_instance, self.paths, iid, version, hsms, device_id
+            )
+            stack["instances"][iid] = {"pid": info["pid"]}
+            save_stack(self.paths, stack)
+            async with aiohttp.ClientSession() as session:
+                deadline = time.monotonic() + 20
+                while (probe := await probe_http(session, "127.0.0.1", info["http_port"])) != "ok":
+                    if time.monotonic() > deadline:
+                        raise Refused(f"{iid} on {version} did not become healthy: {probe}")
+                    await asyncio.sleep(0.05)
+            registry.update(
+                self.paths.registry,
+                lambda r, iid=iid, info=info: mark(
+                    r,
+                    iid,
+                    version=version,
+                    http_port=info["http_port"],
+                    hsms_port=info["hsms_port"],
+                    healthy=True,
+                ),
+            )
+            progress(f"  {iid}: healthy on {version} (http :{info['http_port']})")
+        reg = registry.read(self.paths.registry)
+        async with aiohttp.ClientSession() as session:
+            await wait_proxies(session, self._proxies(reg), reg["generation"], self.proxy_timeout)
+            await self._smoke(session, stack, version, progress)
+        self._audit({"action": "deploy", "app": app, "group": standby, "version": version,
+                     "result": "ok"})  # fmt: skip
+        return f"{version} is on Standby group {standby}, healthy; Active group {active} untouched"
+
+    async def _smoke(
+        self,
+        session: aiohttp.ClientSession,
+        stack: dict[str, Any],
+        version: str,
+        progress: Progress,
+    ) -> None:
+        proxy = stack.get("proxy") or {}
+        if not proxy.get("http"):
+            raise Refused("the local proxy is not running; cannot smoke-test the Standby group")
+        url = f"http://127.0.0.1:{proxy['http']}/"
+        headers = {"X-Zerodown-Preview": "standby", "X-Zerodown-Token": stack["token"]}
+        seen = set()
+        for _ in range(4):
+            try:
+                async with session.get(url, headers=headers) as r:
+                    await r.read()
+                    if r.status != 200:
+                        raise Refused(
+                            f"smoke test through the proxy's Standby preview got {r.status}"
+                        )
+                    seen.add(r.headers.get("X-Backend-Version"))
+            except aiohttp.ClientError as exc:
+                raise Refused(f"smoke test through the proxy failed: {exc}") from None
+        if seen != {version}:
+            raise Refused(f"smoke test: Standby preview answered versions {sorted(map(str, seen))}, "
+                          f"expected {version}")  # fmt: skip
+        progress(f"smoke test through the proxy's Standby preview: 4/4 answered {version}")
+
+    async def switch(self, app: str, to_group: str | None, progress: Progress) -> SwitchOutcome:
+        reg = registry.read(self.paths.registry)
+        a = self._app(reg, app)
+        active, standby = self._groups(a)
+        target = to_group or standby
+        groups = {i["group"] for i in a["instances"]}
+        if target not in groups:
+            raise Refused(f"app {app} has no group {target} (groups: {', '.join(sorted(groups))})")
+        if target == active:
+            raise Refused(f"group {target} is already Active for {app}; nothing to switch")
+        targets = [i for i in a["instances"] if i["group"] == target]
+        async with aiohttp.ClientSession() as session:
+            probes = await self._probe_all(session, targets)
+            bad = [
+                f"{i['id']}: {p.removeprefix('error: ')}"
+                if p != "ok"
+                else f"{i['id']}: registered unhealthy"
+                for i, p in zip(targets, probes, strict=True)
+                if p != "ok" or not i.get("healthy", True)
+            ]
+            if bad or not targets:
+                ok = len(targets) - len(bad)
+                raise Refused(
+                    f"Standby group {target} has {ok}/{len(targets)} passing instances "
+                    f"({'; '.join(bad) or 'no instances'}); not switching."
+                )
+            from_version = ",".join(sorted({i["version"] for i in a["instances"]
+                                              if i["group"] == active}))  # fmt: skip
+            to_version = ",".join(sorted({i["version"] for i in targets}))
+            expected_gen = reg["generation"]
+
+            def flip(r: dict[str, Any]) -> None:
+                if r["generation"] != expected_gen:
+                    raise Refused(
+                        f"the registry changed while switching (generation {expected_gen} -> "
+                        f"{r['generation']}): someone else is releasing; check 'zerodown status'"
+                    )
+                x = self._app(r, app)
+                x["previous"] = x["active"]
+                x["active"] = target
+
+            new = registry.update(self.paths.registry, flip)
+            written = time.perf_counter()
+            proxies = self._proxies(new)
+            try:
+                await wait_proxies(session, proxies, new["generation"], self.proxy_timeout)
+            finally:
+                took = time.perf_counter() - written
+        self._audit({"action": "switch", "app": app, "from": active, "to": target,
+                     "from_version": from_version, "to_version": to_version,
+                     "generation": new["generation"], "result": "ok",
+                     "propagation_ms": round(took * 1000, 2)})  # fmt: skip
+        progress(f"switched {app}: {active} ({from_version}) -> {target} ({to_version}), "
+                 f"generation {new['generation']}")  # fmt: skip
+        return SwitchOutcome(app, active, target, from_version, to_version, new["generation"],
+                             took, len(proxies))  # fmt: skip
+
+    async def rollback(self, app: str, progress: Progress) -> SwitchOutcome:
+        reg = registry.read(self.paths.registry)
+        a = self._app(reg, app)
+        previous = a.get("previous")
+        if not previous:
+            raise Refused(f"nothing to roll back to: no switch has been recorded for {app}")
+        progress(f"rolling back {app} to {previous}")
+        return await self.switch(app, previous, progress)

@@ -1,0 +1,109 @@
+"""`zerodown sample-app`: the sample drimEAP backend (HTTP, and HSMS when --hsms-port is given).
+
+HTTP: `GET /` answers JSON {service, version, instance} with header X-Backend-Version; `GET
+/health`; `POST /echo` streams the body back; `GET /sleep?s=N` answers after N seconds (to hold a
+request in flight across a switch). Exits cleanly on SIGTERM: stops accepting, finishes requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--version", required=True, help="version this instance reports (e.g. v1)")
+    p.add_argument("--http-port", type=int, required=True, help="HTTP port (0 = any free port)")
+    p.add_argument("--hsms-port", type=int, default=None, help="HSMS port (passive, host side)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--instance-id", default=None, help="instance id reported in answers")
+    p.add_argument("--device-id", type=int, default=0, help="HSMS session (device) id")
+    p.add_argument("--ready-file", default=None, help="write bound ports as JSON here when ready")
+
+
+def make_app(version: str, instance: str) -> web.Application:
+    headers = {"X-Backend-Version": version, "X-Backend-Instance": instance}
+    body = orjson.dumps({"service": "drimeap", "version": version, "instance": instance})
+
+    async def index(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/json", headers=headers)
+
+    async def health(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n", headers=headers)
+
+    async def echo(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers=headers)
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        async for chunk in request.content.iter_any():
+            await resp.write(chunk)
+        await resp.write_eof()
+        return resp
+
+    async def sleep(request: web.Request) -> web.Response:
+        await asyncio.sleep(float(request.query.get("s", "1")))
+        return web.Response(body=body, content_type="application/json", headers=headers)
+
+    async def info(request: web.Request) -> web.Response:
+        return web.json_response(
+            {"version": version, "instance": instance, "headers": dict(request.headers)},
+            headers=headers,
+        )
+
+    app = web.Application(client_max_size=1024**4)
+    app.router.add_get("/", index)
+    app.router.add_get("/health", health)
+    app.router.add_post("/echo", echo)
+    app.router.add_get("/sleep", sleep)
+    app.router.add_get("/info", info)
+    return app
+
+
+async def serve(args: argparse.Namespace) -> int:
+    instance = args.instance_id or f"drimeap-{socket.gethostname()}-{os.getpid()}"
+    runner = web.AppRunner(make_app(args.version, instance), access_log=None, shutdown_timeout=10)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.http_port, reuse_address=True)
+    await site.start()
+    ports: dict[str, Any] = {
+        "http": site._server.sockets[0].getsockname()[1],  # type: ignore[union-attr]
+        "pid": os.getpid(),
+    }
+    hsms = None
+    if args.hsms_port is not None:
+        from .sample_hsms import start_hsms_host
+
+        port = args.hsms_port
+        if port == 0:
+            with socket.socket() as s:  # secsgem needs a concrete port
+                s.bind((args.host, 0))
+                port = s.getsockname()[1]
+        hsms = start_hsms_host(port, args.version, device_id=args.device_id, instance_id=instance)
+        ports["hsms"] = port
+    if args.ready_file:
+        tmp = Path(args.ready_file + ".tmp")
+        tmp.write_bytes(orjson.dumps(ports))
+        os.replace(tmp, args.ready_file)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    if hsms is not None:
+        await asyncio.to_thread(hsms.stop)
+    await runner.cleanup()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvloop
+
+    return uvloop.run(serve(args))

@@ -1,0 +1,137 @@
+"""`zerodown proxy`: wires the router, a discovery provider, the HTTP and HSMS data planes and
+the admin API into one process, and shuts it down gracefully on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .admin import AdminApi
+from .config import Config, parse_addr
+from .discovery.file import FileProvider
+from .http.proxy import HttpProxy
+from .metrics import Registry
+from .routing import Router
+
+log = logging.getLogger("zerodown.proxy")
+
+
+class ProxyServer:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.router = Router()
+        self.metrics = Registry()
+        self.name = cfg.proxy.name or f"{socket.gethostname()}-{os.getpid()}"
+        self.http: HttpProxy | None = None
+        self.hsms: Any = None
+        self.admin: AdminApi | None = None
+        self.provider: Any = None
+        self.stopped = asyncio.Event()
+        r = self.router
+        self.metrics.gauge(
+            "zerodown_routing_generation", "Applied routing generation",
+            fn=lambda: r.snapshot.generation,
+        )  # fmt: skip
+        self.metrics.gauge(
+            "zerodown_routing_switches_total", "Active group changes applied", fn=lambda: r.switches
+        )
+        self.metrics.gauge(
+            "zerodown_routing_rejected_total",
+            "Snapshots refused (for example an Active group with no healthy instance)",
+            fn=lambda: r.rejected,
+        )
+        self.metrics.gauge(
+            "zerodown_routing_snapshot_age_seconds",
+            "Seconds since the applied snapshot was built",
+            fn=lambda: (time.time() - r.snapshot.created_at) if r.snapshot.generation else 0,
+        )
+
+    async def start(self) -> dict[str, int]:
+        cfg = self.cfg
+        admin_host, admin_port = parse_addr(cfg.proxy.admin_listen, "127.0.0.1")
+        self.admin = AdminApi(self.router, self.metrics, cfg.proxy.admin_token, self.name, parts={})
+        await self.admin.start(admin_host, admin_port)
+        admin_addr = f"{admin_host}:{self.admin.port}"
+
+        if cfg.discovery.provider == "consul":
+            from .discovery.consul import ConsulProvider
+
+            self.provider = ConsulProvider(
+                cfg.consul, self.router, self.metrics, admin_addr=admin_addr, proxy_name=self.name
+            )
+        else:
+            self.provider = FileProvider(
+                cfg.registry_path(), self.router, cfg.discovery.poll_interval
+            )
+            self.admin.reload = self.provider.load_once
+        self.provider.start()
+
+        http_host, http_port = parse_addr(cfg.proxy.http_listen)
+        self.http = HttpProxy(
+            self.router, cfg.http, self.metrics, cfg.proxy.admin_token, cfg.proxy.access_log
+        )
+        await self.http.start(http_host, http_port)
+        ports = {"http": self.http.port, "admin": self.admin.port, "pid": os.getpid()}
+        self.admin.parts["http"] = self.http.status
+        self.admin.parts["discovery"] = self.provider.status
+
+        if cfg.hsms.enabled:
+            from .hsms.proxy import HsmsProxy
+
+            hsms_host, hsms_port = parse_addr(cfg.proxy.hsms_listen)
+            self.hsms = HsmsProxy(self.router, cfg.hsms, self.metrics)
+            await self.hsms.start(hsms_host, hsms_port)
+            ports["hsms"] = self.hsms.port
+            self.admin.parts["hsms"] = self.hsms.status
+        if hasattr(self.provider, "set_listen_ports"):
+            self.provider.set_listen_ports(ports)
+        log.info("listening", extra={"fields": {"ports": ports, "name": self.name}})
+        return ports
+
+    async def stop(self) -> None:
+        grace = self.cfg.proxy.shutdown_grace
+        log.info("shutting down", extra={"fields": {"grace_s": grace}})
+        waits = []
+        if self.http is not None:
+            waits.append(self.http.close(grace))
+        if self.hsms is not None:
+            waits.append(self.hsms.close(grace))
+        await asyncio.gather(*waits)
+        if self.provider is not None:
+            await self.provider.stop()
+        if self.admin is not None:
+            await self.admin.close()
+        self.stopped.set()
+
+
+async def serve(cfg: Config, ready_file: str | None = None) -> int:
+    server = ProxyServer(cfg)
+    ports = await server.start()
+    if ready_file:
+        tmp = Path(ready_file + ".tmp")
+        tmp.write_bytes(orjson.dumps(ports))
+        os.replace(tmp, ready_file)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop()
+    return 0
+
+
+def run(cfg: Config, ready_file: str | None = None) -> int:
+    try:
+        import uvloop
+
+        return uvloop.run(serve(cfg, ready_file))
+    except ImportError:  # pragma: no cover - uvloop is a hard dependency; keep working without
+        return asyncio.run(serve(cfg, ready_file))
