@@ -226,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--clients", type=int, default=8, help="keep-alive HTTP clients")
     sp.add_argument("--seconds", type=float, default=3.0, help="load before and after the switch")
     sp.add_argument("--state-dir", default=None, help="default: a temporary directory")
+    sp.add_argument("--no-hsms", action="store_true", help="HTTP only")
     sp.set_defaults(fn=cmd_demo)
 
     sp = sub.add_parser("sample-app", help="the sample drimEAP backend")

@@ -152,8 +152,10 @@ class ClientProtocol(asyncio.Protocol):
         "head_started",
         "in_head",
         "head_bytes",
+        "head_size",
         "closing",
         "tunnel",
+        "local_host",
         "_url",
         "_headers",
     )
@@ -172,8 +174,10 @@ class ClientProtocol(asyncio.Protocol):
         self.head_started = 0.0
         self.in_head = False
         self.head_bytes = 0
+        self.head_size = 0
         self.closing = False
         self.tunnel: UpstreamProtocol | None = None
+        self.local_host = b""
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
 
@@ -183,6 +187,8 @@ class ClientProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
+        local = transport.get_extra_info("sockname")
+        self.local_host = f"{local[0]}:{local[1]}".encode() if local else b"localhost"
         self.proxy.clients.add(self)
         if self.proxy.draining:
             self.pause_reading_for(PAUSE_DRAIN)
@@ -260,16 +266,20 @@ class ClientProtocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.in_head = True
         self.head_started = time.monotonic()
+        self.head_size = 0
         self._url = b""
         self._headers = []
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        if len(self._url) > self.proxy.cfg.max_header_bytes:
+            raise HeadersTooLarge()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.in_head:
             self._headers.append((name, value))
-            if len(self._headers) > 200:
+            self.head_size += len(name) + len(value) + 4
+            if self.head_size > self.proxy.cfg.max_header_bytes or len(self._headers) > 200:
                 raise HeadersTooLarge()
         # else: a chunked trailer; trailers are not forwarded
 
@@ -455,6 +465,10 @@ def build_upstream_head(
         elif ln == PREVIEW_HEADER or ln == TOKEN_HEADER or ln.startswith(b"x-forwarded-"):
             continue
         parts.append(b"%s: %s\r\n" % (name, value))
+    if not host:
+        # HTTP/1.0 clients may omit Host; backends speaking 1.1 require it.
+        host = cycle.client.local_host
+        parts.append(b"Host: %s\r\n" % host)
     if not request_id:
         request_id = proxy.new_request_id()
         parts.append(b"X-Request-Id: %s\r\n" % request_id)
