@@ -41,7 +41,7 @@ async def _client(url: str, stats: LoadStats, stop: asyncio.Event) -> None:
                         stats.errors.append(f"HTTP {r.status}")
                         continue
                     version = r.headers.get("X-Backend-Version", "?")
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 stats.errors.append(f"{type(exc).__name__}: {exc}")
                 continue
             stats.samples.append((sent, time.monotonic(), version))
