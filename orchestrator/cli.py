@@ -52,8 +52,11 @@ def cmd_proxy(args: argparse.Namespace) -> int:
             "http_listen": args.http_listen,
             "hsms_listen": args.hsms_listen,
             "admin_listen": args.admin_listen,
+            "workers": args.workers,
+            "name": args.name,
         },
         "discovery": {"file": args.registry, "provider": args.discovery},
+        "consul": {"register_self": False if args.no_register else None},
     }
     try:
         cfg = load_config(args.config, overrides)
@@ -61,7 +64,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         _err(str(exc))
         return 2
     setup_logging(cfg.proxy.log_level)
-    return run(cfg, args.ready_file)
+    return run(cfg, args.ready_file, reuse_port=args.reuse_port, config_path=args.config)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -183,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--registry", default=None, help="override [discovery] file")
     sp.add_argument("--discovery", choices=("file", "consul"), default=None)
     sp.add_argument("--ready-file", default=None, help="write bound ports as JSON here")
+    sp.add_argument("--workers", type=int, default=None, help="override [proxy] workers")
+    sp.add_argument("--name", default=None, help="override [proxy] name")
+    sp.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    sp.add_argument("--no-register", action="store_true", help=argparse.SUPPRESS)
     sp.set_defaults(fn=cmd_proxy)
 
     sp = sub.add_parser("up", help="start the local stack")

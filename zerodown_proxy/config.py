@@ -45,6 +45,7 @@ class ProxySection:
     log_level: str = "info"
     shutdown_grace: float = 20.0
     name: str = ""
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +202,8 @@ def load_config(
             cfg = _apply(cfg, section, {key: value})
     for section, values in (overrides or {}).items():
         cfg = _apply(cfg, section, {k: v for k, v in values.items() if v is not None})
+    if cfg.proxy.workers < 1:
+        raise ConfigError("[proxy] workers must be at least 1")
     if cfg.http.balance not in ("round_robin", "least_conn"):
         raise ConfigError("[http] balance must be round_robin or least_conn")
     if cfg.discovery.provider not in ("file", "consul"):

@@ -25,8 +25,9 @@ log = logging.getLogger("zerodown.proxy")
 
 
 class ProxyServer:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, reuse_port: bool = False) -> None:
         self.cfg = cfg
+        self.reuse_port = reuse_port
         self.router = Router()
         self.metrics = Registry()
         self.name = cfg.proxy.name or f"{socket.gethostname()}-{os.getpid()}"
@@ -59,7 +60,8 @@ class ProxyServer:
         admin_host, admin_port = parse_addr(cfg.proxy.admin_listen, "127.0.0.1")
         self.admin = AdminApi(self.router, self.metrics, cfg.proxy.admin_token, self.name, parts={})
         await self.admin.start(admin_host, admin_port)
-        admin_addr = f"{admin_host}:{self.admin.port}"
+        # In multi-worker mode the supervisor's admin API speaks for the whole proxy.
+        admin_addr = os.environ.get("ZERODOWN_SUPERVISOR_ADMIN", f"{admin_host}:{self.admin.port}")
 
         if cfg.discovery.provider == "consul":
             from .discovery.consul import ConsulProvider
@@ -78,7 +80,7 @@ class ProxyServer:
         self.http = HttpProxy(
             self.router, cfg.http, self.metrics, cfg.proxy.admin_token, cfg.proxy.access_log
         )
-        await self.http.start(http_host, http_port)
+        await self.http.start(http_host, http_port, reuse_port=self.reuse_port)
         ports = {"http": self.http.port, "admin": self.admin.port, "pid": os.getpid()}
         self.admin.parts["http"] = self.http.status
         self.admin.parts["discovery"] = self.provider.status
@@ -112,8 +114,8 @@ class ProxyServer:
         self.stopped.set()
 
 
-async def serve(cfg: Config, ready_file: str | None = None) -> int:
-    server = ProxyServer(cfg)
+async def serve(cfg: Config, ready_file: str | None = None, reuse_port: bool = False) -> int:
+    server = ProxyServer(cfg, reuse_port)
     ports = await server.start()
     if ready_file:
         tmp = Path(ready_file + ".tmp")
@@ -128,10 +130,16 @@ async def serve(cfg: Config, ready_file: str | None = None) -> int:
     return 0
 
 
-def run(cfg: Config, ready_file: str | None = None) -> int:
-    try:
-        import uvloop
+def run(
+    cfg: Config,
+    ready_file: str | None = None,
+    reuse_port: bool = False,
+    config_path: str | None = None,
+) -> int:
+    if cfg.proxy.workers > 1:
+        from .workers import run_supervisor
 
-        return uvloop.run(serve(cfg, ready_file))
-    except ImportError:  # pragma: no cover - uvloop is a hard dependency; keep working without
-        return asyncio.run(serve(cfg, ready_file))
+        return run_supervisor(cfg, config_path, ready_file)
+    import uvloop
+
+    return uvloop.run(serve(cfg, ready_file, reuse_port))

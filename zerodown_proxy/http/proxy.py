@@ -103,16 +103,16 @@ class HttpProxy:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    async def start(self, host: str, port: int, sock: Any = None) -> None:
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
         self.loop = asyncio.get_running_loop()
-        if sock is not None:
-            self._server = await self.loop.create_server(
-                lambda: ClientProtocol(self), sock=sock, backlog=2048
-            )
-        else:
-            self._server = await self.loop.create_server(
-                lambda: ClientProtocol(self), host, port, backlog=2048, reuse_address=True
-            )
+        self._server = await self.loop.create_server(
+            lambda: ClientProtocol(self),
+            host,
+            port,
+            backlog=2048,
+            reuse_address=True,
+            reuse_port=reuse_port or None,
+        )
         self.port = self._server.sockets[0].getsockname()[1]
         self._sweeper = self.loop.create_task(self._sweep_forever())
 
