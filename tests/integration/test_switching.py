@@ -9,6 +9,7 @@ from pathlib import Path
 import aiohttp
 
 from ..helpers import SampleApp, instance, registry, write_registry
+from ..rawhttp import read_response
 
 
 def _start_groups(tmp_path: Path, sample_app) -> tuple[list[SampleApp], list[dict]]:
@@ -125,3 +126,23 @@ async def test_in_flight_request_finishes_on_the_old_version(tmp_path, start_pro
         resp = await slow
         assert resp.status == 200 and resp.headers["X-Backend-Version"] == "v1"
         resp.release()
+
+
+async def test_client_connection_survives_switches(tmp_path, start_proxy, sample_app):
+    """One raw keep-alive connection: its next request after a switch goes to the new version,
+    on the same TCP connection."""
+    _, instances = _start_groups(tmp_path, sample_app)
+    reg = tmp_path / "registry.json"
+    write_registry(reg, registry(1, "blue", instances))
+    proxy = start_proxy(reg)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.http)
+    versions = []
+    for gen, group in ((2, "green"), (3, "blue"), (4, "green")):
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        versions.append((await read_response(reader)).header("X-Backend-Version"))
+        write_registry(reg, registry(gen, group, instances))
+        await asyncio.to_thread(proxy.wait_generation, gen)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    versions.append((await read_response(reader)).header("X-Backend-Version"))
+    writer.close()
+    assert versions == ["v1", "v2", "v1", "v2"]
