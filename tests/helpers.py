@@ -95,7 +95,8 @@ class Proc:
         return None
 
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return self.log_path.read_text(errors="replace")[-4000:]
 
     def terminate(self, timeout: float = 20.0) -> int:

@@ -374,3 +374,27 @@ async def test_sigterm_lets_in_flight_requests_finish(tmp_path, backend_factory,
         raise AssertionError("the proxy still accepts after SIGTERM")
     except (ConnectionError, OSError):
         pass
+
+
+async def test_deep_pipeline_is_bounded_and_answered_in_order(
+    tmp_path, backend_factory, start_proxy
+):
+    proxy, _, _ = await _one_group(tmp_path, backend_factory, start_proxy, n=1)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.http)
+    n = 200
+    writer.write(b"".join(b"GET /info?n=%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(n)))
+    for _ in range(n):
+        r = await read_response(reader)
+        assert r.status == 200
+    writer.close()
+
+
+async def test_access_log_lines_are_json(tmp_path, backend_factory, start_proxy):
+    proxy, _, _ = await _one_group(tmp_path, backend_factory, start_proxy, "access_log = true", n=1)
+    r = await request(proxy.http, b"GET /info HTTP/1.1\r\nHost: x\r\nX-Request-Id: rid-1\r\n\r\n")
+    assert r.status == 200
+    proxy.terminate()
+    lines = [orjson.loads(x) for x in proxy.output().splitlines() if x.startswith("{")]
+    access = [x for x in lines if x.get("event") == "access"]
+    assert access and access[0]["id"] == "rid-1" and access[0]["status"] == 200
+    assert access[0]["version"] == "v1" and access[0]["path"] == "/info"

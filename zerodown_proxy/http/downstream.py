@@ -27,7 +27,9 @@ IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"
 PAUSE_UPSTREAM = 1  # the backend is slow to take the request body
 PAUSE_BUFFER = 2  # too much body buffered while no upstream is attached yet
 PAUSE_DRAIN = 4  # shutting down: read nothing new
+PAUSE_PIPELINE = 8  # too many pipelined requests waiting for their turn
 BUFFER_LIMIT = 256 * 1024
+PIPELINE_LIMIT = 16
 
 
 class HeadersTooLarge(Exception):
@@ -69,6 +71,16 @@ class RequestCycle:
 
     def __init__(self, client: ClientProtocol) -> None:
         self.client = client
+        self.method = b""
+        self.path = b""
+        self.host = b""
+        self.request_id = ""
+        self.head = b""
+        self.http11 = True
+        self.keep_alive = True
+        self.upgrade = False
+        self.chunked = False
+        self.preview = False
         self.body_buf: list[bytes] = []
         self.buffered = 0
         self.retained: list[bytes] | None = None
@@ -292,6 +304,8 @@ class ClientProtocol(asyncio.Protocol):
             self.dispatch(cycle)
         else:
             self.queue.append(cycle)
+            if len(self.queue) >= PIPELINE_LIMIT:
+                self.pause_reading_for(PAUSE_PIPELINE)
 
     def on_body(self, body: bytes) -> None:
         cycle = self.receiving
@@ -327,7 +341,10 @@ class ClientProtocol(asyncio.Protocol):
             self.close()
             return
         if self.queue:
-            self.dispatch(self.queue.popleft())
+            nxt = self.queue.popleft()
+            if len(self.queue) < PIPELINE_LIMIT:
+                self.resume_reading_for(PAUSE_PIPELINE)
+            self.dispatch(nxt)
 
     def respond_error(self, cycle: RequestCycle, status: int, message: str) -> None:
         """Answer `cycle` from the proxy itself (502/503/504/413...)."""
@@ -353,8 +370,6 @@ class ClientProtocol(asyncio.Protocol):
             bad.local = (status, message)
             bad.keep_alive = False
             bad.request_done = True
-            bad.request_id = ""
-            bad.method = b""
             self.queue.append(bad)
             self.receiving = None
             self.closing = True  # stop parsing further input
