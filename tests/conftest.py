@@ -10,6 +10,7 @@ from aiohttp import web
 
 from orchestrator.sample_app import make_app
 
+from .doubles.fixtures import consul  # noqa: F401  (fixture: a started FakeConsul)
 from .helpers import ProxyProc, SampleApp
 
 
