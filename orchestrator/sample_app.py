@@ -2,7 +2,10 @@
 
 HTTP: `GET /` answers JSON {service, version, instance} with header X-Backend-Version; `GET
 /health`; `POST /echo` streams the body back; `GET /sleep?s=N` answers after N seconds (to hold a
-request in flight across a switch). Exits cleanly on SIGTERM: stops accepting, finishes requests.
+request in flight across a switch). With --hsms-port, an HSMS host (sample_hsms.py) also runs, and
+`GET /hsms/received` / `POST /hsms/command?rcmd=X&timeout=S` expose what it received and let a test
+make it send S2F41. Exits cleanly on SIGTERM: stops accepting, Separates HSMS sessions, finishes
+requests.
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ import os
 import signal
 import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
+
+if TYPE_CHECKING:
+    from .sample_hsms import HsmsHost
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ready-file", default=None, help="write bound ports as JSON here when ready")
 
 
-def make_app(version: str, instance: str) -> web.Application:
+def make_app(version: str, instance: str, hsms: HsmsHost | None = None) -> web.Application:
     headers = {"X-Backend-Version": version, "X-Backend-Instance": instance}
     body = orjson.dumps({"service": "drimeap", "version": version, "instance": instance})
 
@@ -64,12 +70,64 @@ def make_app(version: str, instance: str) -> web.Application:
     app.router.add_post("/echo", echo)
     app.router.add_get("/sleep", sleep)
     app.router.add_get("/info", info)
+    if hsms is not None:
+        add_hsms_routes(app, hsms, instance)
     return app
+
+
+def add_hsms_routes(app: web.Application, hsms: HsmsHost, instance: str) -> None:
+    """GET /hsms/received and POST /hsms/command (host-initiated S2F41), per HSMS_PEERS.md."""
+    from .hsms_secsgem import NotSelected, PeerError, TransactionTimeout
+
+    async def received(request: web.Request) -> web.Response:
+        entries = hsms.received()  # a copy under the host's lock: cheap, never blocks for long
+        return web.json_response(
+            {"version": hsms.version, "instance": instance, "s6f11": [e["dataid"] for e in entries]}
+        )
+
+    async def command(request: web.Request) -> web.Response:
+        rcmd = request.query.get("rcmd", "")
+        try:
+            timeout = float(request.query.get("timeout", "10"))
+        except ValueError:
+            timeout = -1.0
+        if not rcmd or not 0 < timeout <= 600:
+            return _error(400, "give rcmd=NAME and timeout=SECONDS (0 < timeout <= 600)")
+        try:
+            # secsgem blocks its caller until the reply: run it off the event loop
+            result = await asyncio.to_thread(hsms.send_command, rcmd, timeout)
+        except NotSelected as exc:
+            return _error(409, str(exc))
+        except TransactionTimeout as exc:
+            return _error(504, str(exc))
+        except PeerError as exc:
+            return _error(502, str(exc))
+        return web.json_response(result)
+
+    app.router.add_get("/hsms/received", received)
+    app.router.add_post("/hsms/command", command)
+
+
+def _error(status: int, msg: str) -> web.Response:
+    return web.json_response({"error": msg}, status=status)
 
 
 async def serve(args: argparse.Namespace) -> int:
     instance = args.instance_id or f"drimeap-{socket.gethostname()}-{os.getpid()}"
-    runner = web.AppRunner(make_app(args.version, instance), access_log=None, shutdown_timeout=10)
+    hsms = None
+    if args.hsms_port is not None:
+        from .sample_hsms import start_hsms_host
+
+        # the host owns its listening socket, so port 0 is bound once, without a race
+        hsms = start_hsms_host(
+            args.hsms_port,
+            args.version,
+            device_id=args.device_id,
+            instance_id=instance,
+            host=args.host,
+        )
+    app = make_app(args.version, instance, hsms)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=10)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.http_port, reuse_address=True)
     await site.start()
@@ -77,17 +135,8 @@ async def serve(args: argparse.Namespace) -> int:
         "http": site._server.sockets[0].getsockname()[1],  # type: ignore[union-attr]
         "pid": os.getpid(),
     }
-    hsms = None
-    if args.hsms_port is not None:
-        from .sample_hsms import start_hsms_host
-
-        port = args.hsms_port
-        if port == 0:
-            with socket.socket() as s:  # secsgem needs a concrete port
-                s.bind((args.host, 0))
-                port = s.getsockname()[1]
-        hsms = start_hsms_host(port, args.version, device_id=args.device_id, instance_id=instance)
-        ports["hsms"] = port
+    if hsms is not None:
+        ports["hsms"] = hsms.port
     if args.ready_file:
         tmp = Path(args.ready_file + ".tmp")
         tmp.write_bytes(orjson.dumps(ports))

@@ -1,0 +1,164 @@
+"""The HSMS peers we ship, against each other with no proxy: the secsgem equipment simulator
+(orchestrator/hsms_sim.py) talking to `zerodown sample-app --hsms-port` (orchestrator/sample_hsms.py).
+
+These pin down the contract the HSMS proxy tests rely on (HSMS_PEERS.md): SOFTREV tells the
+version, every S6F11 DATAID is recorded by the host, host-initiated S2F41 reaches the tool and
+comes back, device ids are checked, and the app Separates its sessions on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import orjson
+import pytest
+
+from orchestrator.hsms_sim import DATAID_STRIDE, SimTool
+from orchestrator.sample_hsms import start_hsms_host
+
+from ..helpers import ROOT, SampleApp, wait_until
+
+
+@pytest.fixture
+def tools() -> Iterator[Callable[..., SimTool]]:
+    made: list[SimTool] = []
+
+    def make(port: int, **kw: Any) -> SimTool:
+        tool = SimTool("127.0.0.1", port, t3=kw.pop("t3", 5.0), **kw)
+        made.append(tool)
+        tool.start()
+        return tool
+
+    yield make
+    for t in made:
+        t.stop()
+
+
+def http(method: str, port: int, path: str) -> tuple[int, dict[str, Any]]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=15) as r:
+            return r.status, orjson.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, orjson.loads(exc.read())
+
+
+def test_select_softrev_and_event_reports_are_recorded(sample_app, tools) -> None:
+    app: SampleApp = sample_app("drimeap-blue-1", "v1", hsms=True)
+    tool = tools(app.hsms_port, name="tool-1")
+    tool.wait_selected(10)
+    assert tool.softrev(5) == "v1"
+    dataids = [DATAID_STRIDE + i for i in range(1, 31)]
+    assert all(tool.send_event(d, ceid=1001) for d in dataids)
+    st = tool.stats
+    assert (st["sent"], st["replied"], st["timed_out"], st["rejected"]) == (30, 30, 0, 0)
+    assert st["versions"] == {"v1": 1} and st["selects"] == 1 and len(tool.rtts) == 30
+    status, body = http("GET", app.port, "/hsms/received")
+    assert status == 200
+    assert body == {"version": "v1", "instance": "drimeap-blue-1", "s6f11": dataids}
+
+
+def test_host_serves_several_sessions_at_once(tools) -> None:
+    host = start_hsms_host(0, "v2", instance_id="in-process")
+    try:
+        a, b = tools(host.port, name="tool-a"), tools(host.port, name="tool-b")
+        a.wait_selected(10)
+        b.wait_selected(10)
+        assert a.send_event(1) and b.send_event(2) and a.send_event(3)
+        assert [e["dataid"] for e in host.received()] == [1, 2, 3]
+        assert b.softrev(5) == "v2" and host.sessions() == 2
+    finally:
+        host.stop()
+    # stop() sent Separate.req: both tools saw their session end
+    wait_until(lambda: a.stats["disconnects"] == 1 and b.stats["disconnects"] == 1, 10, "Separate")
+
+
+def test_host_initiated_s2f41_is_answered_by_the_tool(sample_app, tools) -> None:
+    app = sample_app("drimeap-blue-1", "v1", hsms=True)
+    status, body = http("POST", app.port, "/hsms/command?rcmd=START&timeout=2")
+    assert status == 409 and "no equipment session" in body["error"]
+    tool = tools(app.hsms_port, reply_delay=0.3)
+    tool.wait_selected(10)
+    status, body = http("POST", app.port, "/hsms/command?rcmd=START&timeout=5")
+    assert (status, body) == (200, {"hcack": 0, "version": "v1"})
+    assert tool.stats["host_primaries_answered"] == 1
+    # an answer later than the caller's timeout is a 504 with the reason, not a hang
+    slow = tools(app.hsms_port, name="tool-slow", reply_delay=3.0)
+    slow.wait_selected(10)
+    status, body = http("POST", app.port, "/hsms/command?rcmd=START&timeout=0.3")
+    assert status == 504 and "no reply to S2F41" in body["error"]
+    status, body = http("POST", app.port, "/hsms/command?timeout=1")
+    assert status == 400 and "rcmd" in body["error"]
+
+
+def test_wrong_device_id_is_not_answered(sample_app, tools) -> None:
+    app = sample_app("drimeap-blue-1", "v1", hsms=True)
+    tool = tools(app.hsms_port, device_id=7, t3=0.5)
+    tool.wait_selected(10)  # control messages use session id 0xFFFF: Select works
+    assert tool.send_event(42) is False
+    assert tool.stats["timed_out"] == 1 and tool.stats["replied"] == 0
+    assert http("GET", app.port, "/hsms/received")[1]["s6f11"] == []
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", "hsms-sim", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
+
+
+def test_hsms_sim_cli_report_matches_what_the_host_received(sample_app) -> None:
+    app = sample_app("drimeap-green-1", "v2", hsms=True)
+    target = f"127.0.0.1:{app.hsms_port}"
+    out = run_cli("--target", target, "--tools", "3", "--rate", "20", "--seconds", "1.5", "--json")
+    assert out.returncode == 0, out.stderr
+    report = orjson.loads(out.stdout)
+    assert report["sent"] == report["replied"] > 0
+    assert (report["timed_out"], report["rejected"], report["disconnects"]) == (0, 0, 0)
+    assert set(report["versions"]) == {"v2"} and report["ok"] is True
+    assert (
+        report["rtt_ms"]["p50"] is not None and report["rtt_ms"]["p99"] >= report["rtt_ms"]["p50"]
+    )
+    received = http("GET", app.port, "/hsms/received")[1]["s6f11"]
+    assert len(received) == len(set(received)) == report["sent"]
+    for k in (1, 2, 3):  # each tool's DATAIDs arrive increasing with no gap
+        mine = [d for d in received if d // DATAID_STRIDE == k]
+        assert mine == list(range(k * DATAID_STRIDE + 1, k * DATAID_STRIDE + 1 + len(mine)))
+        assert len(mine) == report["per_tool"][f"tool-{k}"]["sent"]
+
+    text = run_cli("--target", target, "--rate", "50", "--seconds", "0.3")
+    assert text.returncode == 0, text.stderr
+    assert "result: OK" in text.stdout and "versions that answered S1F1: v2" in text.stdout
+
+
+def test_hsms_sim_cli_errors(sample_app) -> None:
+    bad = run_cli("--target", "nowhere")
+    assert bad.returncode == 2 and "HOST:PORT" in bad.stderr
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    out = run_cli("--target", f"127.0.0.1:{free}", "--seconds", "1", "--connect-timeout", "0.5")
+    assert out.returncode == 1 and "not SELECTED" in out.stderr
+
+
+def test_sample_app_exits_cleanly_on_sigterm_with_a_tool_connected(sample_app, tools) -> None:
+    app = sample_app("drimeap-blue-1", "v1", hsms=True)
+    tool = tools(app.hsms_port)
+    tool.wait_selected(10)
+    assert tool.send_event(1)
+    assert app.terminate(timeout=15) == 0, app.output()
+    wait_until(lambda: tool.stats["disconnects"] == 1, 10, "the tool to see the Separate")
+    assert not tool.selected
