@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--backend", choices=("local", "nomad"), default=None,
                         help="local stack (default) or Consul + Nomad")  # fmt: skip
         sp.add_argument("--job", default=None, help="Nomad job id (default: the app name)")
+        sp.add_argument("--admin-token", default=None,
+                        help="proxy admin token for the Standby preview smoke test "
+                             "(default $ZERODOWN_ADMIN_TOKEN; Nomad backend)")  # fmt: skip
 
     sp = sub.add_parser("proxy", help="run the edge proxy")
     sp.add_argument("--config", default=None, help="TOML config file")
