@@ -91,8 +91,15 @@ class ConsulSection:
     cacert: str = ""
     datacenter: str = ""
     apps: tuple[str, ...] = ("drimeap",)
-    wait: float = 30.0
+    wait: float = 30.0  # blocking query wait (Consul adds up to wait/16 jitter)
+    watchdog: float = 5.0  # client timeout = wait * 17/16 + watchdog: a hung watch is cut
+    min_request_interval: float = 0.05  # per watch: no hot loop, even if Consul answers at once
+    backoff_min: float = 0.1  # first retry delay after an error, doubled up to backoff_max
+    backoff_max: float = 10.0
+    connect_timeout: float = 2.0
     register_self: bool = True
+    check_ttl: float = 15.0  # TTL of the zerodown-proxy check (heartbeat every ttl/3)
+    deregister_after: float = 60.0  # Consul reaps a proxy critical this long (crashed)
     key_prefix: str = "zerodown"
 
 
@@ -210,4 +217,22 @@ def load_config(
         raise ConfigError("[discovery] provider must be file or consul")
     for addr in (cfg.proxy.http_listen, cfg.proxy.hsms_listen, cfg.proxy.admin_listen):
         parse_addr(addr)
+    if cfg.discovery.provider == "consul":
+        _check_consul(cfg.consul)
     return cfg
+
+
+def _check_consul(c: ConsulSection) -> None:
+    if c.addr.split("://", 1)[0] not in ("http", "https") or "://" not in c.addr:
+        raise ConfigError(
+            f"[consul] addr must be http://host:port or https://host:port, got {c.addr!r}"
+        )
+    if not c.apps:
+        raise ConfigError("[consul] apps must name at least one app")
+    for name in ("wait", "watchdog", "backoff_min", "check_ttl", "connect_timeout"):
+        if getattr(c, name) <= 0:
+            raise ConfigError(f"[consul] {name} must be greater than 0")
+    if c.backoff_max < c.backoff_min:
+        raise ConfigError("[consul] backoff_max must be at least backoff_min")
+    if c.min_request_interval < 0 or c.deregister_after < 0:
+        raise ConfigError("[consul] min_request_interval and deregister_after cannot be negative")

@@ -1,0 +1,201 @@
+"""Consul answers -> RegistryState, with the recorded real answers as fixtures."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from zerodown_proxy.discovery.consul_state import (
+    AppView,
+    ConsulDataError,
+    KvValue,
+    build_app,
+    build_state,
+    join_instances,
+    parse_health,
+    parse_kv,
+)
+from zerodown_proxy.routing import build_snapshot
+
+RECORDINGS = Path(__file__).resolve().parent.parent / "fixtures" / "consul-exchanges.json"
+
+
+def body(note_start: str) -> Any:
+    for e in json.loads(RECORDINGS.read_text()):
+        if e["note"].startswith(note_start):
+            return copy.deepcopy(e["response"]["body"])
+    raise KeyError(note_start)
+
+
+HTTP = "all instances of the HTTP service"
+HSMS = "the HSMS service of the same instances"
+AFTER_DEPLOY = "after the deploy"
+
+
+def view(http: Any, hsms: Any, active: KvValue, http_index: int = 49) -> AppView:
+    return AppView("drimeap", parse_health(http), parse_health(hsms), active, http_index, 46)
+
+
+def test_parse_recorded_health() -> None:
+    entries = parse_health(body(HTTP))
+    assert len(entries) == 4
+    e = entries[0]
+    assert e.name == "drimeap" and e.port == 31384 and e.address == "127.0.0.1"
+    assert (e.group, e.version, e.passing) == ("green", "v1", True)
+    assert e.join_keys() == ["alloc:50edb1d2-f0de-d758-1620-17d0d0988099"]
+
+
+def test_parse_recorded_kv() -> None:
+    kv = parse_kv(body("value is base64"), "zerodown/drimeap/active")
+    assert kv == KvValue("blue", 52)
+    assert parse_kv(body("blocking KV query that returns early"), "k") == KvValue("green", 54)
+
+
+def test_join_http_and_hsms_by_nomad_alloc() -> None:
+    instances, unmatched, ignored = join_instances(
+        "drimeap", parse_health(body(HTTP)), parse_health(body(HSMS))
+    )
+    assert unmatched == () and ignored == ()
+    ports = {(i.group, i.http_port, i.hsms_port) for i in instances}
+    assert ports == {
+        ("green", 31384, 26012),
+        ("blue", 26242, 25680),
+        ("green", 20590, 21357),
+        ("blue", 26945, 21080),
+    }
+
+
+def test_kv_decides_active_and_generation() -> None:
+    r = build_app(view(body(HTTP), body(HSMS), KvValue("green", 54)))
+    assert r.problem is None and r.generation_source == "kv" and r.generation == 54
+    snap = build_snapshot(build_state([r], "consul"))
+    route = snap.apps["drimeap"]
+    assert route.active_group == "green" and route.standby_group == "blue"
+    assert {i.http_port for i in route.active} == {31384, 20590}
+    assert snap.generation == 54 and snap.hsms_app() is route
+
+
+def test_versions_after_deploy() -> None:
+    r = build_app(view(body(AFTER_DEPLOY), [], KvValue("green", 80)))
+    versions = {i.group: i.version for i in r.state.instances}
+    assert versions == {"green": "v2", "blue": "v1"}
+    assert all(i.hsms_port is None for i in r.state.instances)
+
+
+def set_status(entries: list[dict[str, Any]], port: int, status: str) -> None:
+    for e in entries:
+        if e["Service"]["Port"] == port:
+            e["Checks"][-1]["Status"] = status
+
+
+def test_only_passing_instances_are_routable_and_warning_is_not_passing() -> None:
+    http = body(HTTP)
+    set_status(http, 31384, "critical")
+    set_status(http, 20590, "warning")
+    r = build_app(view(http, body(HSMS), KvValue("green", 60)))
+    assert r.problem == "app drimeap: Active group green has 0/2 passing instances"
+    r = build_app(view(http, body(HSMS), KvValue("blue", 61)))
+    assert r.problem is None
+    snap = build_snapshot(build_state([r], "consul"))
+    assert snap.apps["drimeap"].standby == ()  # both green instances are out
+
+
+def test_failing_hsms_side_keeps_http_but_drops_the_hsms_port() -> None:
+    hsms = body(HSMS)
+    set_status(hsms, 26012, "critical")
+    r = build_app(view(body(HTTP), hsms, KvValue("green", 60)))
+    inst = {i.http_port: i for i in r.state.instances}
+    assert inst[31384].healthy and inst[31384].hsms_port is None
+    assert inst[20590].hsms_port == 21357
+
+
+def test_node_check_failing_makes_the_instance_unhealthy() -> None:
+    http = body(HTTP)
+    http[0]["Checks"][0]["Status"] = "critical"  # serfHealth of the node
+    entries = parse_health(http)
+    assert not entries[0].passing and "Serf Health Status: critical" in entries[0].check_summary
+
+
+def test_missing_key_falls_back_to_old_stack_tags() -> None:
+    http = body(HTTP)
+    for e in http:
+        e["Service"]["Tags"].append(
+            "active" if "zerodown-group=blue" in e["Service"]["Tags"] else "standby"
+        )
+    r = build_app(view(http, body(HSMS), KvValue(None, 53), http_index=49))
+    assert r.problem is None and r.generation_source == "tags"
+    assert r.state.active_group == "blue"
+    assert r.generation == 53  # the 404's index (tombstone) is the highest here
+
+
+def test_missing_key_without_tags_is_refused() -> None:
+    r = build_app(view(body(HTTP), body(HSMS), KvValue(None, 1)))
+    assert r.problem is not None and "no Active key" in r.problem
+
+
+def test_old_stack_without_group_tags_uses_role_as_group() -> None:
+    http = [
+        {"Node": {"Node": "n", "Address": "10.0.0.1"},
+         "Service": {"ID": f"s{n}", "Service": "drimeap", "Port": 9000 + n,
+                     "Tags": [role, "zerodown-group=" + role], "Address": ""},
+         "Checks": [{"Status": "passing"}]}
+        for n, role in enumerate(["active", "standby"])
+    ]  # fmt: skip
+    r = build_app(view(http, [], KvValue(None, 5)))
+    assert r.state.active_group == "active"
+    assert r.state.instances[0].address == "10.0.0.1"  # empty service address -> node address
+
+
+def test_join_by_meta_id_suffix_and_address() -> None:
+    def entry(sid: str, port: int, meta: dict[str, str] | None = None, addr: str = "127.0.0.1"):
+        return {"Service": {"ID": sid, "Service": "x", "Port": port, "Address": addr,
+                            "Tags": ["zerodown-group=blue"], "Meta": meta or {}},
+                "Checks": []}  # fmt: skip
+
+    http = [
+        entry("a", 1, {"zerodown-instance": "i1"}),
+        entry("b", 2),
+        entry("c", 3, addr="10.1.1.1"),
+    ]
+    hsms = [
+        entry("zz", 11, {"zerodown-instance": "i1"}),
+        entry("b-hsms", 12),
+        entry("q", 13, addr="10.1.1.1"),
+        entry("lost", 14, addr="10.9.9.9"),
+    ]
+    instances, unmatched, _ = join_instances("x", parse_health(http), parse_health(hsms))
+    assert {i.id: i.hsms_port for i in instances} == {"a": 11, "b": 12, "c": 13}
+    assert unmatched == ("lost",)
+
+
+def test_empty_kv_value_is_a_problem() -> None:
+    r = build_app(view(body(HTTP), body(HSMS), KvValue("", 70)))
+    assert r.problem == "app drimeap: the Active key is empty"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"not": "a list"}, [1], [{"Service": {"ID": "x", "Service": "y", "Port": "80"}}],
+     [{"Service": {"ID": "x", "Service": "y", "Port": 80}, "Checks": "no"}]],
+)  # fmt: skip
+def test_garbage_health_is_rejected(bad: Any) -> None:
+    with pytest.raises(ConsulDataError):
+        parse_health(bad)
+
+
+@pytest.mark.parametrize(
+    "bad", [[], {}, [{"ModifyIndex": "1"}], [{"ModifyIndex": 1, "Value": "!!"}]]
+)
+def test_garbage_kv_is_rejected(bad: Any) -> None:
+    with pytest.raises(ConsulDataError):
+        parse_kv(bad, "k")
+
+
+def test_generation_is_the_highest_app_generation() -> None:
+    a = build_app(view(body(HTTP), body(HSMS), KvValue("green", 54)))
+    b = build_app(AppView("other", parse_health(body(HTTP)), (), KvValue("blue", 90), 49, 1))
+    assert build_state([a, b], "consul").generation == 90
