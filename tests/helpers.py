@@ -76,7 +76,8 @@ class Proc:
         self.ready_file.unlink(missing_ok=True)
         self.log = open(self.log_path, "wb")
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        for var in ("CONSUL_HTTP_ADDR", "ZERODOWN_ADMIN_TOKEN", "ZERODOWN_REGISTRY"):
+        for var in ("CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN", "CONSUL_CACERT", "ZERODOWN_ADMIN_TOKEN",
+                    "ZERODOWN_REGISTRY"):  # fmt: skip
             env.pop(var, None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "orchestrator", *args, "--ready-file", str(self.ready_file)],
