@@ -188,8 +188,11 @@ class _AcceptedConnection(_QuietStop, TcpConnection):
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock.setblocking(False)
         self._connected = True
-        self._start_receiver()
+        # secsgem starts the receiver first and only then moves the HSMS state to CONNECTED: a
+        # Select.req that arrives in between is answered but the state change fails, and every
+        # later data message is rejected. Reach CONNECTED first, then read.
         self.on_connected({"source": self})
+        self._start_receiver()
 
     def disable(self) -> None:
         self.disconnect()

@@ -14,6 +14,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import orjson
@@ -162,3 +163,39 @@ def test_sample_app_exits_cleanly_on_sigterm_with_a_tool_connected(sample_app, t
     assert app.terminate(timeout=15) == 0, app.output()
     wait_until(lambda: tool.stats["disconnects"] == 1, 10, "the tool to see the Separate")
     assert not tool.selected
+
+
+def test_select_right_after_connect_is_honoured_every_time() -> None:
+    # Regression: secsgem read the socket before its HSMS state was CONNECTED, so a Select.req
+    # sent at once was answered but the session stayed NOT SELECTED and rejected all data.
+    import socket
+    import struct
+
+    hdr = struct.Struct(">IHBBBBI")
+
+    def read_frame(s: socket.socket) -> tuple[int, ...]:
+        data = b""
+        while len(data) < 14:
+            chunk = s.recv(14 - len(data))
+            assert chunk, "host closed the connection"
+            data += chunk
+        fields = hdr.unpack(data)
+        rest = fields[0] - 10
+        while rest > 0:
+            rest -= len(s.recv(rest))
+        return fields
+
+    def session(i: int) -> None:
+        with socket.create_connection(("127.0.0.1", host.port), timeout=5) as s:
+            s.sendall(hdr.pack(10, 0xFFFF, 0, 0, 0, 1, 1000 + i))  # Select.req, at once
+            assert read_frame(s)[5:7] == (2, 1000 + i)  # Select.rsp
+            s.sendall(hdr.pack(10, 0, 0x81, 1, 0, 0, 2000 + i))  # S1F1 W
+            _, _, b2, b3, _, stype, system = read_frame(s)
+            assert (b2, b3, stype, system) == (1, 2, 0, 2000 + i), "S1F1 not answered by S1F2"
+
+    host = start_hsms_host(0, "v1", instance_id="race")
+    try:  # sessions opened in parallel: the race shows when threads compete for the CPU
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(session, range(48)))
+    finally:
+        host.stop()
