@@ -49,7 +49,7 @@ def _csv_proxies(text: str) -> tuple[str, ...]:
     bad = [n for n in names if n not in PROXIES]
     if bad or not names:
         raise argparse.ArgumentTypeError(
-            f"unknown proxy {', '.join(bad) or text!r}: choose from {', '.join(PROXIES)}"
+            f"unknown proxy {', '.join(bad) or repr(text)}: choose from {', '.join(PROXIES)}"
         )
     return names
 

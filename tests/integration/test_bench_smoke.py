@@ -1,0 +1,196 @@
+"""The benchmark machinery on a tiny scale, against real processes on 127.0.0.1.
+
+The load generator's own tests run everywhere (their backend is the sample app); the scenario
+tests need nginx and wrk (`make sysdeps`) and are skipped cleanly without them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+from benchmarks.closed_loop import parse_wrk
+from benchmarks.loadgen import LoadRun, LoadSpec, RawLoad, run_load
+from benchmarks.loadgen_worker import CONN_ERROR, OK
+from benchmarks.readme import END, START, ReadmeError, update_readme
+from benchmarks.stats import SwitchEvent, propagation, summarise, time_series
+from orchestrator.cli import main as zerodown
+
+from ..helpers import wait_until
+
+needs_nginx = pytest.mark.skipif(
+    not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()) or not shutil.which("wrk"),
+    reason="nginx and wrk are not installed (make sysdeps)",
+)
+
+
+def _spec(port: int, **kw) -> LoadSpec:
+    return LoadSpec(**{"host": "127.0.0.1", "port": port, "preconnect": 4, **kw})
+
+
+def test_generator_runs_every_scheduled_request_on_time(sample_app):
+    app = sample_app("gen-1", "v7")
+    raw = run_load(_spec(app.port, rate=200, seconds=2, timeout=5))
+    s = summarise(raw)
+    assert s.scheduled == 400
+    assert (s.requests, s.successes, s.failures, s.dropped) == (400, 400, 0, 0)
+    assert s.per_version == {"v7": 400}
+    assert s.achieved_rate == pytest.approx(200)
+    # Slots are spread evenly over the run: 200 a second, 5 ms apart.
+    assert sorted(np.round(raw.sched * 200).astype(int).tolist()) == list(range(400))
+    assert sum(time_series(raw)["throughput"]) >= 398  # the last responses may land after 2 s
+
+
+def test_generator_counts_failures_when_the_backend_stops(sample_app):
+    app = sample_app("gen-2", "v1")
+    run = LoadRun(_spec(app.port, rate=200, seconds=2.5, timeout=2))
+    # Stop the backend one second into the run (a deadline on the shared monotonic clock).
+    wait_until(lambda: time.monotonic() >= run.t0 + 1.0, 10, "one second of load")
+    app.kill()
+    raw = run.wait()
+    s = summarise(raw)
+    assert s.successes > 50 and s.failures > 50, s
+    assert s.failures == s.conn_errors  # refused/reset, not HTTP errors or timeouts
+    assert s.requests + s.dropped == s.scheduled == 500
+    ok_sched = raw.sched[raw.outcome == OK]
+    bad_sched = raw.sched[raw.outcome == CONN_ERROR]
+    assert ok_sched.max() < bad_sched.max()  # the failures come after the successes
+    assert sum(time_series(raw)["failures"]) == s.failures
+
+
+def test_generator_drops_iterations_at_the_in_flight_limit(sample_app):
+    app = sample_app("gen-3", "v1")
+    # Each request takes 200 ms and at most 2 may be in flight: about 10 a second can start,
+    # the other ~90 a second are dropped iterations, and latency counts from the schedule.
+    raw = run_load(_spec(app.port, rate=100, seconds=2, max_in_flight=2, path="/sleep?s=0.2"))
+    s = summarise(raw)
+    assert s.requests + s.dropped == 200
+    assert 5 <= s.requests <= 30, s
+    assert s.dropped >= 170
+    assert s.failures == 0
+    assert s.p50_ms >= 195
+    assert sum(time_series(raw)["dropped"]) == s.dropped
+
+
+def _raw(sched, latency, version, outcome=None, versions=("v1", "v2")) -> RawLoad:
+    n = len(sched)
+    return RawLoad(
+        spec=LoadSpec("127.0.0.1", 1, rate=n / 10, seconds=10),
+        t0=0.0,
+        sched=np.array(sched, dtype=np.float64),
+        latency=np.array(latency, dtype=np.float64),
+        outcome=np.array(outcome or [OK] * n, dtype=np.int8),
+        version=np.array(version, dtype=np.int16),
+        versions=versions,
+        dropped=np.zeros(0),
+        lag=np.zeros(n),
+        retries=0,
+        connect_errors=0,
+        processes=1,
+    )
+
+
+def test_propagation_times_first_new_and_last_old_response():
+    # Switch v1 -> v2 at t=5.0: old answers until 5.03, new from 5.02; one old response to a
+    # request that started after the first new one arrived is "mixed".
+    raw = _raw(
+        sched=[4.0, 4.99, 5.01, 5.015, 5.025, 6.0],
+        latency=[0.001, 0.04, 0.01, 0.015, 0.001, 0.001],
+        version=[0, 0, 1, 0, 0, 1],
+    )
+    (p,) = propagation(raw, [SwitchEvent(at=5.0, old="v1", new="v2", applied=5.005)])
+    assert p.first_new_ms == pytest.approx(20, abs=0.01)
+    assert p.last_old_ms == pytest.approx(30, abs=0.01)
+    assert p.applied_ms == pytest.approx(5, abs=0.01)
+    assert p.mixed == 1
+    s = summarise(raw)
+    assert s.per_version == {"v1": 4, "v2": 2}
+    assert s.max_ms == pytest.approx(40)
+
+
+def test_wrk_output_is_parsed():
+    out = """Running 2s test @ http://127.0.0.1:1/
+  2 threads and 50 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     1.50ms  300.00us   12.00ms   90.00%
+    Req/Sec    10.00k     1.00k   12.00k    70.00%
+  Latency Distribution
+     50%    1.20ms
+     75%    1.60ms
+     90%    2.00ms
+     99%    3.50ms
+  40000 requests in 2.00s, 5.00MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 4
+Requests/sec:  20000.00
+Transfer/sec:      2.50MB
+"""
+    r = parse_wrk(out, 50, 2, 2)
+    assert (r.requests, r.rps, r.errors, r.non_2xx) == (40000, 20000.0, 3, 4)
+    assert (r.avg_ms, r.p50_ms, r.p99_ms, r.max_ms) == (1.5, 1.2, 3.5, 12.0)
+
+
+def test_readme_section_is_replaced_and_the_rest_kept(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# top\n\n{START}\nold table\n{END}\n\n## after\n")
+    update_readme(readme, "| a | b |\n|---|---|\n| 1 | 2 |\n", "zerodown bench all")
+    text = readme.read_text()
+    assert text.startswith("# top\n\n") and text.endswith(f"{END}\n\n## after\n")
+    assert "old table" not in text and "| 1 | 2 |" in text and "`zerodown bench all`" in text
+    assert "cores" in text
+    (tmp_path / "plain.md").write_text("no markers\n")
+    with pytest.raises(ReadmeError, match="markers"):
+        update_readme(tmp_path / "plain.md", "x", "y")
+    assert (tmp_path / "plain.md").read_text() == "no markers\n"
+
+
+def test_bench_refuses_bad_options(capsys, tmp_path):
+    assert zerodown(["bench", "steady", "--seconds", "301", "--results-dir", str(tmp_path)]) == 2
+    assert "--seconds must be between 1 and 300" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        zerodown(["bench", "steady", "--proxies", "haproxy"])
+    assert exc.value.code == 2
+    assert "unknown proxy haproxy" in capsys.readouterr().err
+
+
+@needs_nginx
+def test_steady_and_closed_scenarios_end_to_end(tmp_path, capsys):
+    out = tmp_path / "results"
+    code = zerodown(
+        ["bench", "steady", "--quick", "--seconds", "2", "--rates", "150"]
+        + ["--switch-every", "0.7", "--proxies", "zerodown,nginx-reload"]
+        + ["--results-dir", str(out), "--no-readme"]
+    )
+    assert code == 0
+    results = orjson.loads((out / "results.json").read_bytes())
+    for name in ("zerodown", "nginx-reload"):
+        r = results["steady"]["150"][name]
+        s = r["summary"]
+        assert s["requests"] + s["dropped"] == 300
+        assert s["failures"] == 0, s
+        assert set(s["per_version"]) == {"v1", "v2"}  # both groups answered: switches happened
+        assert len(r["switches"]) == 2 and len(r["propagation"]) == 2
+        assert len(r["series"]["p95_ms"]) == 2
+    zd = results["steady"]["150"]["zerodown"]["propagation"]
+    assert all(p["first_new_ms"] is not None and p["applied_ms"] is not None for p in zd)
+    assert (out / "steady-150-zerodown.png").stat().st_size > 1000
+    assert "| zerodown |" in (out / "summary.md").read_text()
+    assert "nginx variant / zerodown" in capsys.readouterr().out
+
+    out2 = tmp_path / "closed"
+    code = zerodown(
+        ["bench", "closed", "--closed-seconds", "1", "--seconds", "1", "--connections", "4"]
+        + ["--results-dir", str(out2), "--no-readme"]
+    )
+    assert code == 0
+    closed = orjson.loads((out2 / "results.json").read_bytes())["closed"]
+    assert set(closed) == {"direct", "zerodown", "nginx-reload"}
+    assert set(closed["zerodown"]) == {"1", "2"}
+    for per_workers in closed.values():
+        for r in per_workers.values():
+            assert r["requests"] > 0 and r["errors"] == 0 and r["non_2xx"] == 0
