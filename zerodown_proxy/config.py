@@ -74,7 +74,10 @@ class HsmsSection:
     t8: float = 5.0
     linktest_interval: float = 30.0
     max_message_bytes: int = 16 * 1024 * 1024
+    # Session id for data messages sent to backends when the registry does not give the app's
+    # hsms_device_id; unset: the tool's own session id is forwarded unchanged.
     device_id: int | None = None
+    max_queued: int = 1000  # tool primaries held per tool while no backend session is selected
 
 
 @dataclass(frozen=True, slots=True)

@@ -90,7 +90,7 @@ class ProxyServer:
 
             hsms_host, hsms_port = parse_addr(cfg.proxy.hsms_listen)
             self.hsms = HsmsProxy(self.router, cfg.hsms, self.metrics)
-            await self.hsms.start(hsms_host, hsms_port)
+            await self.hsms.start(hsms_host, hsms_port, reuse_port=self.reuse_port)
             ports["hsms"] = self.hsms.port
             self.admin.parts["hsms"] = self.hsms.status
         if hasattr(self.provider, "set_listen_ports"):

@@ -106,7 +106,7 @@ def test_separate_from_peer_closes_without_answer():
     s = passive_selected()
     out = s.data_received(codec.separate_req(1))
     assert sent(out) == []
-    assert Close("peer sent Separate.req", error=False) in out
+    assert Close("peer sent Separate.req", error=False, kind="peer_separate") in out
     assert s.state is State.NOT_CONNECTED
 
 
@@ -136,7 +136,7 @@ def test_active_select_linktest_deselect():
     out = s.data_received(codec.deselect_rsp(int.from_bytes(dr[10:14], "big")))
     assert Deselected(by_peer=False) in out and s.state is State.NOT_SELECTED
     out = s.separate("done")
-    assert sent(out)[0][9] == codec.SEPARATE_REQ and Close("done", error=False) in out
+    assert sent(out)[0][9] == codec.SEPARATE_REQ and Close("done", error=False, kind="local") in out
 
 
 def test_active_select_refused_or_timed_out():

@@ -87,10 +87,12 @@ class Refused:
 
 @dataclass(frozen=True, slots=True)
 class Close:
-    """Close the TCP connection. `error` is False for an orderly end (Separate.req)."""
+    """Close the TCP connection. `error` is False for an orderly end (Separate.req); `kind`
+    names the cause for metrics: peer_separate, local, t6, t7, t8, framing, select_refused."""
 
     reason: str
     error: bool = True
+    kind: str = "local"
 
 
 Action = Send | ArmTimer | CancelTimer | Selected | Deselected | PeerRejected | Refused | Close
@@ -166,7 +168,7 @@ class HsmsSession:
                     self._frame(item, out)
             else:
                 assert isinstance(item, DecodeError)
-                self._separate(out, f"undecodable input: {item.detail}")
+                self._separate(out, f"undecodable input: {item.detail}", kind="framing")
             if self.state is State.NOT_CONNECTED:
                 break
         return out
@@ -176,7 +178,7 @@ class HsmsSession:
         if self.state is State.NOT_CONNECTED:
             return out
         if name == T7 and self.state is State.NOT_SELECTED:
-            self._separate(out, f"not selected within T7 ({self.t7:g}s)")
+            self._separate(out, f"not selected within T7 ({self.t7:g}s)", kind="t7")
         elif name == T6:
             what = (
                 "Select.rsp" if self._select_sys is not None
@@ -185,7 +187,7 @@ class HsmsSession:
                 else None
             )  # fmt: skip
             if what is not None:
-                self._separate(out, f"no {what} within T6 ({self.t6:g}s)")
+                self._separate(out, f"no {what} within T6 ({self.t6:g}s)", kind="t6")
         elif name == LINKTEST and self.state is State.SELECTED:
             if self._linktest_sys is None and self._deselect_sys is None:
                 self._linktest_sys = sb = self.next_system()
@@ -200,11 +202,14 @@ class HsmsSession:
         self._deselect_sys = sb = self.next_system()
         return [CancelTimer(LINKTEST), Send(codec.deselect_req(sb)), ArmTimer(T6, self.t6)]
 
-    def separate(self, reason: str = "separated") -> list[Action]:
-        """End the session now: Separate.req and close."""
+    def separate(
+        self, reason: str = "separated", error: bool = False, kind: str = "local"
+    ) -> list[Action]:
+        """End the session now: Separate.req and close (error=True when we end it because the
+        peer misbehaved, for example a T8 timeout seen by the caller)."""
         out: list[Action] = []
         if self.state is not State.NOT_CONNECTED:
-            self._separate(out, reason, error=False)
+            self._separate(out, reason, error, kind)
         return out
 
     def reject(self, frame: Frame, reason: int) -> list[Action]:
@@ -244,7 +249,7 @@ class HsmsSession:
                 self._enter_selected(out)
             else:
                 text = codec.SELECT_STATUS_TEXT.get(f.byte3, f"status {f.byte3}")
-                self._separate(out, f"peer refused Select: {text}")
+                self._separate(out, f"peer refused Select: {text}", kind="select_refused")
         elif st == codec.DESELECT_REQ:
             if self.state is State.SELECTED:
                 out.append(Send(codec.deselect_rsp(f.system, codec.DESELECT_OK)))
@@ -272,7 +277,7 @@ class HsmsSession:
             out.append(PeerRejected(f.system, f.byte2, f.byte3))
             if f.system == self._select_sys:
                 self._select_sys = None
-                self._separate(out, "peer rejected our Select.req")
+                self._separate(out, "peer rejected our Select.req", kind="select_refused")
             elif f.system == self._deselect_sys:
                 # Nothing left to negotiate: the caller separates.
                 self._deselect_sys = None
@@ -284,7 +289,7 @@ class HsmsSession:
         elif st == codec.SEPARATE_REQ:
             self.state = State.NOT_CONNECTED
             out.extend((CancelTimer(T6), CancelTimer(T7), CancelTimer(LINKTEST)))
-            out.append(Close("peer sent Separate.req", error=False))
+            out.append(Close("peer sent Separate.req", error=False, kind="peer_separate"))
         else:
             out.append(Send(codec.reject_req(f, codec.REJECT_STYPE_NOT_SUPPORTED)))
             out.append(Refused(f"message with SType {st}", codec.REJECT_STYPE_NOT_SUPPORTED))
@@ -309,8 +314,8 @@ class HsmsSession:
                 out.append(ArmTimer(T7, self.t7))
             out.append(Deselected(by_peer))
 
-    def _separate(self, out: list, reason: str, error: bool = True) -> None:
+    def _separate(self, out: list, reason: str, error: bool = True, kind: str = "local") -> None:
         out.append(Send(codec.separate_req(self.next_system())))
         self.state = State.NOT_CONNECTED
         out.extend((CancelTimer(T6), CancelTimer(T7), CancelTimer(LINKTEST)))
-        out.append(Close(reason, error))
+        out.append(Close(reason, error, kind))
