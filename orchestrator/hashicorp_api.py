@@ -102,8 +102,10 @@ class _Agent:
             ) as r:
                 reply = Reply(r.status, dict(r.headers), await r.read())
         except aiohttp.ClientConnectorError as exc:
-            why = exc.os_error.strerror if exc.os_error and exc.os_error.strerror else str(exc)
-            raise ApiError(f"{where} is unreachable ({why.lower()})") from None
+            err = exc.os_error
+            # asyncio puts "Connect call failed (...)" in strerror; the errno says it better
+            why = (os.strerror(err.errno) if err.errno else err.strerror) if err else ""
+            raise ApiError(f"{where} is unreachable ({(why or str(exc)).lower()})") from None
         except TimeoutError:
             raise ApiError(f"{where} did not answer {method} {path} in time") from None
         except aiohttp.ClientError as exc:

@@ -332,17 +332,22 @@ class NomadConsulBackend:
                  f"{old_version}); Active group {active} must stay untouched")  # fmt: skip
 
         plan = await nomad.plan(new_job)
-        if int(plan.get("JobModifyIndex") or read_index) != read_index:
-            raise Refused(
-                f"job {job_id} changed in Nomad while deploying (modify index {read_index} -> "
-                f"{plan.get('JobModifyIndex')}); nothing was registered; re-run deploy"
-            )
+        plan_index = int(plan.get("JobModifyIndex") or read_index)
+        moved = (
+            f"; the job changed in Nomad since it was read (modify index {read_index} -> "
+            f"{plan_index})"
+            if plan_index != read_index
+            else ""
+        )
         verdict = jobspec.judge_plan(plan, standby)
         if not verdict.ok:
             raise Refused(
                 f"Nomad's plan would also change {'; '.join(verdict.others_touched)} "
-                f"(Active is {active}); refusing to deploy, nothing was registered"
+                f"(Active is {active}){moved}; refusing to deploy, nothing was registered"
             )
+        if moved:
+            raise Refused(f"job {job_id} changed while deploying{moved}; nothing was "
+                          "registered; re-run deploy")  # fmt: skip
         failed = jobspec.failed_placements(plan, standby)
         if failed:
             raise Refused(f"Nomad cannot place group {standby}: {failed}; nothing was registered")

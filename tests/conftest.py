@@ -11,6 +11,7 @@ from aiohttp import web
 from orchestrator.sample_app import make_app
 
 from .doubles.fixtures import consul  # noqa: F401  (fixture: a started FakeConsul)
+from .doubles.fixtures_nomad import nomad_stack  # noqa: F401  (FakeConsul + FakeNomad + job)
 from .helpers import ProxyProc, SampleApp
 
 

@@ -331,13 +331,19 @@ class FakeNomad:
 
     def edit_job(self, job_id: str, edit: Any) -> dict[str, Any]:
         """Someone else's change: edit(copy of the job) then register it."""
+        return self._call(self._edit(job_id, edit))
 
-        async def run() -> dict[str, Any]:
-            job = copy.deepcopy(self._jobs[job_id])
-            edit(job)
-            return await self._register(job, None)
+    async def _edit(self, job_id: str, edit: Any) -> dict[str, Any] | str:
+        job = copy.deepcopy(self._jobs[job_id])
+        edit(job)
+        return await self._register(job, None)
 
-        return self._call(run())
+    def concurrent_edit(
+        self, method: str, path: str, job_id: str, edit: Any, when: str = "after"
+    ) -> None:
+        """Fault injection: someone else edits and registers the job right before/after the
+        next `method path` request is answered (the client sees the old state)."""
+        self.on_request(method, path, lambda n: n._edit(job_id, edit), when)
 
     def job(self, job_id: str) -> dict[str, Any] | None:
         async def get() -> dict[str, Any] | None:
@@ -385,7 +391,8 @@ class FakeNomad:
         raise AssertionError(f"deployment of {job_id} still running after {timeout}s")
 
     def on_request(self, method: str, path: str, fn: Any, when: str = "after") -> None:
-        """Fault injection: call fn(self) once, before or after the next `method path`."""
+        """Fault injection: call fn(self) once (in the double's loop; it may return a coroutine),
+        before or after the next `method path` is handled."""
         self._hooks.append((method.upper(), path, when, fn))
 
     # -- state ------------------------------------------------------------------------------

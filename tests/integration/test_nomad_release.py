@@ -1,0 +1,307 @@
+"""`zerodown status/deploy/switch/rollback --backend nomad` as a user runs them, against the
+Nomad double (running the drimeap raw_exec job as real sample-app processes) and the Consul
+double, with real `zerodown proxy` processes using the Consul discovery provider."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from orchestrator.backend import Refused
+from orchestrator.hashicorp_api import ConsulApi
+from orchestrator.release_nomad import NomadConsulBackend, Settings
+
+from ..doubles.consul import FakeConsul
+from ..doubles.fixtures_nomad import NomadStack
+from ..helpers import ProxyProc, wait_until
+
+KEY = "zerodown/drimeap/active"
+TOKEN = "test-token"
+
+
+def run_cli(
+    stack: NomadStack, tmp_path: Path, *args: str, **env: str
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args, "--backend", "nomad"],
+        env=stack.env(ZERODOWN_STATE_DIR=str(tmp_path / "state"), **env),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def proxy_config(consul: FakeConsul) -> str:
+    return "\n".join(
+        [
+            "[proxy]",
+            'http_listen = "127.0.0.1:0"',
+            'admin_listen = "127.0.0.1:0"',
+            f'admin_token = "{TOKEN}"',
+            "shutdown_grace = 2.0",
+            "[hsms]",
+            "enabled = false",
+            "[discovery]",
+            'provider = "consul"',
+            "[consul]",
+            f'addr = "{consul.url}"',
+            "wait = 5.0",
+            "check_ttl = 2.0",
+            "backoff_min = 0.05",
+            "backoff_max = 0.3",
+            "",
+        ]
+    )
+
+
+@pytest.fixture
+def proxies(tmp_path: Path) -> Iterator[Callable[[NomadStack, int], list[ProxyProc]]]:
+    procs: list[ProxyProc] = []
+
+    def start(stack: NomadStack, n: int) -> list[ProxyProc]:
+        for i in range(n):
+            procs.append(
+                ProxyProc(tmp_path, tmp_path / "unused.json", proxy_config(stack.consul), f"px{i}")
+            )
+        wait_until(
+            lambda: len(stack.consul.services("zerodown-proxy", passing=True)) == n,
+            15,
+            f"{n} proxies registered in Consul",
+        )
+        return procs
+
+    yield start
+    for p in procs:
+        p.terminate()
+
+
+def version_via(proxy: ProxyProc, preview: bool = False) -> str:
+    headers = {"X-Zerodown-Preview": "standby", "X-Zerodown-Token": TOKEN} if preview else {}
+    req = urllib.request.Request(f"http://127.0.0.1:{proxy.http}/", headers=headers)
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return r.headers["X-Backend-Version"]
+
+
+def green_versions(stack: NomadStack) -> set[str]:
+    return {
+        t[len("zerodown-version=") :]
+        for e in stack.consul.services("drimeap")
+        for t in e["Service"]["Tags"]
+        if t.startswith("zerodown-version=") and "zerodown-group=green" in e["Service"]["Tags"]
+    }
+
+
+def history(stack: NomadStack) -> list[dict[str, Any]]:
+    url = f"{stack.consul.url}/v1/kv/zerodown/drimeap/history/?recurse=true"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            entries = orjson.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return []
+        raise
+    import base64
+
+    return [orjson.loads(base64.b64decode(e["Value"])) for e in entries]
+
+
+def one_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("zerodown: ")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def test_release_cycle_deploy_switch_rollback_with_three_proxies(
+    nomad_stack: NomadStack, proxies: Callable, tmp_path: Path
+) -> None:
+    stack = nomad_stack
+    pxs = proxies(stack, 3)
+    generation = stack.consul.kv_get(KEY)[1]
+    for p in pxs:
+        p.wait_generation(generation)
+        assert version_via(p) == "v1"
+    blue_pids = stack.pids("blue")
+    green_pids = stack.pids("green")
+    assert len(blue_pids) == 2 and len(green_pids) == 2
+
+    r = run_cli(stack, tmp_path, "deploy", "v2", "--admin-token", TOKEN)
+    assert r.returncode == 0, r.stderr
+    assert "v2 is on Standby group green (2/2 healthy); Active group blue untouched" in r.stdout
+    assert "plan: group green: create/destroy update 2; every other group unchanged" in r.stderr
+    assert "smoke test through 3 proxy(ies) Standby preview: v2 answered" in r.stdout
+    assert stack.pids("blue") == blue_pids  # the Active group's processes were not touched
+    assert not stack.pids("green") & green_pids  # the Standby group's were replaced
+    allocs = stack.nomad.allocations("drimeap")
+    assert {a["job_version"] for a in allocs if a["group"] == "green"} == {1}
+    assert green_versions(stack) == {"v2"}
+    for p in pxs:
+        assert version_via(p) == "v1"  # still Active: blue
+        assert version_via(p, preview=True) == "v2"
+
+    r = run_cli(stack, tmp_path, "status", "--json")
+    assert r.returncode == 0, r.stderr
+    st = orjson.loads(r.stdout)
+    assert st["schema"] == "zerodown.status/v1" and st["backend"] == "nomad"
+    assert (st["active"]["group"], st["active"]["version"]) == ("blue", "v1")
+    assert (st["standby"]["group"], st["standby"]["version"]) == ("green", "v2")
+    assert st["active"]["healthy"] == 2 and st["standby"]["healthy"] == 2
+    assert {i["hsms_port"] is not None for i in st["standby"]["instances"]} == {True}
+    assert st["generation"] == generation and st["in_sync"] is True
+    assert len(st["proxies"]) == 3
+
+    r = run_cli(stack, tmp_path, "switch")
+    assert r.returncode == 0, r.stderr
+    assert "switched drimeap to green (v2); 3 proxy(ies) applied generation" in r.stdout
+    new_gen = stack.consul.kv_get(KEY)[1]
+    assert stack.consul.kv_get(KEY)[0] == "green" and new_gen > generation
+    for p in pxs:
+        assert p.status()["generation"] >= new_gen
+        assert version_via(p) == "v2"
+
+    r = run_cli(stack, tmp_path, "rollback")
+    assert r.returncode == 0, r.stderr
+    assert "rolled back drimeap to blue (v1)" in r.stdout
+    assert stack.consul.kv_get(KEY)[0] == "blue"
+    for p in pxs:
+        assert version_via(p) == "v1"
+    assert stack.pids("blue") == blue_pids
+
+    entries = history(stack)
+    assert [(e["action"], e["result"]) for e in entries] == [
+        ("deploy", "ok"),
+        ("switch", "ok"),
+        ("rollback", "ok"),
+    ]
+    assert (entries[1]["from"], entries[1]["to"]) == ("blue", "green")
+    assert (entries[1]["from_version"], entries[1]["to_version"]) == ("v1", "v2")
+    assert entries[1]["proxies"] == 3 and entries[1]["generation"] == new_gen
+    assert all(e["user"] and e["time"] for e in entries)
+    local = [
+        orjson.loads(x) for x in (tmp_path / "state" / "history.jsonl").read_bytes().splitlines()
+    ]
+    assert [e["time_ns"] for e in local] == [e["time_ns"] for e in entries]
+
+
+def test_plan_that_would_touch_the_active_group_is_refused(
+    nomad_stack: NomadStack, tmp_path: Path
+) -> None:
+    stack = nomad_stack
+    blue_pids = stack.pids("blue")
+
+    def someone_edits_blue(job: dict[str, Any]) -> None:
+        # An in-place change (tags only) by someone else: blue's Diff becomes "Edited".
+        blue = next(tg for tg in job["TaskGroups"] if tg["Name"] == "blue")
+        blue["Services"][0]["Tags"].append("owner=night-shift")
+
+    stack.nomad.concurrent_edit("GET", "/v1/job/drimeap", "drimeap", someone_edits_blue)
+    r = run_cli(stack, tmp_path, "deploy", "v2")
+    assert r.returncode == 1, r.stdout
+    line = one_line(r.stderr)
+    assert "Nomad's plan would also change group blue: Diff Edited" in line, line
+    assert "nothing was registered" in line
+    job = stack.nomad.job("drimeap")
+    assert job["Version"] == 1  # the other person's edit only; ours was not registered
+    green = next(tg for tg in job["TaskGroups"] if tg["Name"] == "green")
+    assert green["Meta"]["version"] == "v1" and green_versions(stack) == {"v1"}
+    assert stack.pids("blue") == blue_pids
+    (entry,) = history(stack)
+    assert (entry["action"], entry["result"]) == ("deploy", "refused")
+    assert "would also change group blue" in entry["reason"]
+
+
+def test_concurrent_register_fails_cleanly_on_enforce_index(
+    nomad_stack: NomadStack, tmp_path: Path
+) -> None:
+    stack = nomad_stack
+    blue_pids, green_pids = stack.pids("blue"), stack.pids("green")
+    stack.nomad.concurrent_edit(
+        "POST", "/v1/jobs", "drimeap", lambda job: job.update(Priority=60), when="before"
+    )
+    r = run_cli(stack, tmp_path, "deploy", "v2")
+    assert r.returncode == 1, r.stdout
+    line = one_line(r.stderr)
+    assert "job drimeap was changed by someone else since it was read" in line, line
+    assert "job exists with conflicting job modify index" in line
+    assert "nothing was registered" in line
+    job = stack.nomad.job("drimeap")
+    assert job["Priority"] == 60 and job["Version"] == 1
+    assert green_versions(stack) == {"v1"}
+    assert stack.pids("blue") == blue_pids and stack.pids("green") == green_pids
+
+
+def test_switch_refused_when_standby_unhealthy_then_rollback_needs_history(
+    nomad_stack: NomadStack, tmp_path: Path
+) -> None:
+    stack = nomad_stack
+    before = stack.consul.kv_get(KEY)
+    victim = sorted(stack.pids("green"))[0]
+    os.kill(victim, signal.SIGKILL)  # a Standby instance crashes
+    wait_until(lambda: len(stack.consul.services("drimeap", tags=["zerodown-group=green"])) == 1,
+               10, "the dead instance to be deregistered")  # fmt: skip
+    r = run_cli(stack, tmp_path, "switch")
+    assert r.returncode == 1
+    line = one_line(r.stderr)
+    assert "Standby group green has 1/2 passing instances (1 of 2 not registered)" in line, line
+    assert "not switching" in line
+    assert stack.consul.kv_get(KEY) == before
+
+    r = run_cli(stack, tmp_path, "switch", "--to", "purple")
+    assert r.returncode == 1 and "has no group purple" in one_line(r.stderr)
+    r = run_cli(stack, tmp_path, "rollback")
+    assert r.returncode == 1
+    assert "nothing to roll back to: no switch of drimeap is recorded" in one_line(r.stderr)
+    results = [(e["action"], e["result"]) for e in history(stack)]
+    assert results == [("switch", "refused"), ("switch", "refused"), ("rollback", "refused")]
+
+
+async def test_cas_conflict_is_reported_not_retried(
+    nomad_stack: NomadStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stack = nomad_stack
+    puts: list[tuple[str, int | None]] = []
+    real_put = ConsulApi.kv_put
+
+    async def racing_put(self: ConsulApi, key: str, value: Any, cas: int | None = None) -> bool:
+        if key == KEY:
+            puts.append((key, cas))
+            stack.consul.kv_set(KEY, "green")  # another operator switched a moment earlier
+        return await real_put(self, key, value, cas)
+
+    monkeypatch.setattr(ConsulApi, "kv_put", racing_put)
+    backend = NomadConsulBackend(
+        Settings(
+            nomad_addr=stack.nomad.url,
+            consul_addr=stack.consul.url,
+            audit_log=tmp_path / "history.jsonl",
+        )  # fmt: skip
+    )
+    with pytest.raises(Refused, match="someone else switched drimeap") as exc:
+        await backend.switch("drimeap", None, lambda m: None)
+    assert "not retrying" in str(exc.value)
+    assert len(puts) == 1  # not retried
+    assert stack.consul.kv_get(KEY)[0] == "green"  # theirs stands
+    (entry,) = history(stack)
+    assert (entry["action"], entry["result"], entry["to"]) == ("switch", "refused", "green")
+
+
+def test_status_without_agents_is_one_clear_line(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CONSUL_", "NOMAD_"))}
+    env.update(NOMAD_ADDR="http://127.0.0.1:9", CONSUL_HTTP_ADDR="127.0.0.1:9")
+    r = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "status", "--backend", "nomad"],
+        env={**env, "PYTHONPATH": str(Path(__file__).parents[2])},
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 1
+    line = one_line(r.stderr)
+    assert "at http://127.0.0.1:9 is unreachable (connection refused)" in line, line
