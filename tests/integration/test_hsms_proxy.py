@@ -15,7 +15,7 @@ import pytest
 
 from zerodown_proxy.hsms import codec
 
-from ..helpers import async_wait_until, instance, registry, write_registry
+from ..helpers import async_wait_until, instance, registry, wait_until, write_registry
 from ..hsmspeers import RawHost, RawTool, s6f11_body
 
 HSMS_CFG = """[hsms]
@@ -178,6 +178,165 @@ async def test_ten_switches_under_load_lose_nothing_and_never_use_the_old_versio
     await async_wait_until(
         lambda: all(not h.selected_conns() for h in old), 5, "old-group sessions to close"
     )
-    assert sum(h.deselects for h in hosts) >= 40
+    assert sum(h.separates for h in hosts) >= 40
     for t in tools:
         await t.close()
+
+
+async def test_host_transaction_open_at_switch_completes_on_the_old_version(stack):
+    proxy, hosts, reg = stack
+    tool = RawTool(proxy.hsms, reply_delay=1.0)
+    await tool.connect()
+    assert await tool.select() == 0
+    await tool.request(1, 1)
+    (old,) = [h for h in hosts if h.selected_conns()]
+    host_call = asyncio.create_task(old.send_primary(2, 41, b"\x01\x00", timeout=5))
+    await async_wait_until(lambda: tool.host_primaries, 5, "S2F41 to reach the tool")
+    await _switch(proxy, reg, 2, "green", SPECS, hosts)
+    # The tool's next primary is handled by the new version, while S2F41 is still open.
+    reply = await tool.request(1, 1)
+    assert b"v2" in reply.body
+    # A NEW primary from the old version is refused with Reject.req reason 4, never forwarded.
+    rej = await old.send_primary(2, 41, b"\x01\x00")
+    assert (rej.stype, rej.byte3) == (codec.REJECT_REQ, codec.REJECT_ENTITY_NOT_SELECTED)
+    assert len(tool.host_primaries) == 1
+    # The open transaction completes on the version that opened it.
+    rsp = await host_call
+    assert (rsp.stream, rsp.function) == (2, 42)
+    await async_wait_until(lambda: not old.selected_conns(), 5, "old session to be closed")
+    assert old.deselects == 1 and old.separates == 1
+    assert not tool.closed.is_set() and not tool.separated
+    assert metric(proxy, "zerodown_hsms_old_version_primaries_rejected_total") == 1
+    await tool.close()
+
+
+async def test_failover_when_the_backend_dies(stack):
+    proxy, hosts, reg = stack
+    for h in hosts[:2]:
+        h.reply_delay = 0.5
+    tool = RawTool(proxy.hsms)
+    await tool.connect()
+    assert await tool.select() == 0
+    assert (await tool.request(6, 11, s6f11_body(1))).function == 12
+    (dead,) = [h for h in hosts if h.selected_conns()]
+    inflight = asyncio.create_task(tool.request(6, 11, s6f11_body(2)))
+    await asyncio.sleep(0.1)  # the primary is now open on the backend (it answers after 0.5 s)
+    dead.kill()
+    # The open transaction gets an explicit abort (S6F0) instead of a silent T3.
+    rsp = await inflight
+    assert (rsp.stream, rsp.function) == (6, 0)
+    # The tool stays selected and its next primaries go to the other Active instance.
+    for n in range(3, 6):
+        assert (await tool.request(6, 11, s6f11_body(n))).function == 12
+    (survivor,) = [h for h in hosts[:2] if h is not dead]
+    assert survivor.received == [3, 4, 5]
+    assert not tool.closed.is_set()
+    assert metric(proxy, "zerodown_hsms_failovers_total") == 1
+    await tool.close()
+
+
+async def test_primaries_wait_for_a_backend_then_get_an_explicit_answer(stack):
+    proxy, hosts, reg = stack
+    tool = RawTool(proxy.hsms)
+    await tool.connect()
+    assert await tool.select() == 0
+    await tool.request(1, 1)
+    for h in hosts[:2]:
+        h.kill()  # the whole Active group is gone: nothing to fail over to yet
+
+    def no_selected_backend() -> bool:
+        (sess,) = proxy.status()["hsms"]["sessions"]
+        return sess["backend"] is None or sess["backend"]["state"] != "selected"
+
+    await asyncio.to_thread(wait_until, no_selected_backend, 5, "the proxy to notice")
+    waiting = asyncio.create_task(tool.request(6, 11, s6f11_body(10), timeout=5))
+    await asyncio.sleep(0.3)
+    assert not waiting.done()
+    await _switch(proxy, reg, 2, "green", SPECS, hosts)
+    rsp = await waiting  # queued, then delivered to the new Active group
+    assert rsp.function == 12 and sum(h.received.count(10) for h in hosts[2:]) == 1
+    for h in hosts[2:]:
+        h.kill()
+    await asyncio.to_thread(wait_until, no_selected_backend, 5, "the proxy to notice")
+    t0 = time.monotonic()
+    rsp = await tool.request(6, 11, s6f11_body(11), timeout=6)
+    # Nobody to deliver to within T3 (3 s): S6F0, not silence.
+    assert rsp.function == 0 and 2.5 < time.monotonic() - t0 < 5.5
+    assert not tool.closed.is_set()
+    await tool.close()
+
+
+async def test_backend_device_id_is_mapped_both_ways(tmp_path, start_proxy):
+    specs = SPECS[:1]
+    hosts = await _hosts(specs, device_id=7)
+    reg = tmp_path / "registry.json"
+    _reg(reg, 1, "blue", specs, hosts, hsms_device_id=7)
+    proxy = start_proxy(reg, config=HSMS_CFG)
+    tool = RawTool(proxy.hsms, device_id=3)
+    await tool.connect()
+    assert await tool.select() == 0
+    rsp = await tool.request(6, 11, s6f11_body(1))
+    assert (rsp.session_id, rsp.function) == (3, 12)
+    assert hosts[0].received == [1] and not hosts[0].ignored
+    rsp = await hosts[0].send_primary(2, 41)
+    assert rsp.function == 42 and tool.host_primaries[0].session_id == 3
+    await tool.close()
+    await hosts[0].stop()
+
+
+async def test_bad_input_is_answered_and_other_sessions_are_unaffected(stack):
+    proxy, hosts, _ = stack
+    good = RawTool(proxy.hsms)
+    await good.connect()
+    assert await good.select() == 0
+
+    async def fresh(select: bool = True) -> RawTool:
+        t = RawTool(proxy.hsms)
+        await t.connect()
+        if select:
+            assert await t.select() == 0
+        return t
+
+    async def reject_for(t: RawTool, raw: bytes) -> codec.Frame:
+        n = len(t.rejects)
+        t.send_raw(raw)
+        await async_wait_until(lambda: len(t.rejects) > n, 5, "Reject.req")
+        return t.rejects[-1]
+
+    # Data message before Select: Reject.req reason 4 (entity not selected).
+    t = await fresh(select=False)
+    r = await reject_for(t, codec.data_message(0, 1, 1, True, 77))
+    assert (r.system, r.byte2, r.byte3) == (77, 0, codec.REJECT_ENTITY_NOT_SELECTED)
+    # Unknown SType: reason 1, byte 2 names the SType.
+    r = await reject_for(t, codec.control(8, 78))
+    assert (r.system, r.byte2, r.byte3) == (78, 8, codec.REJECT_STYPE_NOT_SUPPORTED)
+    # PType other than SECS-II: reason 2, byte 2 names the PType.
+    r = await reject_for(t, codec.HEADER.pack(10, 0, 0x81, 1, 3, 0, 79))
+    assert (r.system, r.byte2, r.byte3) == (79, 3, codec.REJECT_PTYPE_NOT_SUPPORTED)
+    # A response nobody asked for: reason 3 (transaction not open).
+    r = await reject_for(t, codec.linktest_rsp(80))
+    assert (r.system, r.byte3) == (80, codec.REJECT_TRANSACTION_NOT_OPEN)
+    assert not t.closed.is_set()
+    await t.close()
+
+    # Framing errors cannot be recovered: Separate.req, then the connection is closed.
+    for raw in (
+        b"\x00\x00\x00\x04abcd",  # length shorter than the header
+        codec.HEADER.pack(70000, 0, 0x86, 11, 0, 0, 1),  # over max_message_bytes (65536)
+        codec.HEADER.pack(30, 0, 0x86, 11, 0, 0, 1) + b"x",  # incomplete: T8 (0.5 s)
+        b"\xff" * 64,  # garbage
+    ):
+        t = await fresh()
+        t.send_raw(raw)
+        await asyncio.wait_for(t.closed.wait(), 5)
+        assert t.separated, raw[:16]
+    # Never selected: closed after T7 (1 s).
+    t = await fresh(select=False)
+    await asyncio.wait_for(t.closed.wait(), 5)
+    assert t.separated
+    # The well-behaved tool never noticed.
+    rsp = await good.request(6, 11, s6f11_body(99))
+    assert rsp.function == 12 and not good.closed.is_set()
+    assert metric(proxy, "zerodown_hsms_rejected_total") >= 4
+    assert metric(proxy, "zerodown_hsms_sessions_closed_total") >= 5
+    await good.close()
