@@ -222,6 +222,9 @@ class NomadApi(_Agent):
         )
         return reply.json(), int(reply.headers.get("X-Nomad-Index", "0") or 0)
 
+    async def deployments(self, job_id: str) -> list[dict[str, Any]]:
+        return await self.json("GET", f"/v1/job/{quote(job_id)}/deployments")
+
     async def allocations(self, job_id: str) -> list[dict[str, Any]]:
         return await self.json("GET", f"/v1/job/{quote(job_id)}/allocations")
 

@@ -404,10 +404,16 @@ class NomadConsulBackend:
             dep, index = await nomad.deployment(job_id, index, wait)
             ours = dep is not None and int(dep.get("JobSpecModifyIndex") or 0) >= job_index
             if ours and int(dep["JobSpecModifyIndex"]) > job_index:
-                raise Refused(
-                    f"a newer version of job {job_id} was registered while deploying "
-                    f"(deployment {dep['ID'][:8]}); check 'zerodown status'"
-                )
+                # A newer registration: Nomad's auto-revert after our deployment failed, or
+                # someone else. Ours tells which.
+                mine = [d for d in await nomad.deployments(job_id)
+                        if int(d.get("JobSpecModifyIndex") or 0) == job_index]  # fmt: skip
+                if not mine or mine[0]["Status"] not in ("failed", "cancelled"):
+                    raise Refused(
+                        f"a newer version of job {job_id} was registered while deploying "
+                        f"(deployment {dep['ID'][:8]}); check 'zerodown status'"
+                    )
+                dep = mine[0]
             state = (dep or {}).get("TaskGroups", {}).get(group, {}) if ours else {}
             if ours and dep["Status"] in ("failed", "cancelled"):
                 raise Refused(

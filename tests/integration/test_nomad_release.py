@@ -32,7 +32,7 @@ def run_cli(
     stack: NomadStack, tmp_path: Path, *args: str, **env: str
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "orchestrator", *args, "--backend", "nomad"],
+        [sys.executable, "-m", "orchestrator", args[0], "--backend", "nomad", *args[1:]],
         env=stack.env(ZERODOWN_STATE_DIR=str(tmp_path / "state"), **env),
         cwd=tmp_path,
         capture_output=True,
@@ -217,6 +217,34 @@ def test_plan_that_would_touch_the_active_group_is_refused(
     (entry,) = history(stack)
     assert (entry["action"], entry["result"]) == ("deploy", "refused")
     assert "would also change group blue" in entry["reason"]
+
+
+def test_deploy_of_a_version_that_crashes_fails_and_nomad_reverts_standby(
+    nomad_stack: NomadStack, tmp_path: Path
+) -> None:
+    stack = nomad_stack
+    blue_pids = stack.pids("blue")
+    # "-crash" makes the sample app's own argument parser exit 2 at start: a release whose
+    # instances die on start-up.
+    r = run_cli(stack, tmp_path, "deploy", "--", "-crash")
+    assert r.returncode == 1, r.stdout
+    line = one_line(r.stderr)
+    assert "Nomad deployment" in line and "of -crash to group green failed" in line, line
+    assert "Failed due to unhealthy allocations - rolling back to job version 0" in line
+    assert "the Active group was not touched" in line
+    assert stack.pids("blue") == blue_pids
+    dep = stack.nomad.wait_deployment("drimeap", 30)  # Nomad's auto-revert of green
+    assert dep["Status"] == "successful" and dep["JobVersion"] == 2
+    assert green_versions(stack) == {"v1"} and len(stack.pids("green")) == 2
+    assert stack.pids("blue") == blue_pids
+    (entry,) = history(stack)
+    assert (entry["action"], entry["result"], entry["version"]) == ("deploy", "failed", "-crash")
+
+    r = run_cli(stack, tmp_path, "deploy", "v2", "--image", "drimeap:v2")
+    assert r.returncode == 1
+    assert "--image applies to docker tasks; group green uses the raw_exec driver" in one_line(
+        r.stderr
+    )
 
 
 def test_concurrent_register_fails_cleanly_on_enforce_index(
