@@ -542,13 +542,14 @@ class NomadConsulBackend:
         entry["from"] = active
         groups = sorted({i.group for i in instances} | {active})
         expected: int | None = None
+        counts: dict[str, int] = {}
         try:  # Nomad is only asked how many instances to expect; a switch must not need it
-            job = await nomad.job(job_id)
-            groups = jobspec.group_names(job)
-            counts = {g: int(jobspec.task_group(job, g).get("Count") or 0) for g in groups}
+            if self.s.nomad_addr:
+                job = await nomad.job(job_id)
+                groups = jobspec.group_names(job)
+                counts = {g: int(jobspec.task_group(job, g).get("Count") or 0) for g in groups}
         except ApiError as exc:
             progress(f"warning: {exc}; judging the target group from Consul alone")
-            counts = {}
         target = to_group or next((g for g in groups if g != active), None)
         entry["to"] = target
         if target is None or target not in groups:
