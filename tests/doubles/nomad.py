@@ -949,6 +949,8 @@ class FakeNomad:
                 return await self._http_register(request, job_id)
             if sub == ["plan"] and m in ("POST", "PUT"):
                 return await self._http_plan(request, job_id)
+            if not sub and m == "DELETE":
+                return await self._http_deregister(request, job_id)
             if m != "GET":
                 return self._text(405, "Invalid method")
             await self._block(request)
@@ -1015,6 +1017,27 @@ class FakeNomad:
         if isinstance(result, str):
             return self._text(500, result)
         return self._json(result, result["Index"], leader=False)
+
+    async def _http_deregister(self, request: web.Request, job_id: str) -> web.Response:
+        """DELETE /v1/job/<id>[?purge=true]: stop every allocation; purge forgets the job."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            return self._text(404, "job not found")
+        task = self._rollouts.pop(job_id, None)
+        if task is not None:
+            task.cancel()
+        await asyncio.gather(*(self._stop_alloc(a, "alloc not needed since job was stopped")
+                               for a in self._running_allocs(job_id)))  # fmt: skip
+        idx = self._bump()
+        if request.query.get("purge") in ("true", "1"):
+            del self._jobs[job_id]
+            self._versions.pop(job_id, None)
+        else:
+            job["Stop"] = True
+            job["Status"] = "dead"
+        return self._json({"EvalCreateIndex": idx, "EvalID": str(uuid.uuid4()), "Index": idx,
+                           "JobModifyIndex": idx, "VolumesDeregistered": None},
+                          idx, leader=False)  # fmt: skip
 
     async def _http_plan(self, request: web.Request, job_id: str) -> web.Response:
         body, err = await self._read_job_body(request)
