@@ -278,7 +278,7 @@ class NomadConsulBackend:
             members = [
                 InstanceStatus(
                     i.id, i.group, i.version, i.address, i.http_port, i.hsms_port, i.registered, p
-                )  # fmt: skip
+                )
                 for i, p in zip(instances, probes, strict=True)
                 if i.group == g
             ]
@@ -322,7 +322,7 @@ class NomadConsulBackend:
         job = await nomad.job(job_id)
         read_index = int(job["JobModifyIndex"])
         instances = await self._registered(consul, app)
-        active, _ = await self._active(consul, app, instances)
+        active, active_index = await self._active(consul, app, instances)
         standby = self._other(jobspec.group_names(job), active, job_id)
         entry.update({"group": standby, "active": active})
         old_version = jobspec.group_version(jobspec.task_group(job, standby))
@@ -361,6 +361,14 @@ class NomadConsulBackend:
             progress(f"group {standby} already runs {version} in job {job_id}; checking health")
             new_index = read_index
         else:
+            # A switch between our read and the register would make us replace the group that
+            # just became Active: look again, as late as possible.
+            again, again_index = await self._active(consul, app, instances)
+            if (again, again_index) != (active, active_index):
+                raise Refused(
+                    f"{app} was switched while deploying (Active {active} -> {again}); "
+                    "nothing was registered; re-run deploy to target the new Standby"
+                )
             try:
                 reg = await nomad.register(new_job, read_index)
             except ApiError as exc:

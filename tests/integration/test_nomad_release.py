@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from orchestrator.backend import Refused
-from orchestrator.hashicorp_api import ConsulApi
+from orchestrator.hashicorp_api import ConsulApi, NomadApi
 from orchestrator.release_nomad import NomadConsulBackend, Settings
 
 from ..doubles.consul import FakeConsul
@@ -333,3 +333,29 @@ def test_status_without_agents_is_one_clear_line(tmp_path: Path) -> None:
     assert r.returncode == 1
     line = one_line(r.stderr)
     assert "at http://127.0.0.1:9 is unreachable (connection refused)" in line, line
+
+
+async def test_switch_during_deploy_stops_the_deploy_before_register(
+    nomad_stack: NomadStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stack = nomad_stack
+    real_plan = NomadApi.plan
+
+    async def plan_then_someone_switches(self: NomadApi, job: dict[str, Any]) -> dict[str, Any]:
+        out = await real_plan(self, job)
+        stack.consul.kv_set(KEY, "green")  # green is Active now: deploying to it would hurt
+        return out
+
+    monkeypatch.setattr(NomadApi, "plan", plan_then_someone_switches)
+    backend = NomadConsulBackend(
+        Settings(
+            nomad_addr=stack.nomad.url,
+            consul_addr=stack.consul.url,
+            audit_log=tmp_path / "history.jsonl",
+        )  # fmt: skip
+    )
+    green_pids = stack.pids("green")
+    with pytest.raises(Refused, match=r"was switched while deploying \(Active blue -> green\)"):
+        await backend.deploy("drimeap", "v2", None, lambda m: None)
+    assert stack.nomad.job("drimeap")["Version"] == 0
+    assert stack.pids("green") == green_pids
