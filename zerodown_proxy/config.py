@@ -100,6 +100,9 @@ class ConsulSection:
     backoff_min: float = 0.1  # first retry delay after an error, doubled up to backoff_max
     backoff_max: float = 10.0
     connect_timeout: float = 2.0
+    # Re-read the app's health once when the Active group changes, before applying it (one
+    # round trip to the agent): a health change made just before the switch cannot be missed.
+    recheck_on_switch: bool = True
     register_self: bool = True
     check_ttl: float = 15.0  # TTL of the zerodown-proxy check (heartbeat every ttl/3)
     deregister_after: float = 60.0  # Consul reaps a proxy critical this long (crashed)

@@ -12,6 +12,7 @@ Contract (shared with other helpers; see CONSUL_DOUBLE.md)::
     c.register(service_id, name, address, port, tags=[...], meta={...}, check_status="passing")
     c.deregister(id); c.set_check(id, status); c.kv_set(k, v) -> idx; c.kv_get(k); c.kv_delete(k)
     c.services(name); c.set_down(bool); c.acl_token = "..."; c.garbage = True; c.hang = True
+    c.hanging  # (extra) number of blocking queries currently held by `hang`
     c.requests  # [(method, path_qs), ...]
     c.stop()
 
@@ -125,6 +126,7 @@ class FakeConsul:
         self.acl_token: str | None = None
         self.garbage = False
         self.hang = False
+        self.hanging = 0  # blocking queries currently held by `hang`
         self.requests: list[tuple[str, str]] = []
         self.url = ""
         self.port = 0
@@ -193,15 +195,24 @@ class FakeConsul:
     async def _shutdown(self) -> None:
         if self._reaper is not None:
             self._reaper.cancel()
-        self._wake()
+        for req in list(self._inflight.values()):
+            if req.transport is not None:
+                req.transport.abort()
         if self._runner is not None:
             await self._runner.cleanup()
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in rest:
+            t.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
 
     async def _listen(self, port: int) -> None:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         # A short shutdown timeout: blocking queries must not hold set_down(True) back.
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
+        # handler_cancellation: a client that gives up (watchdog) releases its hung handler.
+        self._runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=0.2, handler_cancellation=True
+        )
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, "127.0.0.1", port, reuse_address=True)
         await self._site.start()
@@ -634,15 +645,11 @@ class FakeConsul:
             return web.Response(status=400, text="Invalid wait time")
         if index <= 0:
             return None
-        if self.hang:  # a blocking query that never answers: only the client's timeout ends it
-            while not self._down:
-                changed = self._changed
-                assert changed is not None
-                await changed.wait()
-            raise _Cut
         wait = min(max(wait, 0.0), MAX_WAIT)
         deadline = time.monotonic() + wait + random.uniform(0, wait / 16)
         while True:
+            if self.hang:  # never answers, even on a change: only the client's timeout ends it
+                await self._hang()
             with self._lock:
                 if current() > index:
                     return None
@@ -657,6 +664,17 @@ class FakeConsul:
                 await asyncio.wait_for(changed.wait(), left)
             except TimeoutError:
                 return None
+
+    async def _hang(self) -> None:
+        self.hanging += 1
+        try:
+            while not self._down:
+                changed = self._changed
+                assert changed is not None
+                await changed.wait()
+        finally:
+            self.hanging -= 1
+        raise _Cut
 
     async def _health_service(self, request: web.Request, name: str) -> web.StreamResponse:
         try:

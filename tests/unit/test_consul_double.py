@@ -242,6 +242,20 @@ def test_hang_blocks_blocking_queries_only(consul: FakeConsul) -> None:
     assert call(consul, "GET", f"/v1/kv/k?index={idx}&wait=50ms").status == 200
 
 
+def test_hang_also_holds_a_query_already_waiting(consul: FakeConsul) -> None:
+    idx = consul.kv_set("k", "v")
+
+    def hang_then_change() -> None:
+        consul.hang = True
+        consul.kv_set("k", "w")
+
+    t = later(0.1, hang_then_change)
+    with pytest.raises(TimeoutError):
+        call(consul, "GET", f"/v1/kv/k?index={idx}&wait=30s", timeout=1.0)
+    t.join()
+    wait_until(lambda: consul.hanging == 0, 5, "the cut query to be released")  # client left
+
+
 def test_set_down_refuses_then_comes_back_on_the_same_port(consul: FakeConsul) -> None:
     consul.kv_set("k", "v")
     port = consul.port

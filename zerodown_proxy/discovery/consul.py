@@ -72,6 +72,7 @@ class ConsulProvider:
         self.last_error: str | None = None
         self.last_error_at = 0.0
         self._tasks: list[asyncio.Task[None]] = []
+        self._confirms: set[asyncio.Task[None]] = set()
         for app in cfg.apps:
             for svc in (app, f"{app}-hsms"):
                 self._watch(f"health:{svc}", f"/v1/health/service/{quote_path(svc)}")
@@ -101,7 +102,9 @@ class ConsulProvider:
         )
         self._apply_time = metrics.histogram(
             "zerodown_consul_apply_seconds",
-            "From a Consul answer with a new index to the routing offer being done",
+            "From a Consul answer with a new index to the routing offer being done "
+            "(kind=switch: the Active group changed and health was re-read first)",
+            ("kind",),
         )
         metrics.gauge(
             "zerodown_consul_last_contact_age_seconds",
@@ -145,9 +148,10 @@ class ConsulProvider:
             self.registration.set_ports(ports)
 
     async def stop(self) -> None:
-        for t in self._tasks:
+        tasks = [*self._tasks, *self._confirms]
+        for t in tasks:
             t.cancel()
-        for t in self._tasks:
+        for t in tasks:
             try:
                 await t
             except asyncio.CancelledError:
@@ -161,13 +165,20 @@ class ConsulProvider:
     def _on_answer(self, watch: Watch, answer: Answer) -> None:
         t0 = time.perf_counter()
         kind, _, name = watch.name.partition(":")
+        switch = False
         try:
             if kind == "kv":
                 key = watch.path.removeprefix("/v1/kv/")
+                old = self._kv.get(name)
                 if answer.status == 404:
                     self._kv[name] = KvValue(None, answer.index)
                 else:
                     self._kv[name] = parse_kv(answer.body, key)
+                switch = (
+                    self.cfg.recheck_on_switch
+                    and old is not None
+                    and old.value != self._kv[name].value
+                )
             else:
                 self._health[name] = (parse_health(answer.body), answer.index)
         except ConsulDataError as exc:
@@ -178,8 +189,48 @@ class ConsulProvider:
                 watch.name,
                 watch.stats.consecutive_errors,
             )
+        if switch:
+            task = asyncio.get_running_loop().create_task(self._confirm_and_rebuild(name, t0))
+            self._confirms.add(task)
+            task.add_done_callback(self._confirms.discard)
+            return
         self.rebuild()
-        self._apply_time.observe(time.perf_counter() - t0)
+        self._apply_time.observe(time.perf_counter() - t0, ("update",))
+
+    async def _confirm_and_rebuild(self, app: str, t0: float) -> None:
+        """The Active group changed: re-read the app's health once before applying it.
+
+        Health and KV are separate watches, so the KV answer can overtake a health change made
+        just before the switch (the target group just went critical, or was deregistered).
+        One non-blocking read of both services (a round trip to the local agent, ~1 ms) makes
+        the check "the new Active group has a passing instance" hold at the switch's index.
+        If that read fails, the last known health is used and the failure is logged.
+        """
+        timeout = self.cfg.connect_timeout + 1.0
+        names = (app, f"{app}-hsms")
+        answers = await asyncio.gather(
+            *(self.client.get(f"/v1/health/service/{quote_path(n)}", timeout=timeout)
+              for n in names),
+            return_exceptions=True,
+        )  # fmt: skip
+        for n, a in zip(names, answers, strict=True):
+            try:
+                if isinstance(a, BaseException):
+                    raise a
+                entries = parse_health(a.body)
+            except (ConsulError, ConsulDataError) as exc:
+                log.warning(
+                    "switch of %s: health re-read of %s failed (%s); using the last known",
+                    app,
+                    n,
+                    exc,
+                )
+                continue
+            cached = self._health.get(n)
+            if cached is None or a.index >= cached[1]:
+                self._health[n] = (entries, a.index)
+        self.rebuild()
+        self._apply_time.observe(time.perf_counter() - t0, ("switch",))
 
     def _on_error(self, watch: Watch, exc: ConsulError) -> None:
         self._errors.inc((exc.kind,))

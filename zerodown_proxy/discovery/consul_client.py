@@ -20,6 +20,7 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
+BURST = 5  # requests a watch may make back to back before the rate limit applies
 ERROR_KINDS = ("unreachable", "timeout", "acl_denied", "http_error", "garbage")
 
 
@@ -179,7 +180,9 @@ class Watch:
     resynchronise even when blocking queries hang) is non-blocking; then each call blocks on the
     last X-Consul-Index. An index that goes backwards (agent restarted, snapshot restored) is
     reset and re-read; an index of 0 is never blocked on. Requests of one watch start at least
-    `min_interval` apart, so a server that answers instantly cannot make a hot loop. The client
+    `min_interval` apart on average (a token bucket with a burst of BURST, so a few quick changes
+    in a row are followed at once, without making the health view lag behind the KV view, but a
+    server that answers instantly cannot make a hot loop). The client
     timeout is `wait` plus Consul's own jitter (wait/16) plus `watchdog`; errors back off
     exponentially (with jitter) up to `backoff_max`.
     """
@@ -209,7 +212,24 @@ class Watch:
         self.backoff_max = backoff_max
         self.stats = WatchStats()
         self._blocking_ok = False  # block only after a successful answer
+        self._tokens = float(BURST)
+        self._refilled = time.monotonic()
         self._sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+
+    def _take_token(self) -> float:
+        """Token bucket: returns how long to wait before the next request may start."""
+        if self.min_interval <= 0:
+            return 0.0
+        now = time.monotonic()
+        self._tokens = min(BURST, self._tokens + (now - self._refilled) / self.min_interval)
+        self._refilled = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return 0.0
+        wait = (1 - self._tokens) * self.min_interval
+        self._tokens = 0.0
+        self._refilled = now + wait
+        return wait
 
     def backoff(self, n: int) -> float:
         """Delay before retry number n (1-based): exponential, capped, with 20% jitter."""
@@ -217,12 +237,10 @@ class Watch:
         return base * random.uniform(0.8, 1.0)
 
     async def run(self) -> None:
-        last_start = 0.0
         while True:
-            gap = self.min_interval - (time.monotonic() - last_start)
-            if gap > 0:
-                await self._sleep(gap)
-            last_start = time.monotonic()
+            delay = self._take_token()
+            if delay > 0:
+                await self._sleep(delay)
             index = self.stats.index if self._blocking_ok and self.stats.index > 0 else 0
             # Jitter the wait a little so many proxies do not wake in lockstep.
             wait = self.wait * random.uniform(0.9, 1.0)

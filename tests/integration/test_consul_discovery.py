@@ -1,0 +1,329 @@
+"""The Consul discovery provider in real proxy processes, against the Consul double and real
+sample-app backends: switches, outages, ACL and garbage answers, refused views, the old stack's
+tags, a hung watch, self-registration, and multi-worker mode."""
+
+from __future__ import annotations
+
+import statistics
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from ..doubles.consul import FakeConsul
+from ..helpers import ProxyProc, SampleApp, wait_until
+
+KEY = "zerodown/drimeap/active"
+
+
+@pytest.fixture(scope="module")
+def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, list[SampleApp]]]:
+    """Two sample-app processes per group (blue v1, green v2), shared by the module."""
+    wd = tmp_path_factory.mktemp("consul-backends")
+    groups: dict[str, list[SampleApp]] = {"blue": [], "green": []}
+    try:
+        for group, version in (("blue", "v1"), ("green", "v2")):
+            for n in (1, 2):
+                groups[group].append(SampleApp(wd, f"{group}-{n}", version))
+        yield groups
+    finally:
+        for apps in groups.values():
+            for a in apps:
+                a.terminate()
+
+
+VERSION = {"blue": "v1", "green": "v2"}
+
+
+def register_backends(
+    consul: FakeConsul,
+    backends: dict[str, list[SampleApp]],
+    extra_tags: dict[str, str] | None = None,
+) -> None:
+    for group, apps in backends.items():
+        for n, a in enumerate(apps, 1):
+            tags = [f"zerodown-group={group}", f"zerodown-version={VERSION[group]}"]
+            if extra_tags:
+                tags.append(extra_tags[group])
+            consul.register(f"drimeap-{group}-{n}", "drimeap", "127.0.0.1", a.port, tags=tags)
+
+
+def config(consul: FakeConsul, workers: int = 1, **consul_keys: Any) -> str:
+    keys = {"addr": consul.url, "wait": 1.0, "watchdog": 0.5, "backoff_min": 0.05,
+            "backoff_max": 0.3, "check_ttl": 1.0, **consul_keys}  # fmt: skip
+    lines = [
+        "[proxy]",
+        'http_listen = "127.0.0.1:0"',
+        'admin_listen = "127.0.0.1:0"',
+        'admin_token = "test-token"',
+        "shutdown_grace = 2.0",
+        f"workers = {workers}",
+        "[hsms]",
+        "enabled = false",
+        "[discovery]",
+        'provider = "consul"',
+        "[consul]",
+    ]
+    for k, v in keys.items():
+        lines.append(f"{k} = {orjson.dumps(v).decode()}")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def proxies(tmp_path: Path) -> Iterator[Callable[..., ProxyProc]]:
+    procs: list[ProxyProc] = []
+
+    def start(cfg: str, name: str = "proxy") -> ProxyProc:
+        p = ProxyProc(tmp_path, tmp_path / "unused.json", cfg, name)
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        p.terminate()
+
+
+def version_of(proxy: ProxyProc) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{proxy.http}/", timeout=5) as r:
+        assert r.status == 200
+        return r.headers["X-Backend-Version"]
+
+
+def discovery(proxy: ProxyProc) -> dict[str, Any]:
+    return proxy.status()["discovery"]
+
+
+def metric(proxy: ProxyProc, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{proxy.admin}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    total = 0.0  # `name` is a sample name with or without labels; without, label sets add up
+    for line in text.splitlines():
+        sample, _, value = line.rpartition(" ")
+        if sample == name or ("{" not in name and sample.startswith(name + "{")):
+            total += float(value)
+    return total
+
+
+def test_switch_propagates_to_three_proxies(
+    consul: FakeConsul, backends: dict[str, list[SampleApp]], proxies: Callable[..., ProxyProc]
+) -> None:
+    register_backends(consul, backends)
+    gen = consul.kv_set(KEY, "blue")
+    ps = [proxies(config(consul, wait=30.0), f"p{n}") for n in range(3)]
+    for p in ps:
+        st = p.wait_generation(gen)
+        assert st["generation"] == gen and st["apps"]["drimeap"]["active"]["group"] == "blue"
+        assert version_of(p) == "v1"
+    delays = []
+    active = "blue"
+    for _ in range(10):
+        active = "green" if active == "blue" else "blue"
+        t0 = time.monotonic()
+        gen = consul.kv_set(KEY, active)
+        pending = set(range(3))
+        deadline = t0 + 10
+        while pending and time.monotonic() < deadline:
+            pending = {i for i in pending if ps[i].status()["generation"] < gen}
+            time.sleep(0.002)  # polling pace; keeps the double's thread responsive
+        assert not pending, f"proxies {pending} did not apply generation {gen}"
+        delays.append(time.monotonic() - t0)
+        for p in ps:
+            assert version_of(p) == VERSION[active]
+            assert p.status()["generation"] == gen
+    for p in ps:
+        d = discovery(p)
+        assert d["healthy"] and d["errors"] == 0
+        assert d["apps"]["drimeap"]["generation_source"] == "kv"
+        # The provider applied each change a few ms after Consul answered (not asserted: noisy CI).
+        apply_count = metric(p, 'zerodown_consul_apply_seconds_count{kind="switch"}')
+        apply_sum = metric(p, 'zerodown_consul_apply_seconds_sum{kind="switch"}')
+        assert apply_count == 10
+    print(
+        f"\nswitch -> 3 proxies applied (incl. status polling): median "
+        f"{statistics.median(delays) * 1000:.1f} ms, max {max(delays) * 1000:.1f} ms; "
+        f"provider apply mean {apply_sum / apply_count * 1000:.2f} ms"
+    )
+
+
+def test_consul_down_keeps_routing_and_recovers(
+    consul: FakeConsul, backends: dict[str, list[SampleApp]], proxies: Callable[..., ProxyProc]
+) -> None:
+    register_backends(consul, backends)
+    gen = consul.kv_set(KEY, "blue")
+    p = proxies(config(consul))
+    p.wait_generation(gen)
+    consul.set_down(True)
+    d = wait_until(
+        lambda: (d := discovery(p))["errors_by_kind"].get("unreachable") and d, 10, "errors"
+    )
+    assert not d["healthy"] and "unreachable" in d["last_error"]
+    assert version_of(p) == "v1"  # routing continues on the last good snapshot
+    down_gen = consul.kv_set(KEY, "green")  # written while the proxy cannot see it
+    wait_until(lambda: discovery(p)["last_contact_age_s"] > 0.5, 10, "contact to age")
+    assert p.status()["generation"] == gen and version_of(p) == "v1"
+    assert metric(p, "zerodown_consul_last_contact_age_seconds") > 0.5
+    assert metric(p, "zerodown_consul_healthy") == 0
+    consul.set_down(False)
+    st = p.wait_generation(down_gen, timeout=10)
+    assert st["apps"]["drimeap"]["active"]["group"] == "green"
+    assert version_of(p) == "v2"
+    wait_until(lambda: discovery(p)["healthy"], 10, "healthy again")
+    assert metric(p, "zerodown_consul_healthy") == 1
+
+
+def test_acl_denied_and_garbage_keep_routing(
+    consul: FakeConsul, backends: dict[str, list[SampleApp]], proxies: Callable[..., ProxyProc]
+) -> None:
+    register_backends(consul, backends)
+    consul.acl_token = "secret"
+    gen = consul.kv_set(KEY, "blue")
+    p = proxies(config(consul, token="secret"))
+    p.wait_generation(gen)
+    consul.acl_token = "rotated"  # the proxy's token is no longer valid
+    d = wait_until(
+        lambda: (d := discovery(p))["errors_by_kind"].get("acl_denied") and d, 10, "acl errors"
+    )
+    assert "403" in d["last_error"] and "token" in d["last_error"]
+    assert version_of(p) == "v1"
+    consul.acl_token = "secret"
+    consul.garbage = True
+    wait_until(lambda: discovery(p)["errors_by_kind"].get("garbage"), 10, "garbage errors")
+    assert version_of(p) == "v1" and p.status()["generation"] == gen
+    gen2 = consul.kv_set(KEY, "green")
+    consul.garbage = False
+    p.wait_generation(gen2, timeout=10)
+    assert version_of(p) == "v2"
+    wait_until(lambda: discovery(p)["healthy"], 10, "healthy again")
+
+
+def test_active_group_without_passing_instance_is_refused(
+    consul: FakeConsul, backends: dict[str, list[SampleApp]], proxies: Callable[..., ProxyProc]
+) -> None:
+    register_backends(consul, backends)
+    gen = consul.kv_set(KEY, "blue")
+    p = proxies(config(consul))
+    p.wait_generation(gen)
+    consul.set_check("drimeap-green-1", "critical")
+    consul.set_check("drimeap-green-2", "warning")
+    bad = consul.kv_set(KEY, "green")
+    d = wait_until(lambda: (d := discovery(p))["apps"]["drimeap"]["problem"] and d, 10, "refusal")
+    assert d["apps"]["drimeap"]["problem"] == (
+        "app drimeap: Active group green has 0/2 passing instances"
+    )
+    assert p.status()["generation"] == gen and version_of(p) == "v1"
+    assert metric(p, "zerodown_consul_refused_total") >= 1
+    # Standby instances that do not pass are not listed either.
+    assert p.status()["apps"]["drimeap"]["standby"]["instances"] == []
+    consul.set_check("drimeap-green-2", "passing")
+    st = p.wait_generation(bad)
+    assert [i["id"] for i in st["apps"]["drimeap"]["active"]["instances"]] == ["drimeap-green-2"]
+    assert version_of(p) == "v2" and discovery(p)["apps"]["drimeap"]["problem"] is None
+    # An empty group (every instance gone) is refused the same way.
+    consul.deregister("drimeap-blue-1")
+    consul.deregister("drimeap-blue-2")
+    # Health and KV are separate watches: let the proxy see the deregistration first.
+    wait_until(lambda: not p.status()["apps"]["drimeap"]["standby"]["instances"], 10, "blue gone")
+    to_blue = consul.kv_set(KEY, "blue")
+    wait_until(lambda: discovery(p)["apps"]["drimeap"]["problem"], 10, "refusal")
+    assert "Active group blue has 0/0" in discovery(p)["apps"]["drimeap"]["problem"]
+    assert p.status()["generation"] == bad < to_blue and version_of(p) == "v2"
+
+
+def test_missing_key_falls_back_to_old_stack_tags(
+    consul: FakeConsul, backends: dict[str, list[SampleApp]], proxies: Callable[..., ProxyProc]
+) -> None:
+    register_backends(consul, backends, extra_tags={"blue": "standby", "green": "active"})
+    p = proxies(config(consul))
+    st = wait_until(lambda: (s := p.status())["generation"] and s, 10, "routing from tags")
+    assert st["apps"]["drimeap"]["active"]["group"] == "green" and version_of(p) == "v2"
+    d = discovery(p)["apps"]["drimeap"]
+    assert d["generation_source"] == "tags" and d["generation"] == st["generation"]
+    # Creating the key takes over, with a larger generation (its ModifyIndex).
+    gen = consul.kv_set(KEY, "blue")
+    assert gen > st["generation"]
+    p.wait_generation(gen)
+    assert version_of(p) == "v1" and discovery(p)["apps"]["drimeap"]["generation_source"] == "kv"
+    # Deleting it again falls back to the tags without the generation going backwards.
+    consul.kv_delete(KEY)
+    st = wait_until(
+        lambda: (s := p.status())["apps"]["drimeap"]["active"]["group"] == "green" and s, 10, "tags"
+    )
+    assert st["generation"] > gen
+
+
+def test_hung_watch_is_cut_by_the_watchdog(
+    consul: FakeConsul, backends: dict[str, list[SampleApp]], proxies: Callable[..., ProxyProc]
+) -> None:
+    register_backends(consul, backends)
+    gen = consul.kv_set(KEY, "blue")
+    p = proxies(config(consul, wait=0.5, watchdog=0.5))
+    p.wait_generation(gen)
+    consul.hang = True  # blocking queries stop answering, connections stay open
+    new = consul.kv_set(KEY, "green")
+    # The watchdog cuts the hung query; the resynchronising (non-blocking) read sees the switch.
+    p.wait_generation(new, timeout=15)
+    assert version_of(p) == "v2"
+    assert discovery(p)["errors_by_kind"].get("timeout", 0) >= 1
+    consul.hang = False
+    wait_until(lambda: discovery(p)["healthy"], 10, "healthy again")
+
+
+def test_registers_itself_and_deregisters_on_sigterm(
+    consul: FakeConsul, backends: dict[str, list[SampleApp]], proxies: Callable[..., ProxyProc]
+) -> None:
+    register_backends(consul, backends)
+    gen = consul.kv_set(KEY, "blue")
+    p = proxies(config(consul))
+    p.wait_generation(gen)
+    entries = wait_until(lambda: consul.services("zerodown-proxy", passing=True), 10, "registered")
+    assert len(entries) == 1
+    svc = entries[0]["Service"]
+    assert svc["Meta"]["admin"] == f"127.0.0.1:{p.admin}" and svc["Port"] == p.http
+    # The TTL check is kept passing (TTL 1 s here) and carries the applied generation.
+    first = entries[0]["Checks"][1]["ModifyIndex"]
+    wait_until(lambda: discovery(p)["registration"]["heartbeats"] >= 4, 10, "heartbeats")
+    later = consul.services("zerodown-proxy", passing=True)
+    assert later and later[0]["Checks"][1]["Output"] == f"generation {gen}"
+    assert later[0]["Checks"][1]["ModifyIndex"] >= first
+    # What the CLI does: find the proxy by the service and read its generation.
+    admin = later[0]["Service"]["Meta"]["admin"]
+    with urllib.request.urlopen(f"http://{admin}/v1/status", timeout=5) as r:
+        assert orjson.loads(r.read())["generation"] == gen
+    assert p.terminate() == 0
+    assert consul.services("zerodown-proxy") == []
+    assert any(path.startswith("/v1/agent/service/deregister/") for _, path in consul.requests)
+
+
+def test_reregisters_when_the_agent_forgot_it(
+    consul: FakeConsul, backends: dict[str, list[SampleApp]], proxies: Callable[..., ProxyProc]
+) -> None:
+    register_backends(consul, backends)
+    consul.kv_set(KEY, "blue")
+    p = proxies(config(consul))
+    entries = wait_until(lambda: consul.services("zerodown-proxy", passing=True), 10, "registered")
+    consul.deregister(entries[0]["Service"]["ID"])  # e.g. an agent restarted without state
+    wait_until(lambda: consul.services("zerodown-proxy", passing=True), 10, "registered again")
+    assert discovery(p)["registration"]["registered"]
+
+
+def test_multi_worker_proxy_registers_once_and_every_worker_follows(
+    consul: FakeConsul, backends: dict[str, list[SampleApp]], proxies: Callable[..., ProxyProc]
+) -> None:
+    register_backends(consul, backends)
+    gen = consul.kv_set(KEY, "blue")
+    p = proxies(config(consul, workers=2), "multi")
+    p.wait_generation(gen, timeout=20)
+    entries = wait_until(lambda: consul.services("zerodown-proxy", passing=True), 10, "registered")
+    assert len(entries) == 1
+    assert entries[0]["Service"]["Meta"]["admin"] == f"127.0.0.1:{p.admin}"  # the supervisor
+    new = consul.kv_set(KEY, "green")
+    st = p.wait_generation(new, timeout=10)  # the supervisor reports the lowest worker generation
+    assert [w["generation"] for w in st["workers"]] == [new, new]
+    assert version_of(p) == "v2"
+    assert p.terminate() == 0
+    assert consul.services("zerodown-proxy") == []
