@@ -199,3 +199,23 @@ def test_generation_is_the_highest_app_generation() -> None:
     a = build_app(view(body(HTTP), body(HSMS), KvValue("green", 54)))
     b = build_app(AppView("other", parse_health(body(HTTP)), (), KvValue("blue", 90), 49, 1))
     assert build_state([a, b], "consul").generation == 90
+
+
+def test_consul_config_keys_and_validation(tmp_path: Path) -> None:
+    from zerodown_proxy.config import ConfigError, load_config
+
+    cfg = load_config(None, {"discovery": {"provider": "consul"}}, env={
+        "CONSUL_HTTP_ADDR": "127.0.0.1:8501", "CONSUL_HTTP_TOKEN": "t", "CONSUL_CACERT": "/ca.pem"})  # fmt: skip
+    c = cfg.consul
+    assert (c.addr, c.token, c.cacert) == ("http://127.0.0.1:8501", "t", "/ca.pem")
+    assert c.wait * 17 / 16 + c.watchdog > c.wait and c.backoff_max >= c.backoff_min
+    f = tmp_path / "p.toml"
+    for bad, message in (
+        ('addr = "127.0.0.1:8500"', "addr must be http"),
+        ("wait = 0", "wait must be greater than 0"),
+        ("backoff_min = 5.0\nbackoff_max = 1.0", "backoff_max must be at least"),
+        ("apps = []", "apps must name at least one app"),
+    ):
+        f.write_text(f'[discovery]\nprovider = "consul"\n[consul]\n{bad}\n')
+        with pytest.raises(ConfigError, match=message):
+            load_config(f, env={})

@@ -221,7 +221,8 @@ class Watch:
         if self.min_interval <= 0:
             return 0.0
         now = time.monotonic()
-        self._tokens = min(BURST, self._tokens + (now - self._refilled) / self.min_interval)
+        elapsed = max(0.0, now - self._refilled)
+        self._tokens = min(BURST, self._tokens + elapsed / self.min_interval)
         self._refilled = now
         if self._tokens >= 1:
             self._tokens -= 1
