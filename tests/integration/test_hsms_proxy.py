@@ -203,8 +203,8 @@ async def test_host_transaction_open_at_switch_completes_on_the_old_version(stac
     # The open transaction completes on the version that opened it.
     rsp = await host_call
     assert (rsp.stream, rsp.function) == (2, 42)
-    await async_wait_until(lambda: not old.selected_conns(), 5, "old session to be closed")
-    assert old.deselects == 1 and old.separates == 1
+    await async_wait_until(lambda: old.separates == 1, 5, "old session to be separated")
+    assert old.deselects == 1 and not old.selected_conns()
     assert not tool.closed.is_set() and not tool.separated
     assert metric(proxy, "zerodown_hsms_old_version_primaries_rejected_total") == 1
     await tool.close()
@@ -340,3 +340,154 @@ async def test_bad_input_is_answered_and_other_sessions_are_unaffected(stack):
     assert metric(proxy, "zerodown_hsms_rejected_total") >= 4
     assert metric(proxy, "zerodown_hsms_sessions_closed_total") >= 5
     await good.close()
+
+
+# -- secsgem on both ends: `zerodown sample-app --hsms-port` behind the proxy, SimTool in front --
+
+
+def _http(method: str, port: int, path: str) -> tuple[int, dict]:
+    import orjson
+
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=15) as r:
+            return r.status, orjson.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, orjson.loads(exc.read())
+
+
+@pytest.fixture
+def secsgem_stack(tmp_path, start_proxy, sample_app):
+    from concurrent.futures import ThreadPoolExecutor
+
+    specs = [("drimeap-blue-1", "blue", "v1"), ("drimeap-blue-2", "blue", "v1"),
+             ("drimeap-green-1", "green", "v2")]  # fmt: skip
+    with ThreadPoolExecutor(len(specs)) as ex:
+        apps = list(ex.map(lambda s: sample_app(s[0], s[2], hsms=True), specs))
+    reg = tmp_path / "registry.json"
+
+    def write(generation: int, active: str) -> None:
+        insts = [
+            instance(iid, group, version, app.port, hsms=app.hsms_port)
+            for (iid, group, version), app in zip(specs, apps, strict=True)
+        ]
+        write_registry(reg, registry(generation, active, insts, hsms_device_id=0))
+
+    write(1, "blue")
+    proxy = start_proxy(reg, config=HSMS_CFG.replace("t3 = 3.0", "t3 = 8.0"))
+    made = []
+
+    def tool(**kw):
+        from orchestrator.hsms_sim import SimTool
+
+        t = SimTool("127.0.0.1", proxy.hsms, t3=5.0, **kw)
+        made.append(t)
+        t.start()
+        t.wait_selected(10)
+        return t
+
+    yield proxy, apps, write, tool
+    for t in made:
+        t.stop()
+
+
+def _received(apps) -> dict[str, list[int]]:
+    return {a.ports["pid"] and str(a.port): _http("GET", a.port, "/hsms/received")[1]["s6f11"]
+            for a in apps}  # fmt: skip
+
+
+def test_secsgem_both_ends_select_transactions_and_host_command(secsgem_stack):
+    proxy, apps, _, tool = secsgem_stack
+    t = tool(name="tool-1")
+    assert t.softrev(5) == "v1"
+    assert all(t.send_event(1000 + i) for i in range(20))
+    got = [d for ds in _received(apps).values() for d in ds]
+    assert sorted(got) == [1000 + i for i in range(20)]
+    # Host-initiated S2F41 from the backend serving this tool, through the proxy, answered S2F42.
+    serving = [a for a in apps[:2] if any(
+        s["backend"]["instance"] == a.ready_file.stem for s in proxy.status()["hsms"]["sessions"]
+    )]  # fmt: skip
+    code, body = _http("POST", serving[0].port, "/hsms/command?rcmd=START&timeout=5")
+    assert code == 200 and body == {"hcack": 0, "version": "v1"}
+    st = t.stats
+    assert st["host_primaries_answered"] == 1 and st["disconnects"] == 0
+    assert st["replied"] == 20 and st["timed_out"] == 0 and st["rejected"] == 0
+
+
+def test_secsgem_ten_switches_under_load(secsgem_stack):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    proxy, apps, write, tool = secsgem_stack
+    tools = [tool(name=f"tool-{k}") for k in range(1, 4)]
+    slow = tool(name="tool-slow", reply_delay=1.0)
+    stop = threading.Event()
+    sent: dict[int, bool] = {}
+
+    def run(k, t) -> None:
+        deadline = time.monotonic() + 40
+        n = 0
+        while not stop.is_set() and time.monotonic() < deadline and n < 20000:
+            n += 1
+            d = k * 1_000_000 + n
+            sent[d] = t.send_event(d)
+
+    ex = ThreadPoolExecutor(len(tools) + 1)
+    futs = [ex.submit(run, k, t) for k, t in enumerate(tools, 1)]
+    try:
+        # A host-initiated transaction open at the first switch completes on the old version.
+        # The slow tool connected last: its backend session is the newest on its host, which is
+        # the session the sample host's /hsms/command talks to.
+        inst = _newest(proxy)["backend"]["instance"]
+        serving = next(a for a in apps if a.ready_file.stem == inst)
+        cmd = ex.submit(_http, "POST", serving.port, "/hsms/command?rcmd=HOLD&timeout=6")
+        wait_until(lambda: _newest(proxy)["in_flight"] == 1, 5, "S2F41 to be open on the slow tool")
+        active = "blue"
+        for g in range(2, 12):
+            active = "green" if active == "blue" else "blue"
+            write(g, active)
+            proxy.wait_generation(g)
+            want = "v2" if active == "green" else "v1"
+            # The first primary after the switch is answered by the new version.
+            assert tools[0].softrev(5) == want
+            before = sum(1 for ok in sent.values() if ok)
+            wait_until(lambda b=before: sum(1 for ok in list(sent.values()) if ok) >= b + 15, 10,
+                       f"traffic after switch {g}")  # fmt: skip
+        assert cmd.result(10) == (200, {"hcack": 0, "version": "v1"})
+    finally:
+        stop.set()
+        for f in futs:
+            f.result(60)
+        ex.shutdown()
+    assert sent and all(sent.values()), [d for d, ok in sent.items() if not ok][:10]
+    got = [d for ds in _received(apps).values() for d in ds]
+    assert len(got) == len(set(got)), "duplicated DATAIDs"
+    assert set(got) == set(sent)
+    for t in [*tools, slow]:
+        st = t.stats
+        assert st["disconnects"] == 0 and st["selects"] == 1, (t.name, st)
+        assert st["timed_out"] == 0 and st["rejected"] == 0 and st["aborted"] == 0, (t.name, st)
+    assert proxy.status()["hsms"]["handovers"] >= 40
+
+
+def _newest(proxy) -> dict:
+    return max(proxy.status()["hsms"]["sessions"], key=lambda s: s["connected_at"])
+
+
+def test_secsgem_failover_on_a_killed_instance(secsgem_stack):
+    proxy, apps, _, tool = secsgem_stack
+    t = tool(name="tool-1")
+    assert all(t.send_event(1 + i) for i in range(5))
+    (sess,) = proxy.status()["hsms"]["sessions"]
+    dead = next(a for a in apps if a.ready_file.stem == sess["backend"]["instance"])
+    dead.kill()
+    wait_until(
+        lambda: (b := proxy.status()["hsms"]["sessions"][0]["backend"]) is not None
+        and b["instance"] != dead.ready_file.stem and b["state"] == "selected",
+        10, "failover to the other Active instance",
+    )  # fmt: skip
+    assert all(t.send_event(100 + i) for i in range(5))
+    assert t.softrev(5) == "v1"
+    st = t.stats
+    assert st["disconnects"] == 0 and st["selects"] == 1
+    assert metric(proxy, "zerodown_hsms_failovers_total") == 1

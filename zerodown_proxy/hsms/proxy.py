@@ -509,13 +509,13 @@ class HsmsProxy:
 
     def status(self) -> dict[str, Any]:
         sessions = []
-        for t in self.tools:
+        for t in sorted(self.tools, key=lambda t: t.connected_at):
             sessions.append(
                 {
                     "tool": t.peer,
                     "state": t.session.state.value,
                     "device_id": t.sid,
-                    "connected_at": round(t.connected_at, 3),
+                    "connected_at": round(t.connected_at, 6),
                     "backend": _link_status(t.current) if t.current is not None else None,
                     "draining": [_link_status(b) for b in t.draining],
                     "queued": len(t.queue),
