@@ -199,3 +199,68 @@ def test_select_right_after_connect_is_honoured_every_time() -> None:
             list(pool.map(session, range(48)))
     finally:
         host.stop()
+
+
+def test_secsgem_on_both_ends_through_the_proxy_across_switches(
+    tmp_path, sample_app, start_proxy, tools
+) -> None:
+    # The peers as the proxy sees them in production: secsgem tools -> proxy -> secsgem hosts.
+    import threading
+
+    from ..helpers import instance, registry, write_registry
+
+    blue = sample_app("drimeap-blue-1", "v1", hsms=True)
+    green = sample_app("drimeap-green-1", "v2", hsms=True)
+    apps = {"blue": blue, "green": green}
+    reg = tmp_path / "registry.json"
+
+    def publish(generation: int, active: str) -> None:
+        insts = [
+            instance(a.ready_file.stem, g, v, a.port, hsms=a.hsms_port)
+            for g, v, a in (("blue", "v1", blue), ("green", "v2", green))
+        ]
+        write_registry(reg, registry(generation, active, insts, hsms_device_id=0))
+
+    publish(1, "blue")
+    proxy = start_proxy(reg, config="[hsms]\nenabled = true\nt3 = 10.0")
+    sims = [tools(proxy.hsms, name=f"tool-{k}", reply_delay=0.2) for k in (1, 2)]
+    for s in sims:
+        s.wait_selected(10)
+    stop = threading.Event()
+    sent: dict[str, list[int]] = {s.name: [] for s in sims}
+
+    def load(k: int, sim: SimTool) -> None:
+        for seq in range(1, 2001):  # bounded; stopped by the event well before
+            if stop.is_set():
+                return
+            dataid = k * DATAID_STRIDE + seq
+            sent[sim.name].append(dataid)
+            sim.send_event(dataid)
+
+    threads = [threading.Thread(target=load, args=(k, s)) for k, s in enumerate(sims, 1)]
+    for t in threads:
+        t.start()
+    try:
+        active = "blue"
+        for generation in range(2, 6):
+            active = "green" if active == "blue" else "blue"
+            publish(generation, active)
+            proxy.wait_generation(generation)
+            want = "v2" if active == "green" else "v1"
+            # every primary sent after the switch is answered by the new version
+            wait_until(lambda w=want: sims[0].softrev(5) == w, 5, f"S1F1 answered by {want}")
+            assert sims[1].softrev(5) == want
+            status, body = http("POST", apps[active].port, "/hsms/command?rcmd=GO&timeout=5")
+            assert status == 200 and body["version"] == want, body
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    received = [d for a in apps.values() for d in http("GET", a.port, "/hsms/received")[1]["s6f11"]]
+    assert len(received) == len(set(received)), "a DATAID was recorded twice"
+    for s in sims:
+        st = s.stats
+        assert st["sent"] == st["replied"] == len(sent[s.name]) > 0, st
+        assert (st["disconnects"], st["selects"], st["timed_out"], st["rejected"]) == (0, 1, 0, 0)
+        assert set(sent[s.name]) <= set(received)
+    assert sum(s.stats["host_primaries_answered"] for s in sims) == 4
