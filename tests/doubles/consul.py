@@ -13,6 +13,12 @@ Contract (shared with other helpers; see CONSUL_DOUBLE.md)::
     c.deregister(id); c.set_check(id, status); c.kv_set(k, v) -> idx; c.kv_get(k); c.kv_delete(k)
     c.services(name); c.set_down(bool); c.acl_token = "..."; c.garbage = True; c.hang = True
     c.hanging  # (extra) number of blocking queries currently held by `hang`
+
+Endpoints: GET /v1/health/service/<name> (passing, tag, index, wait, dc), GET/PUT/DELETE
+/v1/kv/<key> (raw, recurse, keys, index, wait, cas, flags, dc), PUT /v1/agent/service/register,
+/v1/agent/service/deregister/<id>, /v1/agent/service/maintenance/<id> (enable, reason),
+/v1/agent/check/pass|warn|fail|update/<id>, GET /v1/status/leader. ACL: X-Consul-Token header,
+`token=` or `Authorization: Bearer`.
     c.requests  # [(method, path_qs), ...]
     c.stop()
 
@@ -821,6 +827,34 @@ class FakeConsul:
                 )  # fmt: skip
                 for c in checks:
                     self._add_check(self._services[sid], c)
+            self._wake()
+            return web.Response(status=200)
+        if rest.startswith("service/maintenance/"):
+            sid = unquote(rest[len("service/maintenance/") :])
+            enable = request.query.get("enable")
+            if enable is None:
+                return web.Response(status=400, text="Missing value for enable")
+            if enable.lower() not in ("true", "false", "1", "0"):
+                return web.Response(status=400, text="Invalid value for enable")
+            reason = request.query.get("reason") or (
+                "Maintenance mode is enabled for this service, "
+                "but no reason was provided. This is a default message."
+            )
+            with self._lock:
+                svc = self._services.get(sid)
+                if svc is None:
+                    return web.Response(status=404, text=f'Unknown service ID "{sid}"')
+                check_id = f"_service_maintenance:{sid}"
+                if enable.lower() in ("true", "1"):
+                    if not any(c.check_id == check_id for c in svc.checks):
+                        self._add_check(svc, {"CheckID": check_id, "Name": "Service Maintenance Mode",
+                                              "Notes": reason, "Status": "critical",
+                                              "Type": "maintenance"})  # fmt: skip
+                elif any(c.check_id == check_id for c in svc.checks):
+                    svc.checks = [c for c in svc.checks if c.check_id != check_id]
+                    idx = self._bump()
+                    self._service_index[svc.name] = idx
+                    self._services_table = idx
             self._wake()
             return web.Response(status=200)
         if rest.startswith("service/deregister/"):

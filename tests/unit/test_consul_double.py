@@ -320,3 +320,16 @@ def test_ttl_expiry_and_reaping(consul: FakeConsul) -> None:
 def test_requests_are_recorded(consul: FakeConsul) -> None:
     call(consul, "GET", "/v1/kv/a?raw")
     assert ("GET", "/v1/kv/a?raw") in consul.requests
+
+
+def test_service_maintenance_mode(consul: FakeConsul) -> None:
+    consul.register("a", "drimeap", "127.0.0.1", 9001)
+    assert call(consul, "PUT", "/v1/agent/service/maintenance/a").status == 400
+    assert call(consul, "PUT", "/v1/agent/service/maintenance/a?enable=true&reason=x").status == 200
+    checks = consul.services("drimeap")[0]["Checks"]
+    assert checks[-1]["CheckID"] == "_service_maintenance:a" and checks[-1]["Status"] == "critical"
+    assert checks[-1]["Notes"] == "x"
+    assert consul.services("drimeap", passing=True) == []
+    assert call(consul, "PUT", "/v1/agent/service/maintenance/a?enable=false").status == 200
+    assert len(consul.services("drimeap", passing=True)) == 1
+    assert call(consul, "PUT", "/v1/agent/service/maintenance/zz?enable=true").status == 404
