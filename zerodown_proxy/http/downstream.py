@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from .headers import HOP_BY_HOP, PREVIEW_HEADER, TOKEN_HEADER, connection_tokens, error_response
+from .headers import PREVIEW_HEADER, TOKEN_HEADER, error_response, hop_by_hop_for
 
 if TYPE_CHECKING:
     from ..routing import AppRoute, Instance
@@ -170,6 +170,7 @@ class ClientProtocol(asyncio.Protocol):
         "local_host",
         "_url",
         "_headers",
+        "_lnames",
     )
 
     def __init__(self, proxy: HttpProxy) -> None:
@@ -192,6 +193,7 @@ class ClientProtocol(asyncio.Protocol):
         self.local_host = b""
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
+        self._lnames: list[bytes] = []  # lower-cased names, parallel to _headers (lowered once)
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -281,6 +283,7 @@ class ClientProtocol(asyncio.Protocol):
         self.head_size = 0
         self._url = b""
         self._headers = []
+        self._lnames = []
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -290,6 +293,7 @@ class ClientProtocol(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.in_head:
             self._headers.append((name, value))
+            self._lnames.append(name.lower())
             self.head_size += len(name) + len(value) + 4
             if self.head_size > self.proxy.cfg.max_header_bytes or len(self._headers) > 200:
                 raise HeadersTooLarge()
@@ -298,7 +302,7 @@ class ClientProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.in_head = False
         self.head_bytes = 0
-        cycle = self.proxy.prepare(self, self.parser, self._url, self._headers)
+        cycle = self.proxy.prepare(self, self.parser, self._url, self._headers, self._lnames)
         self.receiving = cycle
         if self.current is None:
             self.dispatch(cycle)
@@ -451,21 +455,19 @@ def build_upstream_head(
     url: bytes,
     headers: list[tuple[bytes, bytes]],
     peer: str,
+    lnames: list[bytes] | None = None,
 ) -> bytes:
     """The request head sent to the backend: hop-by-hop removed, X-Forwarded-* and
-    X-Request-Id set, body framing re-declared."""
-    drop = HOP_BY_HOP
-    for name, _ in headers:
-        if name.lower() == b"connection":
-            drop = HOP_BY_HOP | connection_tokens(headers)
-            break
+    X-Request-Id set, body framing re-declared. `lnames`: the header names lower-cased."""
+    if lnames is None:
+        lnames = [name.lower() for name, _ in headers]
+    drop = hop_by_hop_for(headers, lnames)
     parts = [method, b" ", url, b" HTTP/1.1\r\n"]
     xff = b""
     host = b""
     request_id = b""
     upgrade = b""
-    for name, value in headers:
-        ln = name.lower()
+    for (name, value), ln in zip(headers, lnames, strict=True):
         if ln in drop:
             if ln == b"upgrade":
                 upgrade = value

@@ -48,6 +48,27 @@ def connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
     return frozenset(tokens)
 
 
+_DROP_CACHE: dict[bytes, frozenset[bytes]] = {}
+
+
+def hop_by_hop_for(headers: list[tuple[bytes, bytes]], lnames: list[bytes]) -> frozenset[bytes]:
+    """HOP_BY_HOP plus the names listed in Connection; `lnames` are the lower-cased names.
+
+    Nearly every message says `Connection: keep-alive` (or close), so the set per distinct
+    value is cached (bounded) instead of being rebuilt for each message."""
+    if b"connection" not in lnames:
+        return HOP_BY_HOP
+    if lnames.count(b"connection") > 1:
+        return HOP_BY_HOP | connection_tokens(headers)
+    value = headers[lnames.index(b"connection")][1]
+    drop = _DROP_CACHE.get(value)
+    if drop is None:
+        drop = HOP_BY_HOP | frozenset(t.strip().lower() for t in value.split(b","))
+        if len(_DROP_CACHE) < 64:
+            _DROP_CACHE[value] = drop
+    return drop
+
+
 def error_response(status: int, message: str, close: bool, request_id: str = "") -> bytes:
     """A complete plain-text error response the proxy itself produces."""
     body = (message.rstrip("\n") + "\n").encode()

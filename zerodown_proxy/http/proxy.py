@@ -29,6 +29,9 @@ from .upstream import UpstreamProtocol
 log = logging.getLogger("zerodown.http")
 
 SWEEP_INTERVAL = 0.25
+_SPECIAL_REQUEST_HEADERS = frozenset(
+    {b"transfer-encoding", b"content-length", PREVIEW_HEADER, TOKEN_HEADER}
+)
 
 
 class HttpProxy:
@@ -149,6 +152,7 @@ class HttpProxy:
         parser: Any,
         url: bytes,
         headers: list[tuple[bytes, bytes]],
+        lnames: list[bytes] | None = None,
     ) -> RequestCycle:
         cycle = RequestCycle(client)
         method = parser.get_method()
@@ -160,22 +164,25 @@ class HttpProxy:
         length = 0
         preview = False
         token = b""
-        for name, value in headers:
-            ln = name.lower()
-            if ln == b"transfer-encoding":
-                chunked = b"chunked" in value.lower()
-            elif ln == b"content-length":
-                length = int(value)
-            elif ln == PREVIEW_HEADER:
-                preview = value.strip().lower() == b"standby"
-            elif ln == TOKEN_HEADER:
-                token = value.strip()
+        if lnames is None:
+            lnames = [name.lower() for name, _ in headers]
+        # Most requests carry none of these; a C-level set test skips the Python loop for them.
+        if not _SPECIAL_REQUEST_HEADERS.isdisjoint(lnames):
+            for (_, value), ln in zip(headers, lnames, strict=True):
+                if ln == b"transfer-encoding":
+                    chunked = b"chunked" in value.lower()
+                elif ln == b"content-length":
+                    length = int(value)
+                elif ln == PREVIEW_HEADER:
+                    preview = value.strip().lower() == b"standby"
+                elif ln == TOKEN_HEADER:
+                    token = value.strip()
         cycle.chunked = chunked
         cycle.preview = preview
         q = url.find(b"?")
         cycle.path = url if q < 0 else url[:q]
         cycle.retained = [] if method in IDEMPOTENT else None
-        cycle.head = build_upstream_head(self, cycle, method, url, headers, client.peer)
+        cycle.head = build_upstream_head(self, cycle, method, url, headers, client.peer, lnames)
         if length > self.cfg.max_body_bytes:
             cycle.local = (413, f"request body of {length} bytes exceeds the limit of "
                                 f"{self.cfg.max_body_bytes} bytes")  # fmt: skip

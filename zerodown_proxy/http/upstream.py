@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from .headers import HOP_BY_HOP, connection_tokens
+from .headers import HOP_BY_HOP, hop_by_hop_for
 
 if TYPE_CHECKING:
     from .downstream import RequestCycle
@@ -35,6 +35,7 @@ class UpstreamProtocol(asyncio.Protocol):
         "closed",
         "reused",
         "_headers",
+        "_lnames",
         "_reason",
         "_status",
         "_got_bytes",
@@ -62,6 +63,7 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def _reset(self) -> None:
         self._headers: list[tuple[bytes, bytes]] = []
+        self._lnames: list[bytes] = []  # lower-cased names, parallel to _headers (lowered once)
         self._reason = b""
         self._status = 0
         self._got_bytes = False
@@ -162,7 +164,9 @@ class UpstreamProtocol(asyncio.Protocol):
     # -- httptools callbacks ------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self._headers = []
+        if self._headers:
+            self._headers = []
+            self._lnames = []
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
@@ -170,6 +174,7 @@ class UpstreamProtocol(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._status == 0:
             self._headers.append((name, value))
+            self._lnames.append(name.lower())
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -184,8 +189,9 @@ class UpstreamProtocol(asyncio.Protocol):
         self._status = status
         self._informational = False
         head_only = cycle.method == b"HEAD" or status in _NO_BODY_STATUS
-        has_length = any(n.lower() == b"content-length" for n, _ in self._headers)
-        chunked = any(n.lower() == b"transfer-encoding" for n, _ in self._headers)
+        lnames = self._lnames
+        has_length = b"content-length" in lnames
+        chunked = b"transfer-encoding" in lnames
         if head_only or (has_length and not chunked) or status == 101:
             framing_close = False
         elif cycle.http11:
@@ -242,17 +248,17 @@ class UpstreamProtocol(asyncio.Protocol):
     # -- internals ----------------------------------------------------------------------------
 
     def _build_head(self, status: int, cycle: RequestCycle, interim: bool = False) -> bytes:
-        drop = HOP_BY_HOP | connection_tokens(self._headers) if self._headers else HOP_BY_HOP
+        lnames = self._lnames
+        drop = hop_by_hop_for(self._headers, lnames)
         parts = [b"HTTP/1.1 %d %s\r\n" % (status, self._reason or b"-")]
         if status == 101:
-            for name, value in self._headers:
-                ln = name.lower()
+            for (name, value), ln in zip(self._headers, lnames, strict=True):
                 if ln not in HOP_BY_HOP or ln in (b"upgrade", b"connection"):
                     parts.append(b"%s: %s\r\n" % (name, value))
             parts.append(b"\r\n")
             return b"".join(parts)
-        for name, value in self._headers:
-            if name.lower() not in drop:
+        for (name, value), ln in zip(self._headers, lnames, strict=True):
+            if ln not in drop:
                 parts.append(b"%s: %s\r\n" % (name, value))
         if not interim:
             if self._rechunk:
