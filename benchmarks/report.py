@@ -48,8 +48,8 @@ def steady_table(rate: str, per_proxy: dict[str, Any], switch_every: float = 10.
     head = (
         f"**{int(rate):,} requests/s open loop, {every}**\n\n"
         "| proxy | requests | success | failures | dropped | avg ms | p50 | p90 | p95 | p99 "
-        "| max | achieved rps | responses per version |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| max | achieved rps | proxy CPU us/req | responses per version |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
     for name, r in per_proxy.items():
@@ -59,7 +59,7 @@ def steady_table(rate: str, per_proxy: dict[str, Any], switch_every: float = 10.
             f"| {LABELS.get(name, name)} | {s['requests']} | {100 * s['success_rate']:.2f} % "
             f"| {s['failures']} | {s['dropped']} | {_f(s['avg_ms'])} | {_f(s['p50_ms'])} "
             f"| {_f(s['p90_ms'])} | {_f(s['p95_ms'])} | {_f(s['p99_ms'])} | {_f(s['max_ms'], 1)} "
-            f"| {s['achieved_rate']:.0f} | {versions} |"
+            f"| {s['achieved_rate']:.0f} | {_f(r.get('cpu_us_per_request'), 0)} | {versions} |"
         )
     text = head + "\n".join(rows) + "\n"
     zd = per_proxy.get("zerodown")
@@ -110,7 +110,7 @@ def propagation_table(steady: dict[str, Any]) -> str:
 def closed_table(closed: dict[str, Any]) -> str:
     text = (
         "| proxy | workers | requests/s | avg ms | p50 | p90 | p99 | max | errors "
-        "| zerodown / nginx |\n|---|---|---|---|---|---|---|---|---|---|\n"
+        "| CPU us/req | zerodown / nginx |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     nginx = closed.get("nginx-reload", {})
     for name, per_workers in closed.items():
@@ -122,7 +122,8 @@ def closed_table(closed: dict[str, Any]) -> str:
             text += (
                 f"| {label} | {workers} | {r['rps']:.0f} | {_f(r['avg_ms'])} "
                 f"| {_f(r['p50_ms'])} | {_f(r['p90_ms'])} | {_f(r['p99_ms'])} "
-                f"| {_f(r['max_ms'], 1)} | {r['errors'] + r['non_2xx']} | {ratio} |\n"
+                f"| {_f(r['max_ms'], 1)} | {r['errors'] + r['non_2xx']} "
+                f"| {_f(r.get('cpu_us_per_request'), 0)} | {ratio} |\n"
             )
     return text
 

@@ -52,6 +52,7 @@ def _steady_one(proxy: Proxy, port: int, rate: float, cfg: BenchConfig, log: Log
         max_in_flight=cfg.max_in_flight,
         processes=cfg.processes,
     )
+    cpu0 = proxy.cpu_seconds()
     run = LoadRun(spec)
     switches: list[SwitchEvent] = []
     try:
@@ -76,14 +77,18 @@ def _steady_one(proxy: Proxy, port: int, rate: float, cfg: BenchConfig, log: Log
     except BaseException:
         run.kill()
         raise
+    cpu = proxy.cpu_seconds() - cpu0
     summary = summarise(raw)
     log(
         f"  {proxy.name:<13} {rate:>6.0f} rps: {summary.requests} req, "
         f"{summary.failures} failed, {summary.dropped} dropped, p95 {summary.p95_ms:.2f} ms, "
-        f"p99 {summary.p99_ms:.2f} ms, max {summary.max_ms:.1f} ms"
+        f"p99 {summary.p99_ms:.2f} ms, max {summary.max_ms:.1f} ms, "
+        f"proxy CPU {1e6 * cpu / max(1, summary.requests):.0f} us/request"
     )
     return {
         "summary": summary.to_dict(),
+        "proxy_cpu_s": cpu,
+        "cpu_us_per_request": 1e6 * cpu / max(1, summary.requests),
         "series": time_series(raw),
         "switches": [
             {"at": s.at, "old": s.old, "new": s.new, "applied": s.applied} for s in switches
@@ -165,13 +170,16 @@ def closed(cfg: BenchConfig, log: Log) -> dict[str, Any]:
                     proxy = PROXIES[name](backends, Path(tmp) / f"closed-{name}-{workers}")
                     try:
                         port = proxy.start(workers)
+                        cpu0 = proxy.cpu_seconds()
                         r = run_wrk(port, cfg.closed_seconds, cfg.connections)
+                        cpu = proxy.cpu_seconds() - cpu0
                     finally:
                         proxy.stop()
-                    out[name][str(workers)] = r.to_dict()
+                    us = 1e6 * cpu / max(1, r.requests)
+                    out[name][str(workers)] = {**r.to_dict(), "cpu_us_per_request": us}
                     log(
                         f"  {name:<13} {workers} worker(s): {r.rps:>9.0f} rps, p99 {r.p99_ms:.2f} ms"
-                        f", {r.errors} socket errors, {r.non_2xx} non-2xx"
+                        f", {r.errors} socket errors, {r.non_2xx} non-2xx, CPU {us:.0f} us/request"
                     )
         finally:
             backends.stop()

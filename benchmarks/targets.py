@@ -103,6 +103,31 @@ class Proxy:
     def stop(self) -> None:
         raise NotImplementedError
 
+    def pid(self) -> int | None:
+        """The proxy's main process (its workers are its children)."""
+        return None
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) used so far by the proxy and its workers, reaped or live."""
+        import psutil
+
+        pid = self.pid()
+        if pid is None:
+            return 0.0
+        try:
+            main = psutil.Process(pid)
+            t = main.cpu_times()
+            total = t.user + t.system + t.children_user + t.children_system
+            for child in main.children(recursive=True):
+                try:
+                    c = child.cpu_times()
+                    total += c.user + c.system
+                except psutil.NoSuchProcess:
+                    pass
+        except psutil.NoSuchProcess:
+            return 0.0
+        return total
+
 
 class Direct(Proxy):
     """No proxy: straight to one backend (the generator's and the backends' own limit)."""
@@ -209,6 +234,9 @@ class ZerodownProxy(Proxy):
             time.sleep(0.002)
         raise BenchError(f"zerodown did not apply generation {generation} in {timeout}s")
 
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
     def switch(self, group: str) -> tuple[float, float | None]:
         self._write_registry(group)
         returned = time.monotonic()
@@ -253,6 +281,9 @@ class NginxProxy(Proxy):
                 self.ng.stop()
                 last = exc
         raise BenchError(f"nginx proxy did not start: {last}")
+
+    def pid(self) -> int | None:
+        return self.ng.proc.pid if self.ng is not None and self.ng.proc is not None else None
 
     def switch(self, group: str) -> tuple[float, float | None]:
         self._render(group)
