@@ -266,6 +266,25 @@ async def test_primaries_wait_for_a_backend_then_get_an_explicit_answer(stack):
     await tool.close()
 
 
+async def test_deselect_ends_the_backend_session_and_select_again_opens_one(stack):
+    proxy, hosts, _ = stack
+    tool = RawTool(proxy.hsms)
+    await tool.connect()
+    assert await tool.select() == 0
+    assert (await tool.request(1, 1)).function == 2
+    rsp = await tool.control(codec.deselect_req)
+    assert (rsp.stype, rsp.byte3) == (codec.DESELECT_RSP, codec.DESELECT_OK)
+    await async_wait_until(lambda: sum(h.separates for h in hosts) == 1, 5, "backend separated")
+    # Not selected any more: data is refused with reason 4 until the tool selects again.
+    tool.send_raw(codec.data_message(0, 1, 1, True, 500))
+    await async_wait_until(lambda: tool.rejects, 5, "Reject.req")
+    assert tool.rejects[0].byte3 == codec.REJECT_ENTITY_NOT_SELECTED
+    assert await tool.select() == 0
+    assert (await tool.request(1, 1)).function == 2
+    assert sum(h.sessions for h in hosts) == 2
+    await tool.close()
+
+
 async def test_backend_device_id_is_mapped_both_ways(tmp_path, start_proxy):
     specs = SPECS[:1]
     hosts = await _hosts(specs, device_id=7)

@@ -211,7 +211,11 @@ class HsmsProxy:
             backend.host_open -= 1
             self.m_aborted.inc(("tool_gone",))
         tool.host_open.clear()
-        for b in tool.backends():
+        links = tool.backends()
+        # Forget them now: a tool that selects again gets a fresh backend session at once.
+        tool.current = None
+        tool.draining = []
+        for b in links:
             self._drop(b, reason)
 
     def _drop(self, b: BackendLink, reason: str) -> None:
@@ -346,7 +350,8 @@ class HsmsProxy:
             f"connection lost: {exc}" if exc else "backend closed the connection"
         )
         for tsys, tsid, _, b2, _ in link.pending.values():
-            tool.write(codec.abort_reply(Frame(tsid, b2, 0, 0, 0, tsys)))
+            if tool.session.selected:
+                tool.write(codec.abort_reply(Frame(tsid, b2, 0, 0, 0, tsys)))
             self.m_aborted.inc(("backend_lost",))
         link.pending.clear()
         if link.host_open > 0:
@@ -467,7 +472,6 @@ class HsmsProxy:
             if tool.closed:
                 continue
             if tool.session.decoder.pending and now - tool.last_rx > cfg.t8:
-                self.m_closed.inc(("tool", "t8"))
                 tool.run(tool.session.separate(
                     f"incomplete message for longer than T8 ({cfg.t8:g}s)", error=True, kind="t8"
                 ))  # fmt: skip
