@@ -93,6 +93,13 @@ class Child:
         return self.proc.returncode
 
 
+def _cpu_seconds(pid: int) -> float:
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
 def _http_json(url: str, timeout: float = 10.0) -> Any:
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
     with urllib.request.urlopen(req, timeout=timeout) as r:
@@ -198,6 +205,16 @@ class Stack:
                 ]
         return out
 
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds (user+system) used so far by the proxy and by all backends together."""
+        out = {"backends": 0.0}
+        for children in self.backends.values():
+            for c in children:
+                out["backends"] += _cpu_seconds(c.proc.pid)
+        if self.proxy is not None:
+            out["proxy"] = _cpu_seconds(self.proxy.proc.pid)
+        return out
+
     def stop(self) -> None:
         if self.proxy is not None:
             self.proxy.stop()
@@ -256,6 +273,7 @@ async def run_phase(
 ) -> dict[str, Any]:
     before_rx = {k: len(v) for k, v in stack.received().items()}
     before_m = hsms_metrics(_http_text(stack.admin("/metrics"))) if stack.proxy else {}
+    cpu0 = stack.cpu()
     sessions = await connect_tools(targets, tools, stack.device_id, window, t3, first_index)
     switches: list[dict[str, Any]] = []
     t0 = time.perf_counter()
@@ -281,6 +299,7 @@ async def run_phase(
     rtts = [r for t in sessions for r in t.stats.rtts]
     for sw in switches:
         _switch_stall(sw, sessions)
+    cpu = {k: v - cpu0.get(k, 0.0) for k, v in stack.cpu().items()}
     after_m = hsms_metrics(_http_text(stack.admin("/metrics"))) if stack.proxy else {}
     integrity = _integrity(stack, before_rx, sessions)
     delta = metric_delta(before_m, after_m)
@@ -299,6 +318,10 @@ async def run_phase(
         "switches": switches,
         "proxy_metrics_delta": delta,
         "integrity": integrity,
+        "cpu_us_per_tx": {
+            k: round(v / totals["replied"] * 1e6, 1) if totals["replied"] else None
+            for k, v in cpu.items()
+        },
     }
 
 
@@ -454,6 +477,7 @@ def secsgem_phase(stack: Stack, seconds: float, t3: float, index: int) -> dict[s
         },
         "switches": [],
         "proxy_metrics_delta": {},
+        "cpu_us_per_tx": {},
         "integrity": {
             "acked": st["replied"],
             "recorded": len(seen),
@@ -500,7 +524,7 @@ def run_hsms_bench(
     out_dir: Path | str,
     *,
     window: int = 4,
-    instances: int = 1,
+    instances: int = 2,
     t3: float = 10.0,
     device_id: int = 0,
     log: Any = None,
@@ -547,16 +571,17 @@ def markdown(r: dict[str, Any]) -> str:
         f"{p['window']} open transactions; 1x1 = one tool, one transaction at a time)",
         "",
         "| phase | tx/s | p50 ms | p99 ms | max ms | sent | replied | timed out | rejected | "
-        "disconnects | lost/dup (backend record) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "disconnects | lost/dup (backend record) | CPU µs/tx backend / proxy |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for ph in r["phases"]:
-        rtt, integ = ph["rtt_ms"], ph["integrity"]
+        rtt, integ, cpu = ph["rtt_ms"], ph["integrity"], ph["cpu_us_per_tx"]
         lines.append(
             f"| {ph['phase']} | {ph['tps']:.0f} | {_f(rtt['p50'])} | {_f(rtt['p99'])} | "
             f"{_f(rtt['max'])} | {ph['sent']} | {ph['replied']} | {ph['timed_out']} | "
             f"{ph['rejected']} | {ph['disconnects']} | "
-            f"{integ['acked_not_recorded']}/{integ['duplicated']} |"
+            f"{integ['acked_not_recorded']}/{integ['duplicated']} | "
+            f"{_f(cpu.get('backends'), 0)} / {_f(cpu.get('proxy'), 0)} |"
         )
     if r.get("proxy_error"):
         lines += ["", f"Proxy phases not run: {r['proxy_error']}"]
@@ -592,8 +617,8 @@ def markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _f(v: float | None) -> str:
-    return "-" if v is None else f"{v:.2f}"
+def _f(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
 
 
 # -- CLI (wired as `zerodown bench hsms` by benchmarks/cli.py) ---------------------------------
@@ -604,7 +629,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tools", type=int, default=8, help="simulated tool sessions")
     p.add_argument("--window", type=int, default=4, help="S6F11 transactions open per tool")
     p.add_argument("--switch-every", type=float, default=2.0, help="switch period (s); 0 = none")
-    p.add_argument("--instances", type=int, default=1, help="backend instances per group")
+    p.add_argument("--instances", type=int, default=2, help="backend instances per group")
     p.add_argument("--t3", type=float, default=10.0, help="reply timeout T3 (s)")
     p.add_argument("--out", default=None, help="directory for hsms.json / hsms.md")
 

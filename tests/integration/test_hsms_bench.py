@@ -13,7 +13,7 @@ pytest.importorskip("zerodown_proxy.hsms.proxy", reason="the HSMS proxy has not 
 
 
 def test_hsms_bench_small_run(tmp_path: Path) -> None:
-    r = run_hsms_bench(1.5, 2, 0.4, tmp_path, window=2, log=lambda _m: None)
+    r = run_hsms_bench(1.5, 2, 0.4, tmp_path, window=2, instances=1, log=lambda _m: None)
     assert "proxy_error" not in r, r.get("proxy_error")
     names = [ph["phase"] for ph in r["phases"]]
     assert names == [
@@ -32,5 +32,6 @@ def test_hsms_bench_small_run(tmp_path: Path) -> None:
     assert [s["to"] for s in switches] == ["green", "blue", "green"][: len(switches)]
     assert all(s["new_version_visible_ms"] is not None for s in switches)
     assert orjson.loads((tmp_path / "hsms.json").read_bytes())["scenario"] == "hsms"
+    assert r["phases"][-1]["cpu_us_per_tx"]["proxy"] > 0
     md = (tmp_path / "hsms.md").read_text()
     assert "| proxy+switches |" in md and "handovers" in md
