@@ -15,7 +15,11 @@ Per switch: the transactions the tools had open at the instant of the write, how
 proxy reported the new generation (admin /v1/status), until an S1F1 probe first got the new
 SOFTREV, and the slowest reply among the transactions open at the switch. From the proxy's
 /metrics: handovers, handover time, rejects. After every phase the backends' records
-(/hsms/received) are checked: every replied DATAID exactly once, none duplicated.
+(/hsms/received) are checked: every replied DATAID exactly once, none duplicated. CPU seconds of
+the proxy and of the backends (psutil) per replied transaction show the proxy's own cost even when
+the secsgem backends, not the proxy, bound the throughput. Two 1x1 phases (one tool, one open
+transaction) give the unloaded per-hop latency, and one secsgem tool shows what a secsgem client
+alone can drive.
 """
 
 from __future__ import annotations
@@ -123,12 +127,23 @@ class Stack:
         self.registry = workdir / "registry.json"
         self.generation = 0
         self.active = "blue"
-        for group, version in GROUPS.items():
-            for k in range(1, instances + 1):
-                iid = f"drimeap-{group}-{k}"
-                args = ["sample-app", "--version", version, "--http-port", "0", "--hsms-port", "0"]
-                args += ["--instance-id", iid, "--device-id", str(device_id)]
-                self.backends[group].append(Child(args, workdir, iid))
+        try:
+            for group, version in GROUPS.items():
+                for k in range(1, instances + 1):
+                    iid = f"drimeap-{group}-{k}"
+                    args = ["sample-app", "--version", version, "--http-port", "0"]
+                    args += [
+                        "--hsms-port",
+                        "0",
+                        "--instance-id",
+                        iid,
+                        "--device-id",
+                        str(device_id),
+                    ]
+                    self.backends[group].append(Child(args, workdir, iid))
+        except BaseException:
+            self.stop()  # no orphaned backends when one of them fails to start
+            raise
         self.write_registry("blue")
 
     def write_registry(self, active: str) -> int:
@@ -648,8 +663,8 @@ def main(args: argparse.Namespace) -> int:
             instances=args.instances,
             t3=args.t3,
         )
-    except BenchError as exc:
-        print(f"zerodown: {exc}", file=sys.stderr)
+    except (BenchError, OSError, TimeoutError) as exc:
+        print(f"zerodown: hsms bench failed: {exc}", file=sys.stderr)
         return 1
     print(markdown(r))
     print(f"results: {out / 'hsms.json'}, {out / 'hsms.md'}")
