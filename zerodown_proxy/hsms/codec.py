@@ -160,6 +160,11 @@ class FrameDecoder:
         if self.failed is not None:
             return []
         buf = self._buf
+        if not buf and len(data) >= FRAME_OVERHEAD:
+            # Fast path: the chunk is exactly one message (the usual case for request/reply).
+            length, sid, b2, b3, pt, st, system = HEADER.unpack_from(data)
+            if len(data) == length + 4 and HEADER_SIZE <= length <= self.max_message_bytes:
+                return [Frame(sid, b2, b3, pt, st, system, data[FRAME_OVERHEAD:])]
         if buf:
             buf += data
             view: bytes | bytearray = buf
