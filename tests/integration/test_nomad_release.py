@@ -191,6 +191,18 @@ def test_release_cycle_deploy_switch_rollback_with_three_proxies(
     ]
     assert [e["time_ns"] for e in local] == [e["time_ns"] for e in entries]
 
+    # green was Active on v2; once it is redeployed, "rollback" would not restore v2: refused.
+    r = run_cli(stack, tmp_path, "deploy", "v3", "--admin-token", TOKEN)
+    assert r.returncode == 0, r.stderr
+    r = run_cli(stack, tmp_path, "rollback")
+    assert r.returncode == 1
+    assert "group green now runs v3, not v2 as when it was Active" in one_line(r.stderr)
+    assert stack.consul.kv_get(KEY)[0] == "blue"
+    assert [(e["action"], e["result"]) for e in history(stack)][-2:] == [
+        ("deploy", "ok"),
+        ("rollback", "refused"),
+    ]
+
 
 def test_plan_that_would_touch_the_active_group_is_refused(
     nomad_stack: NomadStack, tmp_path: Path
@@ -290,6 +302,17 @@ def test_switch_refused_when_standby_unhealthy_then_rollback_needs_history(
     assert "nothing to roll back to: no switch of drimeap is recorded" in one_line(r.stderr)
     results = [(e["action"], e["result"]) for e in history(stack)]
     assert results == [("switch", "refused"), ("switch", "refused"), ("rollback", "refused")]
+
+    stack.consul.set_down(True)
+    try:
+        r = run_cli(stack, tmp_path, "switch")
+        assert r.returncode == 1
+        assert f"Consul at {stack.consul.url} is unreachable (connection refused)" in one_line(
+            r.stderr
+        )
+    finally:
+        stack.consul.set_down(False)
+    assert stack.consul.kv_get(KEY) == before
 
 
 async def test_cas_conflict_is_reported_not_retried(
