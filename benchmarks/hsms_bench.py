@@ -211,13 +211,13 @@ class Stack:
     def active_targets(self) -> list[tuple[str, int]]:
         return [("127.0.0.1", c.ports["hsms"]) for c in self.backends[self.active]]
 
-    def received(self) -> dict[str, list[int]]:
+    def received(self) -> dict[str, tuple[list[int], int]]:
+        """Per backend: (the DATAIDs it recorded, total S6F11 it ever received)."""
         out = {}
         for children in self.backends.values():
             for c in children:
-                out[c.name] = _http_json(f"http://127.0.0.1:{c.ports['http']}/hsms/received")[
-                    "s6f11"
-                ]
+                body = _http_json(f"http://127.0.0.1:{c.ports['http']}/hsms/received")
+                out[c.name] = (body["s6f11"], body["total"])
         return out
 
     def cpu(self) -> dict[str, float]:
@@ -286,7 +286,7 @@ async def run_phase(
     first_index: int,
     switch_every: float = 0.0,
 ) -> dict[str, Any]:
-    before_rx = {k: len(v) for k, v in stack.received().items()}
+    before_rx = {k: total for k, (_, total) in stack.received().items()}
     before_m = hsms_metrics(_http_text(stack.admin("/metrics"))) if stack.proxy else {}
     cpu0 = stack.cpu()
     sessions = await connect_tools(targets, tools, stack.device_id, window, t3, first_index)
@@ -398,12 +398,22 @@ def _switch_stall(sw: dict[str, Any], sessions: list[LoadTool]) -> None:
     sw["open_max_rtt_ms"] = round(worst * 1000, 2) if n else None
 
 
+def _new_dataids(stack: Stack, before: dict[str, int]) -> list[int]:
+    """DATAIDs the backends recorded since `before` (their totals then)."""
+    out: list[int] = []
+    for name, (ids, total) in stack.received().items():
+        new = total - before.get(name, 0)
+        if new > len(ids):
+            raise BenchError(f"{name} dropped part of its S6F11 record; shorten the run")
+        out.extend(ids[len(ids) - new :] if new else [])
+    return out
+
+
 def _integrity(stack: Stack, before: dict[str, int], sessions: list[LoadTool]) -> dict[str, Any]:
     """Check the backends' records against what the tools saw acknowledged."""
     seen: dict[int, int] = {}
-    for name, ids in stack.received().items():
-        for d in ids[before.get(name, 0) :]:
-            seen[d] = seen.get(d, 0) + 1
+    for d in _new_dataids(stack, before):
+        seen[d] = seen.get(d, 0) + 1
     acked = [d for s in sessions for d in s.stats.dataids_replied]
     dup = sum(1 for c in seen.values() if c > 1)
     missing = sum(1 for d in acked if d not in seen)
@@ -457,7 +467,7 @@ def secsgem_phase(stack: Stack, seconds: float, t3: float, index: int) -> dict[s
     """One secsgem SimTool, sequential, direct: shows what a secsgem tool alone can drive."""
     from orchestrator.hsms_sim import SimTool
 
-    before_rx = {k: len(v) for k, v in stack.received().items()}
+    before_rx = {k: total for k, (_, total) in stack.received().items()}
     host, port = stack.active_targets()[0]
     tool = SimTool(host, port, stack.device_id, name="secsgem-tool", t3=t3)
     tool.start()
@@ -472,9 +482,8 @@ def secsgem_phase(stack: Stack, seconds: float, t3: float, index: int) -> dict[s
         tool.stop()
     st = tool.stats
     seen: dict[int, int] = {}
-    for name, ids in stack.received().items():
-        for d in ids[before_rx.get(name, 0) :]:
-            seen[d] = seen.get(d, 0) + 1
+    for d in _new_dataids(stack, before_rx):
+        seen[d] = seen.get(d, 0) + 1
     dup = sum(1 for c in seen.values() if c > 1)
     return {
         "phase": "direct 1x1 secsgem tool",

@@ -80,10 +80,9 @@ def add_hsms_routes(app: web.Application, hsms: HsmsHost, instance: str) -> None
     from .hsms_secsgem import NotSelected, PeerError, TransactionTimeout
 
     async def received(request: web.Request) -> web.Response:
-        entries = hsms.received()  # a copy under the host's lock: cheap, never blocks for long
-        return web.json_response(
-            {"version": hsms.version, "instance": instance, "s6f11": [e["dataid"] for e in entries]}
-        )
+        dataids, total = hsms.received_dataids()  # a copy under the host's lock: quick
+        body = {"version": hsms.version, "instance": instance, "s6f11": dataids, "total": total}
+        return web.Response(body=orjson.dumps(body), content_type="application/json")
 
     async def command(request: web.Request) -> web.Response:
         rcmd = request.query.get("rcmd", "")

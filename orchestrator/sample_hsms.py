@@ -23,6 +23,11 @@ from .hsms_secsgem import NotSelected, PeerHandler, peer_settings
 
 log = logging.getLogger("zerodown.sample_hsms")
 
+# The record of received S6F11s is for tests and benchmarks; bound it so a sample app left running
+# under load (zerodown up + hsms-sim) does not grow without limit. Past the limit the oldest half
+# is dropped and counted (`received_total()` keeps counting).
+RECEIVED_LIMIT = 200_000
+
 
 class HsmsHost:
     """Passive HSMS host serving any number of sessions on one port."""
@@ -44,7 +49,8 @@ class HsmsHost:
         self.port: int = self._listener.getsockname()[1]
         self._lock = threading.Lock()
         self._sessions: list[PeerHandler] = []  # most recently selected last
-        self._received: list[dict[str, Any]] = []
+        self._received: list[tuple[Any, Any, float]] = []  # (dataid, ceid, t)
+        self._dropped = 0
         self._stopping = threading.Event()
         self._accept_thread = threading.Thread(
             target=self._accept_loop, name=f"hsms-host-accept-{self.port}", daemon=True
@@ -54,9 +60,16 @@ class HsmsHost:
     # -- public -----------------------------------------------------------------------------
 
     def received(self) -> list[dict[str, Any]]:
-        """Every S6F11 received so far: {"dataid", "ceid", "t"} in arrival order."""
+        """Every S6F11 received so far (the last RECEIVED_LIMIT at most), in arrival order:
+        {"dataid", "ceid", "t"}."""
         with self._lock:
-            return list(self._received)
+            entries = list(self._received)
+        return [{"dataid": d, "ceid": c, "t": t} for d, c, t in entries]
+
+    def received_dataids(self) -> tuple[list[Any], int]:
+        """(DATAIDs as in received(), total S6F11 ever received) — cheap enough for HTTP."""
+        with self._lock:
+            return [e[0] for e in self._received], self._dropped + len(self._received)
 
     def sessions(self) -> int:
         with self._lock:
@@ -148,9 +161,13 @@ class HsmsHost:
 
     def _on_s6f11(self, handler: PeerHandler, message: Any) -> Any:
         s6f11 = handler.decode(message)
-        entry = {"dataid": s6f11.DATAID.get(), "ceid": s6f11.CEID.get(), "t": time.time()}
+        entry = (s6f11.DATAID.get(), s6f11.CEID.get(), time.time())
         with self._lock:
             self._received.append(entry)
+            if len(self._received) > RECEIVED_LIMIT:
+                half = RECEIVED_LIMIT // 2
+                del self._received[:half]
+                self._dropped += half
         return handler.stream_function(6, 12)(0)
 
     def _on_s2f41(self, handler: PeerHandler, message: Any) -> Any:

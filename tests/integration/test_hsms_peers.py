@@ -62,7 +62,7 @@ def test_select_softrev_and_event_reports_are_recorded(sample_app, tools) -> Non
     assert st["versions"] == {"v1": 1} and st["selects"] == 1 and len(tool.rtts) == 30
     status, body = http("GET", app.port, "/hsms/received")
     assert status == 200
-    assert body == {"version": "v1", "instance": "drimeap-blue-1", "s6f11": dataids}
+    assert body == {"version": "v1", "instance": "drimeap-blue-1", "s6f11": dataids, "total": 30}
 
 
 def test_host_serves_several_sessions_at_once(tools) -> None:
@@ -264,3 +264,18 @@ def test_secsgem_on_both_ends_through_the_proxy_across_switches(
         assert (st["disconnects"], st["selects"], st["timed_out"], st["rejected"]) == (0, 1, 0, 0)
         assert set(sent[s.name]) <= set(received)
     assert sum(s.stats["host_primaries_answered"] for s in sims) == 4
+
+
+def test_received_record_is_bounded_and_counts_everything(tools, monkeypatch) -> None:
+    import orchestrator.sample_hsms as sample_hsms
+
+    monkeypatch.setattr(sample_hsms, "RECEIVED_LIMIT", 4)
+    host = start_hsms_host(0, "v1")
+    try:
+        tool = tools(host.port)
+        tool.wait_selected(10)
+        assert all(tool.send_event(d) for d in range(1, 6))
+        assert host.received_dataids() == ([3, 4, 5], 5)  # the oldest half went at the 5th
+        assert [e["dataid"] for e in host.received()] == [3, 4, 5]
+    finally:
+        host.stop()
