@@ -56,13 +56,13 @@ class _Link(asyncio.Protocol):
         self.timers: dict[str, asyncio.TimerHandle] = {}
         self.closed = False
         self.last_rx = _now()
+        self._out: list[bytes] = []
 
     def run(self, actions: list[Any]) -> None:
         for a in actions:
             t = type(a)
             if t is Send:
-                if self.transport is not None and not self.closed:
-                    self.transport.write(a.data)
+                self.write(a.data)
             elif t is ArmTimer:
                 self._cancel(a.name)
                 loop = self.proxy.loop
@@ -71,6 +71,7 @@ class _Link(asyncio.Protocol):
                 self._cancel(a.name)
             elif t is Close:
                 self.on_close(a)
+                self.flush()
                 if self.transport is not None:
                     self.transport.close()
             else:
@@ -98,8 +99,28 @@ class _Link(asyncio.Protocol):
         raise NotImplementedError
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
+        """Send bytes; inside a read callback they are collected and flushed once at its end,
+        so a chunk carrying many messages costs one write per destination, not one each."""
+        if self.transport is None or self.closed:
+            return
+        if self.proxy.batching:
+            out = self._out
+            if not out:
+                self.proxy.dirty.append(self)
+            out.append(data)
+        else:
             self.transport.write(data)
+
+    def flush(self) -> None:
+        out = self._out
+        if out:
+            self._out = []
+            tr = self.transport
+            if tr is not None and not self.closed and not tr.is_closing():
+                if len(out) == 1:
+                    tr.write(out[0])
+                else:
+                    tr.writelines(out)
 
     def pause_reading(self) -> None:
         tr = self.transport
@@ -148,11 +169,16 @@ class ToolLink(_Link):
 
     def data_received(self, data: bytes) -> None:
         self.last_rx = _now()
-        for ev in self.session.data_received(data):
-            if type(ev) is Frame:
-                self.on_data(ev)
-            else:
-                self.run([ev])
+        proxy = self.proxy
+        proxy.batching = True
+        try:
+            for ev in self.session.data_received(data):
+                if type(ev) is Frame:
+                    self.on_data(ev)
+                else:
+                    self.run([ev])
+        finally:
+            proxy.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -282,11 +308,16 @@ class BackendLink(_Link):
 
     def data_received(self, data: bytes) -> None:
         self.last_rx = _now()
-        for ev in self.session.data_received(data):
-            if type(ev) is Frame:
-                self.on_data(ev)
-            else:
-                self.run([ev])
+        proxy = self.proxy
+        proxy.batching = True
+        try:
+            for ev in self.session.data_received(data):
+                if type(ev) is Frame:
+                    self.on_data(ev)
+                else:
+                    self.run([ev])
+        finally:
+            proxy.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -344,7 +375,7 @@ class BackendLink(_Link):
         if f.byte2 & 0x80:
             self.pending[sb] = (f.system, f.session_id, _now(), f.byte2, f.byte3)
         did = self.device_id
-        self.transport.write(codec.rewrite(f, f.session_id if did is None else did, sb))  # type: ignore[union-attr]
+        self.write(codec.rewrite(f, f.session_id if did is None else did, sb))
         self.proxy.m_fwd_primary_up.inc()
 
     def on_data(self, f: Frame) -> None:

@@ -58,6 +58,9 @@ class HsmsProxy:
         self._rr = 0
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        # Write batching inside one read callback (see _Link.write).
+        self.batching = False
+        self.dirty: list[Any] = []
 
         m = metrics
         fwd = m.counter(
@@ -162,6 +165,14 @@ class HsmsProxy:
         end = time.monotonic() + 1.0
         while self.tools and time.monotonic() < end:
             await asyncio.sleep(0.01)
+
+    def flush(self) -> None:
+        self.batching = False
+        dirty = self.dirty
+        if dirty:
+            self.dirty = []
+            for link in dirty:
+                link.flush()
 
     # -- tool side ----------------------------------------------------------------------------
 
