@@ -71,6 +71,7 @@ def nomad_stack(tmp_path: Path) -> Iterator[NomadStack]:
         workdir=tmp_path / "nomad",
         base_env={"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT)},
         check_interval=0.2,
+        kill_timeout_cap=2.0,  # the job says 45 s; tests need not wait that long for a kill
     )
     try:
         nomad.start()

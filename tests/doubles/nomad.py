@@ -518,10 +518,10 @@ class FakeNomad:
         )
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
-            for f in failures:
-                if not isinstance(f, _DeploymentFailed):
-                    raise f
-            await self._fail_deployment(job, dep, str(failures[0]))
+            f = failures[0]
+            # A bug in the double must show up as a failed deployment, not a silent hang.
+            why = str(f) if isinstance(f, _DeploymentFailed) else f"fake nomad error: {f!r}"
+            await self._fail_deployment(job, dep, why)
             return
         dep.status = "successful"
         dep.description = "Deployment completed successfully"
