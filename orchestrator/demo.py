@@ -58,6 +58,13 @@ async def _demo(args: argparse.Namespace, state_dir: Path) -> int:
     clients = [asyncio.create_task(_client(url, stats, stop)) for _ in range(args.clients)]
     t0 = time.monotonic()
     say(f"load: {args.clients} keep-alive clients -> {url}")
+    hsms = None
+    if stack["proxy"].get("hsms"):
+        from .demo_hsms import HsmsLoad
+
+        hsms = HsmsLoad(stack["proxy"]["hsms"])
+        await asyncio.to_thread(hsms.start)
+        say(f"load: {len(hsms.tools)} HSMS tools sending S6F11 -> :{stack['proxy']['hsms']}")
     await asyncio.sleep(args.seconds)
     say("deploy v2 to the Standby group:")
     await backend.deploy("drimeap", "v2", None, lambda m: say("  " + m))
@@ -65,9 +72,12 @@ async def _demo(args: argparse.Namespace, state_dir: Path) -> int:
     switch_start = time.monotonic()
     outcome = await backend.switch("drimeap", None, lambda m: say("  " + m))
     applied = time.monotonic()  # every proxy has reported the new generation by now
+    if hsms is not None:
+        hsms.switch_applied()
     await asyncio.sleep(args.seconds)
     stop.set()
     await asyncio.gather(*clients)
+    hs = await asyncio.to_thread(hsms.stop) if hsms is not None else None
     elapsed = time.monotonic() - t0
 
     before = Counter(v for sent, _, v in stats.samples if sent < switch_start)
@@ -75,6 +85,7 @@ async def _demo(args: argparse.Namespace, state_dir: Path) -> int:
     stale = after.get(outcome.from_version or "", 0)
     fmt = lambda c: ", ".join(f"{v}: {n}" for v, n in sorted(c.items())) or "none"  # noqa: E731
     ok = not stats.errors and stale == 0 and after and set(after) == {outcome.to_version}
+    ok = ok and (hs is None or hs.ok(outcome.to_version))
     say("")
     say(f"zerodown demo summary ({elapsed:.1f} s, {args.clients} keep-alive clients)")
     say(f"  requests answered        {len(stats.samples)}")
@@ -86,6 +97,11 @@ async def _demo(args: argparse.Namespace, state_dir: Path) -> int:
     say(f"  switch {outcome.from_group} -> {outcome.to_group} applied by "
         f"{outcome.proxies} proxy in {outcome.propagation_s * 1000:.1f} ms "
         f"(generation {outcome.generation})")  # fmt: skip
+    if hs is not None:
+        say(f"  HSMS event reports       {hs.replied}/{hs.sent} answered by {hs.tools} tools, "
+            f"{hs.disconnects} reconnects, {hs.selects} selects"
+            + (f"  (first error: {hs.errors[0]})" if hs.errors else ""))  # fmt: skip
+        say(f"  HSMS S1F1 after switch   {fmt(Counter(hs.versions_after))}")
     say("  result: " + ("OK, zero downtime" if ok else "FAILED"))
     return 0 if ok else 1
 
