@@ -105,7 +105,7 @@ def _checks_status(entry: dict[str, Any]) -> str:
     return _worst([c.get("Status", "unknown") for c in entry.get("Checks") or []])
 
 
-def _instances(app: str, http: list[dict], hsms: list[dict]) -> list[Instance]:
+def _instances(http: list[dict], hsms: list[dict]) -> list[Instance]:
     """Pair each `<app>` registration with the `<app>-hsms` one of the same allocation."""
     by_alloc: dict[str, dict] = {}
     for e in hsms:
@@ -229,7 +229,7 @@ class NomadConsulBackend:
 
     async def _registered(self, consul: ConsulApi, app: str) -> list[Instance]:
         http, hsms = await asyncio.gather(consul.health(app), consul.health(f"{app}-hsms"))
-        return _instances(app, http, hsms)
+        return _instances(http, hsms)
 
     async def _proxies(self, consul: ConsulApi) -> list[Proxy]:
         out = []
