@@ -219,3 +219,13 @@ def test_consul_config_keys_and_validation(tmp_path: Path) -> None:
         f.write_text(f'[discovery]\nprovider = "consul"\n[consul]\n{bad}\n')
         with pytest.raises(ConfigError, match=message):
             load_config(f, env={})
+
+
+def test_hsms_device_id_from_service_meta() -> None:
+    hsms = body(HSMS)
+    for e in hsms:
+        e["Service"]["Meta"]["hsms_device_id"] = "7"
+    assert build_app(view(body(HTTP), hsms, KvValue("blue", 60))).state.hsms_device_id == 7
+    hsms[0]["Service"]["Meta"]["hsms_device_id"] = "8"  # disagreement: not guessed
+    assert build_app(view(body(HTTP), hsms, KvValue("blue", 60))).state.hsms_device_id is None
+    assert build_app(view(body(HTTP), body(HSMS), KvValue("blue", 60))).state.hsms_device_id is None

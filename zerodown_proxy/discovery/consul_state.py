@@ -12,6 +12,7 @@ Consul"):
   plus `-hsms`, and last the address when exactly one HTTP instance of that group lives there.
 - `healthy` follows the HTTP entry; `hsms_port` is set only while the HSMS entry passes, so an
   instance whose HSMS side fails still serves HTTP but gets no new HSMS sessions.
+- `Meta["hsms_device_id"]` on the `<app>-hsms` services gives the app's HSMS session id.
 - Group and version come from the tags `zerodown-group=` / `zerodown-version=` (falling back to
   the group in a Nomad service id, and `Meta["version"]`).
 - The Active group is the KV value; the generation is its ModifyIndex. Without the key, the
@@ -35,6 +36,7 @@ from ..routing import AppState, Instance, RegistryState
 GROUP_TAG = "zerodown-group="
 VERSION_TAG = "zerodown-version="
 INSTANCE_META = "zerodown-instance"
+DEVICE_META = "hsms_device_id"
 _NOMAD_ID = re.compile(
     r"^_nomad-task-([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})-(?:group-(.+?)-)?"
 )
@@ -287,8 +289,25 @@ def build_app(view: AppView) -> AppResult:
             problem = (
                 f"app {view.name}: Active group {active} has 0/{len(members)} passing instances"
             )
-    state = AppState(name=view.name, active_group=active, instances=instances)
+    state = AppState(
+        name=view.name,
+        active_group=active,
+        instances=instances,
+        hsms_device_id=device_id(view.hsms),
+    )
     return AppResult(state, generation, source, problem, unmatched, ignored)
+
+
+def device_id(hsms: Sequence[ServiceEntry]) -> int | None:
+    """The HSMS session id the backends expect: `Meta["hsms_device_id"]` of the `<app>-hsms`
+    services, when they agree on one integer (else None: the proxy's [hsms] default applies)."""
+    values = {e.meta.get(DEVICE_META) for e in hsms} - {None, ""}
+    if len(values) != 1:
+        return None
+    try:
+        return int(values.pop())  # type: ignore[arg-type]
+    except ValueError:
+        return None
 
 
 def build_state(results: Sequence[AppResult], source: str) -> RegistryState:
