@@ -211,7 +211,8 @@ def load_config(
         if env.get(var):
             value: str = env[var]
             if var == "CONSUL_HTTP_ADDR" and "://" not in value:
-                value = "http://" + value
+                ssl = env.get("CONSUL_HTTP_SSL", "").lower() in ("1", "true")
+                value = ("https://" if ssl else "http://") + value
             cfg = _apply(cfg, section, {key: value})
     for section, values in (overrides or {}).items():
         cfg = _apply(cfg, section, {k: v for k, v in values.items() if v is not None})

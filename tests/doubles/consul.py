@@ -35,6 +35,7 @@ import asyncio
 import base64
 import random
 import re
+import ssl
 import threading
 import time
 import uuid
@@ -126,8 +127,14 @@ class _Node:
 class FakeConsul:
     """Consul agent double; see the module docstring for the contract."""
 
-    def __init__(self, datacenter: str = "dc1", leader: str = "127.0.0.1:8300") -> None:
+    def __init__(
+        self,
+        datacenter: str = "dc1",
+        leader: str = "127.0.0.1:8300",
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.datacenter = datacenter
+        self.ssl_context = ssl_context  # serve HTTPS (url becomes https://...)
         self.leader = leader
         self.acl_token: str | None = None
         self.garbage = False
@@ -183,7 +190,8 @@ class FakeConsul:
             raise RuntimeError("FakeConsul did not start within 10 s")
         if failure:
             raise RuntimeError(f"FakeConsul did not start: {failure[0]}")
-        self.url = f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
         return self.url
 
     def stop(self) -> None:
@@ -220,7 +228,9 @@ class FakeConsul:
             app, access_log=None, shutdown_timeout=0.2, handler_cancellation=True
         )
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, "127.0.0.1", port, reuse_address=True)
+        self._site = web.TCPSite(
+            self._runner, "127.0.0.1", port, reuse_address=True, ssl_context=self.ssl_context
+        )
         await self._site.start()
         self.port = self._site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 

@@ -4,7 +4,10 @@ tags, a hung watch, self-registration, and multi-worker mode."""
 
 from __future__ import annotations
 
+import shutil
+import ssl
 import statistics
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -327,3 +330,80 @@ def test_multi_worker_proxy_registers_once_and_every_worker_follows(
     assert version_of(p) == "v2"
     assert p.terminate() == 0
     assert consul.services("zerodown-proxy") == []
+
+
+def test_http_and_hsms_services_join_into_one_instance(
+    consul: FakeConsul, backends: dict[str, list[SampleApp]], proxies: Callable[..., ProxyProc]
+) -> None:
+    register_backends(consul, backends)
+    hsms_ports = {}
+    for group, apps in backends.items():
+        for n, _ in enumerate(apps, 1):
+            sid = f"drimeap-{group}-{n}"
+            hsms_ports[sid] = 20000 + 10 * n + (5 if group == "green" else 0)
+            consul.register(f"{sid}-hsms", "drimeap-hsms", "127.0.0.1", hsms_ports[sid],
+                            tags=[f"zerodown-group={group}", f"zerodown-version={VERSION[group]}"],
+                            meta={"hsms_device_id": "0"})  # fmt: skip
+    gen = consul.kv_set(KEY, "blue")
+    p = proxies(config(consul))
+    st = p.wait_generation(gen)
+    route = st["apps"]["drimeap"]
+    joined = {
+        i["id"]: i["hsms_port"]
+        for i in route["active"]["instances"] + route["standby"]["instances"]
+    }
+    assert joined == hsms_ports
+    # The HSMS side of one instance fails: it keeps serving HTTP but gets no new HSMS sessions.
+    consul.set_check("drimeap-blue-1-hsms", "critical")
+
+    def blue1() -> dict[str, Any] | None:
+        for i in p.status()["apps"]["drimeap"]["active"]["instances"]:
+            if i["id"] == "drimeap-blue-1" and i["hsms_port"] is None:
+                return i
+        return None
+
+    assert wait_until(blue1, 10, "blue-1 to lose its HSMS port")["healthy"]
+    assert discovery(p)["apps"]["drimeap"]["unmatched_hsms"] == []
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (openssl CLI), used as its own CA."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "consul.pem", tmp_path / "consul-key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
+def test_tls_with_the_ca_certificate(
+    tls_files: tuple[Path, Path],
+    backends: dict[str, list[SampleApp]],
+    proxies: Callable[..., ProxyProc],
+) -> None:
+    cert, key = tls_files
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    consul = FakeConsul(ssl_context=ctx)
+    consul.start()
+    try:
+        assert consul.url.startswith("https://127.0.0.1:")
+        register_backends(consul, backends)
+        gen = consul.kv_set(KEY, "blue")
+        p = proxies(config(consul, cacert=str(cert)))
+        p.wait_generation(gen)
+        assert version_of(p) == "v1" and discovery(p)["healthy"]
+        # Without the CA the certificate is not trusted: a clear "tls" error, no routing.
+        untrusted = proxies(config(consul, register_self=False), "untrusted")
+        d = wait_until(
+            lambda: (d := discovery(untrusted))["errors_by_kind"].get("tls") and d, 10, "tls error"
+        )
+        assert "check cacert" in d["last_error"] and untrusted.status()["generation"] == 0
+    finally:
+        consul.stop()

@@ -208,6 +208,8 @@ def test_consul_config_keys_and_validation(tmp_path: Path) -> None:
         "CONSUL_HTTP_ADDR": "127.0.0.1:8501", "CONSUL_HTTP_TOKEN": "t", "CONSUL_CACERT": "/ca.pem"})  # fmt: skip
     c = cfg.consul
     assert (c.addr, c.token, c.cacert) == ("http://127.0.0.1:8501", "t", "/ca.pem")
+    env = {"CONSUL_HTTP_ADDR": "consul:8501", "CONSUL_HTTP_SSL": "true"}
+    assert load_config(None, env=env).consul.addr == "https://consul:8501"
     assert c.wait * 17 / 16 + c.watchdog > c.wait and c.backoff_max >= c.backoff_min
     f = tmp_path / "p.toml"
     for bad, message in (

@@ -92,7 +92,7 @@ class ConsulProvider:
         )
         self._errors = metrics.counter(
             "zerodown_consul_errors_total",
-            "Failed Consul calls by kind (unreachable, timeout, acl_denied, http_error, garbage)",
+            "Failed Consul calls by kind (unreachable, timeout, tls, acl_denied, http_error, garbage)",
             ("kind",),
         )
         self._refused_metric = metrics.counter(

@@ -21,7 +21,7 @@ import aiohttp
 import orjson
 
 BURST = 5  # requests a watch may make back to back before the rate limit applies
-ERROR_KINDS = ("unreachable", "timeout", "acl_denied", "http_error", "garbage")
+ERROR_KINDS = ("unreachable", "timeout", "tls", "acl_denied", "http_error", "garbage")
 
 
 class ConsulError(Exception):
@@ -99,6 +99,10 @@ class ConsulClient:
                 return self._answer(r.status, r.headers, data, path)
         except TimeoutError:
             raise ConsulError("timeout", f"no answer from Consul within {timeout:.1f}s") from None
+        except (aiohttp.ClientSSLError, ssl.SSLError) as exc:
+            raise ConsulError(
+                "tls", f"TLS with Consul at {self.addr} failed (check cacert): {exc}"
+            ) from None
         except (aiohttp.ClientConnectionError, OSError) as exc:
             raise ConsulError("unreachable", f"Consul at {self.addr} unreachable: {exc}") from None
         except aiohttp.ClientError as exc:
@@ -147,6 +151,10 @@ class ConsulClient:
                 return text
         except TimeoutError:
             raise ConsulError("timeout", f"no answer from Consul within {timeout:.1f}s") from None
+        except (aiohttp.ClientSSLError, ssl.SSLError) as exc:
+            raise ConsulError(
+                "tls", f"TLS with Consul at {self.addr} failed (check cacert): {exc}"
+            ) from None
         except (aiohttp.ClientConnectionError, OSError) as exc:
             raise ConsulError("unreachable", f"Consul at {self.addr} unreachable: {exc}") from None
 
