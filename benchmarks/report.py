@@ -88,8 +88,9 @@ def propagation_table(steady: dict[str, Any]) -> str:
     text = (
         "| rate | proxy | switches | first new-version response ms (median / max) "
         "| last old-version response ms (median / max) | applied ms (median) "
-        "| old responses to requests started after the first new one |\n"
-        "|---|---|---|---|---|---|---|\n"
+        "| old responses to requests started after the first new one "
+        "| ... after the switch was applied |\n"
+        "|---|---|---|---|---|---|---|---|\n"
     )
     for rate, per_proxy in steady.items():
         for name, r in per_proxy.items():
@@ -98,11 +99,13 @@ def propagation_table(steady: dict[str, Any]) -> str:
             lo = _med_max([p["last_old_ms"] for p in props])
             ap = _med_max([p["applied_ms"] for p in props])
             missing = sum(1 for p in props if p["first_new_ms"] is None)
+            olds = [p.get("old_after_applied") for p in props]
+            after = "–" if any(o is None for o in olds) or not olds else str(sum(olds))
             note = f" ({missing} never answered by the new version)" if missing else ""
             text += (
                 f"| {int(rate):,} | {LABELS.get(name, name)} | {len(props)}{note} "
                 f"| {_f(fn[0], 1)} / {_f(fn[1], 1)} | {_f(lo[0], 1)} / {_f(lo[1], 1)} "
-                f"| {_f(ap[0], 1)} | {sum(p['mixed'] for p in props)} |\n"
+                f"| {_f(ap[0], 1)} | {sum(p['mixed'] for p in props)} | {after} |\n"
             )
     return text
 

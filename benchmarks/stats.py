@@ -67,6 +67,9 @@ class Propagation:
     # Old-version responses to requests that *started* after the first new-version response
     # arrived: both versions serving new requests at once.
     mixed: int
+    # Old-version responses to requests that started after the proxy reported the switch
+    # applied (zerodown only; the "no old-version response after a switch is applied").
+    old_after_applied: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -165,6 +168,9 @@ def propagation(raw: RawLoad, switches: list[SwitchEvent]) -> list[Propagation]:
         mixed = 0
         if first_new is not None:
             mixed = int((old_mask & (raw.sched >= first_new)).sum())
+        old_after = None
+        if sw.applied is not None:
+            old_after = int((old_mask & (raw.sched >= sw.applied)).sum())
         out.append(
             Propagation(
                 at=sw.at,
@@ -174,6 +180,7 @@ def propagation(raw: RawLoad, switches: list[SwitchEvent]) -> list[Propagation]:
                 last_old_ms=0.0 if last_old is None else (last_old - sw.at) * 1000.0,
                 applied_ms=None if sw.applied is None else (sw.applied - sw.at) * 1000.0,
                 mixed=mixed,
+                old_after_applied=old_after,
             )
         )
     return out

@@ -108,6 +108,7 @@ def test_propagation_times_first_new_and_last_old_response():
     assert p.last_old_ms == pytest.approx(30, abs=0.01)
     assert p.applied_ms == pytest.approx(5, abs=0.01)
     assert p.mixed == 1
+    assert p.old_after_applied == 2  # the requests that started at 5.015 and 5.025
     s = summarise(raw)
     assert s.per_version == {"v1": 4, "v2": 2}
     assert s.max_ms == pytest.approx(40)
@@ -178,6 +179,7 @@ def test_steady_and_closed_scenarios_end_to_end(tmp_path, capsys):
         assert len(r["series"]["p95_ms"]) == 2
     zd = results["steady"]["150"]["zerodown"]["propagation"]
     assert all(p["first_new_ms"] is not None and p["applied_ms"] is not None for p in zd)
+    assert all(p["old_after_applied"] == 0 for p in zd)
     assert (out / "steady-150-zerodown.png").stat().st_size > 1000
     assert "| zerodown |" in (out / "summary.md").read_text()
     assert "nginx variant / zerodown" in capsys.readouterr().out
