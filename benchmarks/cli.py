@@ -208,8 +208,9 @@ def run(args: argparse.Namespace) -> int:
             results["closed"] = closed(replace(cfg), _log)
         if which == "all":
             _run_hsms_all(results, out_dir, cfg)
-    except BenchError as exc:
-        print(f"zerodown: {exc}", file=sys.stderr)
+    except (BenchError, RuntimeError, OSError) as exc:
+        # Every process a scenario started is stopped by now (finally blocks); say why in one line.
+        print(f"zerodown: benchmark {which} failed: {exc}", file=sys.stderr)
         return 1
     return _finish(results, out_dir, args)
 

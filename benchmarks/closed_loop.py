@@ -79,7 +79,10 @@ def run_wrk(port: int, seconds: float, connections: int = 50, threads: int = 2) 
     secs = max(1, int(round(seconds)))
     cmd = [wrk, f"-t{threads}", f"-c{connections}", f"-d{secs}s", "--latency"]
     cmd += ["-H", "Host: drimeap", f"http://127.0.0.1:{port}/"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 60)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 60)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"wrk did not finish within {secs + 60} s") from None
     if proc.returncode != 0:
         raise BenchError(f"wrk failed ({proc.returncode}): {proc.stderr.strip()[:300]}")
     return parse_wrk(proc.stdout, connections, threads, secs)
