@@ -76,7 +76,7 @@ class _Protocol(secsgem.hsms.HsmsProtocol):
         super().__init__(settings)
         self._counter_lock = threading.Lock()
         self._waiting: set[int] = set()
-        self._peer_separated = False
+        self._no_separate = False
 
     def get_next_system_counter(self) -> int:
         with self._counter_lock:
@@ -96,17 +96,17 @@ class _Protocol(secsgem.hsms.HsmsProtocol):
     def _on_connection_message_received(self, source: object, message: Any) -> None:
         if message.header.s_type == HsmsSType.SEPARATE_REQ:
             # E37: the receiver of Separate.req closes the connection without answering.
-            self._peer_separated = True
+            self._no_separate = True
             threading.Thread(target=self._connection.disconnect, daemon=True).start()
             return
         super()._on_connection_message_received(source, message)
 
     def _on_disconnecting(self, data: dict[str, Any]) -> None:
-        if not self._peer_separated:
+        if not self._no_separate:
             super()._on_disconnecting(data)
 
     def _on_connected(self, data: dict[str, Any]) -> None:
-        self._peer_separated = False
+        self._no_separate = False
         super()._on_connected(data)
 
     def _on_disconnected(self, data: dict[str, Any]) -> None:
@@ -123,6 +123,11 @@ class _Protocol(secsgem.hsms.HsmsProtocol):
         # ProtocolDispatcher.stop() leaves the dispatcher thread waiting forever; end it too.
         self._thread._stop_dispatcher_thread = True
         self._thread._dispatcher_thread_trigger.set()
+
+    def close_without_separate(self) -> None:
+        """Close the TCP connection with no Separate.req (E37: e.g. T7 expired while NOT SELECTED)."""
+        self._no_separate = True
+        self._connection.disconnect()
 
     def transact(self, function: secsgem.secs.SecsStreamFunction, timeout: float) -> Any:
         """Send a primary and wait up to `timeout` s for its reply; raise PeerError otherwise."""

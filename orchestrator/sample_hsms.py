@@ -39,8 +39,10 @@ class HsmsHost:
         device_id: int = 0,
         instance_id: str = "",
         host: str = "127.0.0.1",
+        t7: float = 10.0,
     ) -> None:
         self.version = version
+        self.t7 = t7
         self.instance_id = instance_id
         self.device_id = device_id
         self.address = host
@@ -138,7 +140,23 @@ class HsmsHost:
         handler.events.disconnected += lambda _data: self._on_closed(handler)
         with self._lock:
             self._sessions.append(handler)
+        # T7: a connection that does not select in time is closed (secsgem itself never does)
+        t7 = threading.Timer(self.t7, self._t7_expired, args=(handler, peer))
+        t7.daemon = True
+        handler.events.communicating += lambda _data: t7.cancel()
+        handler.events.disconnected += lambda _data: t7.cancel()
         handler.enable()
+        t7.start()
+
+    def _t7_expired(self, handler: PeerHandler, peer: tuple[Any, ...]) -> None:
+        if not handler.selected() and not self._stopping.is_set():
+            log.warning(
+                "HSMS connection from %s:%d not selected within T7 (%g s): closed",
+                peer[0],
+                peer[1],
+                self.t7,
+            )
+            handler.hsms.close_without_separate()
 
     def _on_selected(self, handler: PeerHandler) -> None:
         with self._lock:  # the newest selected session is the one send_command talks to
@@ -175,7 +193,12 @@ class HsmsHost:
 
 
 def start_hsms_host(
-    port: int, version: str, device_id: int = 0, instance_id: str = "", host: str = "127.0.0.1"
+    port: int,
+    version: str,
+    device_id: int = 0,
+    instance_id: str = "",
+    host: str = "127.0.0.1",
+    t7: float = 10.0,
 ) -> HsmsHost:
     """Listen on host:port (0 = any free port; read `.port`) and serve HSMS sessions."""
-    return HsmsHost(port, version, device_id=device_id, instance_id=instance_id, host=host)
+    return HsmsHost(port, version, device_id=device_id, instance_id=instance_id, host=host, t7=t7)

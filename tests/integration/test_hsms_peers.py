@@ -279,3 +279,16 @@ def test_received_record_is_bounded_and_counts_everything(tools, monkeypatch) ->
         assert [e["dataid"] for e in host.received()] == [3, 4, 5]
     finally:
         host.stop()
+
+
+def test_a_connection_that_never_selects_is_closed_after_t7() -> None:
+    import socket
+
+    host = start_hsms_host(0, "v1", t7=0.3)
+    try:
+        with socket.create_connection(("127.0.0.1", host.port), timeout=10) as s:
+            wait_until(lambda: host.sessions() == 1, 5, "the session to start")
+            assert s.recv(100) == b""  # closed by the host, no Separate.req first
+        wait_until(lambda: host.sessions() == 0, 5, "the session to be forgotten")
+    finally:
+        host.stop()
