@@ -2,7 +2,8 @@
 
 Scenarios: generator (the load generator against nginx directly), steady (1k and 10k requests/s
 open loop with switches; also gives switch propagation), propagation (steady at 1k only),
-closed (wrk max throughput at 1 and 2 workers), hsms (benchmarks/hsms_bench.py), all.
+closed (wrk max throughput at 1 and 2 workers), datapath (Python cost per request, no sockets),
+hsms (benchmarks/hsms_bench.py), all.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from .nginx import BenchError
 from .scenarios import BenchConfig, closed, generator_check, machine, steady
 from .targets import PROXIES
 
-SCENARIOS = ("generator", "steady", "propagation", "closed", "hsms", "all")
+SCENARIOS = ("generator", "steady", "propagation", "closed", "datapath", "hsms", "all")
 MAX_SECONDS = 300.0
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,6 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "steady": "open loop at 1k and 10k requests/s, a switch every 10 s, per proxy",
         "propagation": "switch propagation per switch (steady at 1,000 requests/s)",
         "closed": "closed-loop max throughput (wrk -c50), 1 and 2 workers per proxy",
+        "datapath": "Python CPU per request of the HTTP data path, without sockets",
         "hsms": "HSMS S6F11/S6F12 through the proxy vs direct, with switches",
         "all": "every scenario in turn; updates README.md's benchmark section",
     }
@@ -206,6 +208,11 @@ def run(args: argparse.Namespace) -> int:
         if which in ("closed", "all"):
             _log(f"closed: wrk -c{cfg.connections}, {cfg.closed_seconds:.0f} s per run")
             results["closed"] = closed(replace(cfg), _log)
+        if which in ("datapath", "all"):
+            from .datapath import measure
+
+            results["datapath"] = measure(requests=5000 if args.quick else 50000)
+            _log(f"datapath: {results['datapath']['us_per_request']:.2f} us/request")
         if which == "all":
             _run_hsms_all(results, out_dir, cfg)
     except (BenchError, RuntimeError, OSError) as exc:

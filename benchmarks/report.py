@@ -48,8 +48,8 @@ def steady_table(rate: str, per_proxy: dict[str, Any], switch_every: float = 10.
     head = (
         f"**{int(rate):,} requests/s open loop, {every}**\n\n"
         "| proxy | requests | success | failures | dropped | avg ms | p50 | p90 | p95 | p99 "
-        "| max | achieved rps | proxy CPU us/req | responses per version |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| max | achieved rps | proxy CPU us/req | keep-alive retries | responses per version |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
     for name, r in per_proxy.items():
@@ -59,7 +59,8 @@ def steady_table(rate: str, per_proxy: dict[str, Any], switch_every: float = 10.
             f"| {LABELS.get(name, name)} | {s['requests']} | {100 * s['success_rate']:.2f} % "
             f"| {s['failures']} | {s['dropped']} | {_f(s['avg_ms'])} | {_f(s['p50_ms'])} "
             f"| {_f(s['p90_ms'])} | {_f(s['p95_ms'])} | {_f(s['p99_ms'])} | {_f(s['max_ms'], 1)} "
-            f"| {s['achieved_rate']:.0f} | {_f(r.get('cpu_us_per_request'), 0)} | {versions} |"
+            f"| {s['achieved_rate']:.0f} | {_f(r.get('cpu_us_per_request'), 0)} "
+            f"| {s['retries']} | {versions} |"
         )
     text = head + "\n".join(rows) + "\n"
     zd = per_proxy.get("zerodown")
@@ -145,6 +146,13 @@ def markdown(results: dict[str, Any]) -> str:
         parts.append("### Switch propagation\n\n" + propagation_table(results["steady"]))
     if "closed" in results:
         parts.append("### Closed loop (wrk, 50 connections)\n\n" + closed_table(results["closed"]))
+    if "datapath" in results:
+        d = results["datapath"]
+        parts.append(
+            "### HTTP data path, Python work only (no sockets)\n\n"
+            f"{d['us_per_request']:.2f} us of CPU per proxied request "
+            f"(best of {d['rounds']} x {d['requests']} requests)\n"
+        )
     if "hsms" in results:
         parts.append(str(results["hsms"].get("markdown", "")))
     return "\n".join(parts)

@@ -150,6 +150,13 @@ def test_readme_section_is_replaced_and_the_rest_kept(tmp_path):
     assert (tmp_path / "plain.md").read_text() == "no markers\n"
 
 
+def test_datapath_scenario_measures_the_python_path(tmp_path, capsys):
+    assert zerodown(["bench", "datapath", "--quick", "--results-dir", str(tmp_path)]) == 0
+    d = orjson.loads((tmp_path / "results.json").read_bytes())["datapath"]
+    assert 0 < d["us_per_request"] < 10000
+    assert "HTTP data path" in capsys.readouterr().out
+
+
 def test_bench_refuses_bad_options(capsys, tmp_path):
     assert zerodown(["bench", "steady", "--seconds", "301", "--results-dir", str(tmp_path)]) == 2
     assert "--seconds must be between 1 and 300" in capsys.readouterr().err
