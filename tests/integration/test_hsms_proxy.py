@@ -303,6 +303,64 @@ async def test_backend_device_id_is_mapped_both_ways(tmp_path, start_proxy):
     await hosts[0].stop()
 
 
+async def test_sigterm_finishes_open_transactions_then_separates(tmp_path, start_proxy):
+    specs = SPECS[:1]
+    hosts = await _hosts(specs, reply_delay=0.5)
+    reg = tmp_path / "registry.json"
+    _reg(reg, 1, "blue", specs, hosts, hsms_device_id=0)
+    proxy = start_proxy(reg, config=HSMS_CFG)
+    tool = RawTool(proxy.hsms)
+    await tool.connect()
+    assert await tool.select() == 0
+    open_tx = asyncio.create_task(tool.request(6, 11, s6f11_body(1)))
+    await async_wait_until(lambda: hosts[0].selected_conns(), 5, "backend session")
+    await asyncio.sleep(0.1)  # the S6F11 is now with the backend, answered after 0.5 s
+    rc = await asyncio.to_thread(proxy.terminate)
+    assert rc == 0
+    assert (await open_tx).function == 12  # finished within the shutdown grace
+    await asyncio.wait_for(tool.closed.wait(), 5)
+    assert tool.separated and hosts[0].separates == 1
+    await hosts[0].stop()
+
+
+async def test_a_tool_that_does_not_read_pushes_back_on_its_backend(stack):
+    proxy, hosts, _ = stack
+    tool = RawTool(proxy.hsms)
+    await tool.connect()
+    assert await tool.select() == 0
+    await tool.request(1, 1)
+    (host,) = [h for h in hosts if h.selected_conns()]
+    conn = host.selected_conns()[0]
+    import psutil
+
+    rss = psutil.Process(proxy.ports["pid"]).memory_info().rss
+    tool.writer.transport.pause_reading()  # the tool stops reading
+    body = b"\x00" * 60_000
+    n = 400  # 24 MB
+    for i in range(n):
+        conn.writer.write(codec.data_message(0, 6, 1, False, 10_000 + i, body))
+    # The proxy stops reading from the backend instead of buffering what the tool cannot take:
+    # the data waits in socket buffers and on the backend's side, not in the proxy's memory.
+    last = [-1]
+
+    def steady() -> bool:  # the backend's unsent bytes stopped changing: nobody is reading
+        size = conn.writer.transport.get_write_buffer_size()
+        same, last[0] = size == last[0], size
+        return same
+
+    for _ in range(3):
+        await async_wait_until(steady, 10, "the backend's send buffer to settle")
+        await asyncio.sleep(0.1)
+    assert conn.writer.transport.get_write_buffer_size() > 0, "the proxy read everything"
+    grown = psutil.Process(proxy.ports["pid"]).memory_info().rss - rss
+    assert grown < 12_000_000, f"the proxy buffered {grown} bytes for a tool that does not read"
+    tool.writer.transport.resume_reading()
+    await async_wait_until(lambda: len(tool.host_primaries) == n, 20, "every message delivered")
+    assert [f.body == body for f in tool.host_primaries] == [True] * n
+    assert (await tool.request(1, 1)).function == 2
+    await tool.close()
+
+
 async def test_bad_input_is_answered_and_other_sessions_are_unaffected(stack):
     proxy, hosts, _ = stack
     good = RawTool(proxy.hsms)
@@ -455,12 +513,23 @@ def test_secsgem_ten_switches_under_load(secsgem_stack):
     futs = [ex.submit(run, k, t) for k, t in enumerate(tools, 1)]
     try:
         # A host-initiated transaction open at the first switch completes on the old version.
-        # The slow tool connected last: its backend session is the newest on its host, which is
-        # the session the sample host's /hsms/command talks to.
+        # The slow tool connected last, so its backend session is normally the newest on its
+        # host, the one the sample host's /hsms/command talks to; if the host saw the selects in
+        # another order the command lands on a fast tool and returns at once: try again.
+        wait_until(
+            lambda: all(s["backend"] and s["backend"]["state"] == "selected"
+                        for s in proxy.status()["hsms"]["sessions"]),
+            10, "every backend session to be selected",
+        )  # fmt: skip
         inst = _newest(proxy)["backend"]["instance"]
         serving = next(a for a in apps if a.ready_file.stem == inst)
-        cmd = ex.submit(_http, "POST", serving.port, "/hsms/command?rcmd=HOLD&timeout=6")
-        wait_until(lambda: _newest(proxy)["in_flight"] == 1, 5, "S2F41 to be open on the slow tool")
+        for _ in range(5):
+            cmd = ex.submit(_http, "POST", serving.port, "/hsms/command?rcmd=HOLD&timeout=6")
+            wait_until(lambda c=cmd: c.done() or _newest(proxy)["in_flight"] == 1, 10, "S2F41")
+            if not cmd.done():
+                break
+        else:
+            raise AssertionError("S2F41 never reached the slow tool")
         active = "blue"
         for g in range(2, 12):
             active = "green" if active == "blue" else "blue"

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 from . import codec
 from .codec import Frame
 from .session import (
+    LINKTEST,
+    T6,
     ArmTimer,
     CancelTimer,
     Close,
@@ -57,6 +59,7 @@ class _Link(asyncio.Protocol):
         self.closed = False
         self.last_rx = _now()
         self._out: list[bytes] = []
+        self.reading_paused = False
 
     def run(self, actions: list[Any]) -> None:
         for a in actions:
@@ -84,8 +87,15 @@ class _Link(asyncio.Protocol):
 
     def _fire(self, name: str) -> None:
         self.timers.pop(name, None)
-        if not self.closed:
-            self.run(self.session.timer_fired(name))
+        if self.closed:
+            return
+        if self.reading_paused and name in (T6, LINKTEST):
+            # We are not reading the peer (back-pressure from the other side), so its answers
+            # cannot arrive: the link is busy, not dead. Check again later.
+            delay = self.session.t6 if name == T6 else self.session.linktest_interval
+            self.timers[name] = self.proxy.loop.call_later(delay, self._fire, name)
+            return
+        self.run(self.session.timer_fired(name))
 
     def cancel_timers(self) -> None:
         for h in self.timers.values():
@@ -123,11 +133,14 @@ class _Link(asyncio.Protocol):
                     tr.writelines(out)
 
     def pause_reading(self) -> None:
+        self.reading_paused = True
         tr = self.transport
         if tr is not None and not self.closed and not tr.is_closing():
             tr.pause_reading()
 
     def resume_reading(self) -> None:
+        self.reading_paused = False
+        self.last_rx = _now()  # T8 counts from when we read again, not from our pause
         tr = self.transport
         if tr is not None and not self.closed and not tr.is_closing():
             tr.resume_reading()
@@ -303,7 +316,7 @@ class BackendLink(_Link):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         if self.tool.write_paused:
-            transport.pause_reading()  # type: ignore[attr-defined]
+            self.pause_reading()
         self.run(self.session.connection_made())
 
     def data_received(self, data: bytes) -> None:

@@ -482,7 +482,11 @@ class HsmsProxy:
         for tool in list(self.tools):
             if tool.closed:
                 continue
-            if tool.session.decoder.pending and now - tool.last_rx > cfg.t8:
+            if (
+                tool.session.decoder.pending
+                and not tool.reading_paused
+                and now - tool.last_rx > cfg.t8
+            ):
                 tool.run(tool.session.separate(
                     f"incomplete message for longer than T8 ({cfg.t8:g}s)", error=True, kind="t8"
                 ))  # fmt: skip
@@ -502,7 +506,12 @@ class HsmsProxy:
                     for k in expired:
                         tsys, tsid, _, b2, b3 = p.pop(k)
                         self.abort(tool, Frame(tsid, b2, b3, 0, 0, tsys), "no_reply_within_t3")
-                if not b.closed and b.session.decoder.pending and now - b.last_rx > cfg.t8:
+                if (
+                    not b.closed
+                    and b.session.decoder.pending
+                    and not b.reading_paused
+                    and now - b.last_rx > cfg.t8
+                ):
                     self.m_closed.inc(("backend", "t8"))
                     b.run(b.session.separate("incomplete message for longer than T8", True, "t8"))
                 elif b.draining:
