@@ -649,13 +649,33 @@ def _f(v: float | None, digits: int = 2) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seconds", type=float, default=10.0, help="length of each phase (s)")
-    p.add_argument("--tools", type=int, default=8, help="simulated tool sessions")
-    p.add_argument("--window", type=int, default=4, help="S6F11 transactions open per tool")
-    p.add_argument("--switch-every", type=float, default=2.0, help="switch period (s); 0 = none")
-    p.add_argument("--instances", type=int, default=2, help="backend instances per group")
-    p.add_argument("--t3", type=float, default=10.0, help="reply timeout T3 (s)")
-    p.add_argument("--out", default=None, help="directory for hsms.json / hsms.md")
+    p.add_argument(
+        "--seconds", type=float, default=10.0, help="length of each phase (s) (default %(default)s)"
+    )
+    p.add_argument(
+        "--tools", type=int, default=8, help="simulated tool sessions (default %(default)s)"
+    )
+    p.add_argument(
+        "--window",
+        type=int,
+        default=4,
+        help="S6F11 transactions open per tool (default %(default)s)",
+    )
+    p.add_argument(
+        "--switch-every",
+        type=float,
+        default=2.0,
+        help="switch period (s); 0 = none (default %(default)s)",
+    )
+    p.add_argument(
+        "--instances", type=int, default=2, help="backend instances per group (default %(default)s)"
+    )
+    p.add_argument(
+        "--t3", type=float, default=10.0, help="reply timeout T3 (s) (default %(default)s)"
+    )
+    p.add_argument(
+        "--out", default=None, help="directory for hsms.json / hsms.md (default %(default)s)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:

@@ -225,15 +225,47 @@ class SimTool:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default="127.0.0.1:5000", help="HOST:PORT of the proxy or host")
-    p.add_argument("--tools", type=int, default=1, help="number of simulated tools (sessions)")
-    p.add_argument("--rate", type=float, default=10.0, help="S6F11 per second per tool")
-    p.add_argument("--seconds", type=float, default=10.0, help="how long to send")
-    p.add_argument("--device-id", type=int, default=0, help="HSMS session (device) id")
-    p.add_argument("--probe-every", type=float, default=1.0, help="S1F1 SOFTREV probe period (s)")
-    p.add_argument("--t3", type=float, default=10.0, help="reply timeout T3 (s)")
-    p.add_argument("--reply-delay", type=float, default=0.0, help="delay before answering S2F41")
-    p.add_argument("--connect-timeout", type=float, default=10.0, help="time allowed to select")
+    p.add_argument(
+        "--target",
+        default="127.0.0.1:5000",
+        help="HOST:PORT of the proxy or host (default %(default)s)",
+    )
+    p.add_argument(
+        "--tools",
+        type=int,
+        default=1,
+        help="number of simulated tools (sessions) (default %(default)s)",
+    )
+    p.add_argument(
+        "--rate", type=float, default=10.0, help="S6F11 per second per tool (default %(default)s)"
+    )
+    p.add_argument(
+        "--seconds", type=float, default=10.0, help="how long to send (default %(default)s)"
+    )
+    p.add_argument(
+        "--device-id", type=int, default=0, help="HSMS session (device) id (default %(default)s)"
+    )
+    p.add_argument(
+        "--probe-every",
+        type=float,
+        default=1.0,
+        help="S1F1 SOFTREV probe period (s) (default %(default)s)",
+    )
+    p.add_argument(
+        "--t3", type=float, default=10.0, help="reply timeout T3 (s) (default %(default)s)"
+    )
+    p.add_argument(
+        "--reply-delay",
+        type=float,
+        default=0.0,
+        help="delay before answering S2F41 (default %(default)s)",
+    )
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=10.0,
+        help="time allowed to select (default %(default)s)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
