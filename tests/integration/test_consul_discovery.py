@@ -220,8 +220,9 @@ def test_active_group_without_passing_instance_is_refused(
     )
     assert p.status()["generation"] == gen and version_of(p) == "v1"
     assert metric(p, "zerodown_consul_refused_total") >= 1
-    # Standby instances that do not pass are not listed either.
-    assert p.status()["apps"]["drimeap"]["standby"]["instances"] == []
+    # The refused view still updates health: the failing Standby instances are not listed.
+    wait_until(lambda: p.status()["apps"]["drimeap"]["standby"]["instances"] == [], 10, "health")
+    assert p.status()["generation"] == gen
     consul.set_check("drimeap-green-2", "passing")
     st = p.wait_generation(bad)
     assert [i["id"] for i in st["apps"]["drimeap"]["active"]["instances"]] == ["drimeap-green-2"]
@@ -244,8 +245,9 @@ def test_missing_key_falls_back_to_old_stack_tags(
     p = proxies(config(consul))
     st = wait_until(lambda: (s := p.status())["generation"] and s, 10, "routing from tags")
     assert st["apps"]["drimeap"]["active"]["group"] == "green" and version_of(p) == "v2"
-    d = discovery(p)["apps"]["drimeap"]
-    assert d["generation_source"] == "tags" and d["generation"] == st["generation"]
+    now = p.status()
+    d = now["discovery"]["apps"]["drimeap"]
+    assert d["generation_source"] == "tags" and d["generation"] == now["generation"]
     # Creating the key takes over, with a larger generation (its ModifyIndex).
     gen = consul.kv_set(KEY, "blue")
     assert gen > st["generation"]
@@ -407,3 +409,50 @@ def test_tls_with_the_ca_certificate(
         assert "check cacert" in d["last_error"] and untrusted.status()["generation"] == 0
     finally:
         consul.stop()
+
+
+async def test_switch_racing_a_health_change_is_never_applied_on_stale_health(
+    consul: FakeConsul,
+) -> None:
+    """In-process provider: the target group goes critical right before each switch is written;
+    the KV answer may overtake the health answer, the re-read on switch must catch it."""
+    import asyncio
+
+    from zerodown_proxy.config import ConsulSection
+    from zerodown_proxy.discovery.consul import ConsulProvider
+    from zerodown_proxy.metrics import Registry
+    from zerodown_proxy.routing import Router
+
+    from ..helpers import async_wait_until
+
+    for group in ("blue", "green"):
+        for n in (1, 2):
+            consul.register(f"{group}-{n}", "drimeap", "127.0.0.1", 9000 + n + 10 * (group == "green"),
+                            tags=[f"zerodown-group={group}"])  # fmt: skip
+    gen = consul.kv_set(KEY, "blue")
+    router = Router()
+    applied: list[str] = []
+    router.subscribe(lambda old, new: applied.append(new.apps["drimeap"].active_group))
+    cfg = ConsulSection(addr=consul.url, register_self=False, wait=5.0)
+    provider = ConsulProvider(cfg, router, Registry(), "127.0.0.1:1", "test")
+    provider.start()
+    try:
+        await async_wait_until(lambda: router.snapshot.generation >= gen, 10, "first snapshot")
+        for _ in range(5):
+            await asyncio.to_thread(consul.set_check, "green-1", "critical")
+            await asyncio.to_thread(consul.set_check, "green-2", "critical")
+            await asyncio.to_thread(consul.kv_set, KEY, "green")
+            await async_wait_until(
+                lambda: provider.status()["apps"]["drimeap"]["problem"], 10, "refusal"
+            )
+            assert "green" not in applied
+            # heal and go back to blue for the next round
+            await asyncio.to_thread(consul.kv_set, KEY, "blue")
+            await asyncio.to_thread(consul.set_check, "green-1", "passing")
+            await asyncio.to_thread(consul.set_check, "green-2", "passing")
+            await async_wait_until(
+                lambda: provider.status()["apps"]["drimeap"]["problem"] is None, 10, "healed"
+            )
+        assert "green" not in applied and router.snapshot.apps["drimeap"].active_group == "blue"
+    finally:
+        await provider.stop()

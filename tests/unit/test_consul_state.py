@@ -231,3 +231,20 @@ def test_hsms_device_id_from_service_meta() -> None:
     hsms[0]["Service"]["Meta"]["hsms_device_id"] = "8"  # disagreement: not guessed
     assert build_app(view(body(HTTP), hsms, KvValue("blue", 60))).state.hsms_device_id is None
     assert build_app(view(body(HTTP), body(HSMS), KvValue("blue", 60))).state.hsms_device_id is None
+
+
+def test_refused_view_keeps_the_active_group_but_refreshes_health() -> None:
+    from zerodown_proxy.discovery.consul import keep_active
+
+    prev = build_app(view(body(HTTP), body(HSMS), KvValue("blue", 52)))
+    http = body(HTTP)
+    set_status(http, 31384, "critical")  # green
+    set_status(http, 20590, "critical")  # green
+    set_status(http, 26242, "critical")  # one blue instance
+    now = build_app(view(http, body(HSMS), KvValue("green", 54)))
+    assert now.problem is not None
+    kept = keep_active(prev, now)
+    assert kept.state.active_group == "blue" and kept.generation == 52 and kept.problem is None
+    assert {i.http_port for i in kept.state.instances if i.healthy} == {26945}
+    set_status(http, 26945, "critical")  # no blue left either: the previous view stays as it was
+    assert keep_active(prev, build_app(view(http, body(HSMS), KvValue("green", 55)))) is prev

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 from ..config import ConsulSection
@@ -64,6 +65,7 @@ class ConsulProvider:
         # watch name -> latest parsed value: health entries with their index, or a KvValue
         self._health: dict[str, tuple[tuple[ServiceEntry, ...], int]] = {}
         self._kv: dict[str, KvValue] = {}
+        self._confirming: set[str] = set()  # apps whose Active change is being re-read
         self._good: dict[str, AppResult] = {}  # last applicable result per app
         self._problems: dict[str, str] = {}  # app -> why its latest view is not applied
         self._results: dict[str, AppResult] = {}
@@ -76,8 +78,7 @@ class ConsulProvider:
         for app in cfg.apps:
             for svc in (app, f"{app}-hsms"):
                 self._watch(f"health:{svc}", f"/v1/health/service/{quote_path(svc)}")
-            key = f"{cfg.key_prefix.strip('/')}/{app}/active"
-            self._watch(f"kv:{app}", f"/v1/kv/{quote_path(key)}")
+            self._watch(f"kv:{app}", f"/v1/kv/{quote_path(self._key(app))}")
         self.registration = (
             SelfRegistration(
                 self.client,
@@ -165,20 +166,9 @@ class ConsulProvider:
     def _on_answer(self, watch: Watch, answer: Answer) -> None:
         t0 = time.perf_counter()
         kind, _, name = watch.name.partition(":")
-        switch = False
         try:
             if kind == "kv":
-                key = watch.path.removeprefix("/v1/kv/")
-                old = self._kv.get(name)
-                if answer.status == 404:
-                    self._kv[name] = KvValue(None, answer.index)
-                else:
-                    self._kv[name] = parse_kv(answer.body, key)
-                switch = (
-                    self.cfg.recheck_on_switch
-                    and old is not None
-                    and old.value != self._kv[name].value
-                )
+                self._kv[name] = self._parse_kv(answer, watch.path)
             else:
                 self._health[name] = (parse_health(answer.body), answer.index)
         except ConsulDataError as exc:
@@ -189,48 +179,120 @@ class ConsulProvider:
                 watch.name,
                 watch.stats.consecutive_errors,
             )
-        if switch:
-            task = asyncio.get_running_loop().create_task(self._confirm_and_rebuild(name, t0))
-            self._confirms.add(task)
-            task.add_done_callback(self._confirms.discard)
-            return
-        self.rebuild()
-        self._apply_time.observe(time.perf_counter() - t0, ("update",))
+        self.rebuild(t0=t0)
 
-    async def _confirm_and_rebuild(self, app: str, t0: float) -> None:
-        """The Active group changed: re-read the app's health once before applying it.
+    @staticmethod
+    def _parse_kv(answer: Answer, path: str) -> KvValue:
+        if answer.status == 404:
+            return KvValue(None, answer.index)
+        return parse_kv(answer.body, path.removeprefix("/v1/kv/"))
 
-        Health and KV are separate watches, so the KV answer can overtake a health change made
-        just before the switch (the target group just went critical, or was deregistered).
-        One non-blocking read of both services (a round trip to the local agent, ~1 ms) makes
-        the check "the new Active group has a passing instance" hold at the switch's index.
-        If that read fails, the last known health is used and the failure is logged.
-        """
-        timeout = self.cfg.connect_timeout + 1.0
-        names = (app, f"{app}-hsms")
-        answers = await asyncio.gather(
-            *(self.client.get(f"/v1/health/service/{quote_path(n)}", timeout=timeout)
-              for n in names),
-            return_exceptions=True,
-        )  # fmt: skip
-        for n, a in zip(names, answers, strict=True):
-            try:
-                if isinstance(a, BaseException):
-                    raise a
-                entries = parse_health(a.body)
-            except (ConsulError, ConsulDataError) as exc:
-                log.warning(
-                    "switch of %s: health re-read of %s failed (%s); using the last known",
-                    app,
-                    n,
-                    exc,
-                )
+    def rebuild(self, confirmed: str | None = None, t0: float | None = None) -> bool:
+        """Build the routing state from the latest answers and offer it. Returns True when the
+        router applied it.
+
+        A view that would change an app's Active group is not applied straight away: the
+        watches answer independently, so it may combine a fresh KV value with health that is
+        one answer old (the target group went critical or was deregistered just before the
+        switch), or fresh health with a KV value one answer old. `_confirm` re-reads the key
+        and both services once (one parallel round trip to the agent) and then applies the
+        switch only if it still holds. Meanwhile the app keeps its current routing."""
+        t0 = time.perf_counter() if t0 is None else t0
+        for app in self.cfg.apps:
+            if app in self._confirming:
                 continue
-            cached = self._health.get(n)
-            if cached is None or a.index >= cached[1]:
-                self._health[n] = (entries, a.index)
-        self.rebuild()
-        self._apply_time.observe(time.perf_counter() - t0, ("switch",))
+            view = self._view(app)
+            if view is None:
+                continue
+            result = build_app(view)
+            prev = self._good.get(app)
+            if (
+                self.cfg.recheck_on_switch
+                and app != confirmed
+                and result.problem is None
+                and prev is not None
+                and prev.state.active_group != result.state.active_group
+            ):
+                self._start_confirm(app, t0)
+                continue
+            self._results[app] = result
+            if result.problem is None:
+                self._good[app] = result
+                if app in self._problems:
+                    log.info("app %s is routable again (%s)", app, result.generation_source)
+                self._problems.pop(app, None)
+                continue
+            if prev is not None:
+                self._good[app] = keep_active(prev, result)
+            if self._problems.get(app) != result.problem:
+                log.error(
+                    "Consul view of %s not applied, keeping the previous routing: %s",
+                    app,
+                    result.problem,
+                )
+                self.refused += 1
+                self._refused_metric.inc((app,))
+            self._problems[app] = result.problem
+        good = [self._good[a] for a in self.cfg.apps if a in self._good]
+        if not good:
+            return False
+        state = build_state(good, source=f"consul:{self.cfg.addr}")
+        self.offers += 1
+        applied = self.router.offer(state)
+        if not applied:
+            self.refused += 1
+        kind = "switch" if confirmed is not None else "update"
+        self._apply_time.observe(time.perf_counter() - t0, (kind,))
+        return applied
+
+    def _start_confirm(self, app: str, t0: float) -> None:
+        self._confirming.add(app)
+        task = asyncio.get_running_loop().create_task(self._confirm(app, t0))
+        self._confirms.add(task)
+        task.add_done_callback(self._confirms.discard)
+
+    async def _confirm(self, app: str, t0: float) -> None:
+        """Re-read the Active key and the app's two services (non-blocking, in parallel), keep
+        whatever is newer than the watches' answers, and rebuild with the switch allowed. A
+        failed read falls back to the last known answer (logged)."""
+        key = f"/v1/kv/{quote_path(self._key(app))}"
+        paths = {
+            "kv": key,
+            app: f"/v1/health/service/{quote_path(app)}",
+            f"{app}-hsms": f"/v1/health/service/{quote_path(app + '-hsms')}",
+        }
+        timeout = self.cfg.connect_timeout + 1.0
+        try:
+            answers = await asyncio.gather(
+                *(self.client.get(p, timeout=timeout) for p in paths.values()),
+                return_exceptions=True,
+            )
+            for name, a in zip(paths, answers, strict=True):
+                try:
+                    if isinstance(a, BaseException):
+                        raise a
+                    if name == "kv":
+                        # Newer unless the watch delivered a later answer meanwhile.
+                        if a.index >= self._kv[app].modify_index:
+                            self._kv[app] = self._parse_kv(a, key)
+                    else:
+                        entries = parse_health(a.body)
+                        cached = self._health.get(name)
+                        if cached is None or a.index >= cached[1]:
+                            self._health[name] = (entries, a.index)
+                except (ConsulError, ConsulDataError) as exc:
+                    log.warning(
+                        "switch of %s: re-read of %s failed (%s); using the last known answer",
+                        app,
+                        name,
+                        exc,
+                    )
+        finally:
+            self._confirming.discard(app)
+        self.rebuild(confirmed=app, t0=t0)
+
+    def _key(self, app: str) -> str:
+        return f"{self.cfg.key_prefix.strip('/')}/{app}/active"
 
     def _on_error(self, watch: Watch, exc: ConsulError) -> None:
         self._errors.inc((exc.kind,))
@@ -254,40 +316,6 @@ class ConsulProvider:
         if http is None or hsms is None or kv is None:
             return None  # not every watch of this app has answered yet
         return AppView(app, http[0], hsms[0], kv, http[1], hsms[1])
-
-    def rebuild(self) -> bool:
-        """Build the routing state from the latest answers and offer it. Returns True when the
-        router applied it."""
-        for app in self.cfg.apps:
-            view = self._view(app)
-            if view is None:
-                continue
-            result = build_app(view)
-            self._results[app] = result
-            if result.problem is None:
-                self._good[app] = result
-                if app in self._problems:
-                    log.info("app %s is routable again (%s)", app, result.generation_source)
-                self._problems.pop(app, None)
-                continue
-            if self._problems.get(app) != result.problem:
-                log.error(
-                    "Consul view of %s not applied, keeping the previous routing: %s",
-                    app,
-                    result.problem,
-                )
-                self.refused += 1
-                self._refused_metric.inc((app,))
-            self._problems[app] = result.problem
-        good = [self._good[a] for a in self.cfg.apps if a in self._good]
-        if not good:
-            return False
-        state = build_state(good, source=f"consul:{self.cfg.addr}")
-        self.offers += 1
-        applied = self.router.offer(state)
-        if not applied:
-            self.refused += 1
-        return applied
 
     def _routing_note(self) -> tuple[bool, str]:
         gen = self.router.snapshot.generation
@@ -351,3 +379,16 @@ class ConsulProvider:
             },
             "registration": self.registration.status() if self.registration else None,
         }
+
+
+def keep_active(prev: AppResult, current: AppResult) -> AppResult:
+    """The app's view cannot be applied (e.g. the new Active group has no passing instance):
+    keep the previous Active group and generation, but with the instances' current health, so
+    a refused switch does not also freeze stale health. Falls back to `prev` unchanged when the
+    previous Active group has no passing instance now either."""
+    group = prev.state.active_group
+    instances = current.state.instances
+    if not any(i.healthy for i in instances if i.group == group):
+        return prev
+    state = replace(current.state, active_group=group)
+    return replace(prev, state=state, problem=None)

@@ -69,7 +69,10 @@ class ConsulClient:
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(ssl=self._ssl if self._ssl is not None else False)
+            # keepalive: the re-read on a switch reuses an idle connection instead of a new one.
+            connector = aiohttp.TCPConnector(
+                ssl=self._ssl if self._ssl is not None else False, keepalive_timeout=120
+            )
             self._session = aiohttp.ClientSession(connector=connector, headers=self._headers)
         return self._session
 

@@ -270,7 +270,13 @@ def build_app(view: AppView) -> AppResult:
             active = None
     else:
         source = "tags"
-        generation = max(view.active.modify_index, view.http_index, view.hsms_index)
+        # An empty answer (e.g. no <app>-hsms service) carries the index of the whole catalog,
+        # which moves with every other service: it would make the generation churn.
+        generation = max(
+            view.active.modify_index,
+            view.http_index if view.http else 0,
+            view.hsms_index if view.hsms else 0,
+        )
         by_entry = {e.service_id: e for e in view.http}
         groups = sorted(
             {i.group for i in instances if by_entry[i.id].role_tag == "active"},
