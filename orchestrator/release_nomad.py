@@ -105,12 +105,24 @@ def _checks_status(entry: dict[str, Any]) -> str:
     return _worst([c.get("Status", "unknown") for c in entry.get("Checks") or []])
 
 
+def _join_keys(svc: dict[str, Any]) -> list[str]:
+    """How the HTTP and HSMS services of one instance are recognised — the same order as the
+    proxy's Consul provider: Meta zerodown-instance, the Nomad allocation id, then the id."""
+    keys = []
+    if (svc.get("Meta") or {}).get("zerodown-instance"):
+        keys.append("meta:" + svc["Meta"]["zerodown-instance"])
+    m = _ALLOC_IN_ID.search(svc["ID"])
+    if m:
+        keys.append("alloc:" + m.group(1))
+    return keys
+
+
 def _instances(http: list[dict], hsms: list[dict]) -> list[Instance]:
-    """Pair each `<app>` registration with the `<app>-hsms` one of the same allocation."""
-    by_alloc: dict[str, dict] = {}
+    """Pair each `<app>` registration with the `<app>-hsms` one of the same instance."""
+    by_key: dict[str, dict] = {}
     for e in hsms:
-        m = _ALLOC_IN_ID.search(e["Service"]["ID"])
-        by_alloc[m.group(1) if m else e["Service"]["ID"]] = e
+        for k in [*_join_keys(e["Service"]), "id:" + e["Service"]["ID"]]:
+            by_key.setdefault(k, e)
     out = []
     for e in http:
         svc = e["Service"]
@@ -118,9 +130,10 @@ def _instances(http: list[dict], hsms: list[dict]) -> list[Instance]:
         group = _tag(tags, jobspec.GROUP_TAG)
         if group is None:
             continue
-        m = _ALLOC_IN_ID.search(svc["ID"])
-        twin = by_alloc.get(m.group(1)) if m else None
+        keys = [*_join_keys(svc), "id:" + svc["ID"] + "-hsms"]
+        twin = next((by_key[k] for k in keys if k in by_key), None)
         statuses = [_checks_status(e)] + ([_checks_status(twin)] if twin else [])
+        m = _ALLOC_IN_ID.search(svc["ID"])
         out.append(
             Instance(
                 id=m.group(1)[:8] + f"-{group}" if m else svc["ID"],
