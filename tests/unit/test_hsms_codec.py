@@ -130,3 +130,34 @@ def test_garbage_never_raises(garbage, step):
             assert isinstance(item, Frame | DecodeError)
             if isinstance(item, Frame):
                 assert len(item.body) <= 246
+
+
+# -- SECS-II item decoder (logging only) ------------------------------------------------------
+
+from zerodown_proxy.hsms import secs2  # noqa: E402
+
+
+def test_secs2_s6f11_and_s1f2_bodies():
+    body = bytes.fromhex("0103 b104 0000002a b104 000003e8 0100")
+    assert secs2.to_sml(body) == "<L[3] <U4 42> <U4 1000> <L[0]>>"
+    s1f2 = b"\x01\x02\x41\x04MDLN\x41\x02v2"
+    assert secs2.to_sml(s1f2) == '<L[2] <A "MDLN"> <A "v2">>'
+    assert secs2.to_sml(b"\x21\x01\x00") == "<B 0x00>"
+    assert secs2.to_sml(b"\x25\x02\x01\x00") == "<BOOLEAN T F>"
+    assert secs2.to_sml(bytes.fromhex("6902fffe")) == "<I2 -2>"
+    assert secs2.to_sml(b"") == ""
+
+
+def test_secs2_malformed_is_rendered_not_raised():
+    assert secs2.to_sml(b"\xb1\x04\x00").startswith("<malformed SECS-II:")
+    assert "trailing" in secs2.to_sml(b"\x21\x01\x00\x00")
+    assert "zero length bytes" in secs2.to_sml(b"\x20")
+    deep = b"\x01\x01" * 40 + b"\x01\x00"
+    assert "deeper" in secs2.to_sml(deep)
+    assert secs2.to_sml(b"\x41\x05" + b"x" * 5, max_chars=8) == '<A "x...'
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_secs2_garbage_never_raises(data):
+    assert isinstance(secs2.to_sml(data), str)

@@ -32,7 +32,7 @@ from typing import Any
 from ..config import HsmsSection
 from ..metrics import Registry
 from ..routing import Instance, Router, Snapshot
-from . import codec
+from . import codec, secs2
 from .codec import Frame
 from .links import BackendLink, ToolLink
 from .session import Close, Refused
@@ -258,7 +258,8 @@ class HsmsProxy:
             what = "dropped (no W-bit: nothing to answer)"
         log.warning(
             "tool %s: %s %s: %s", tool.peer, desc, what, reason,
-            extra=_ev("hsms_abort", tool=tool.peer, message=desc, reason=reason),
+            extra=_ev("hsms_abort", tool=tool.peer, message=desc, reason=reason,
+                      body=secs2.to_sml(f.body)),
         )  # fmt: skip
 
     # -- backend side -------------------------------------------------------------------------
@@ -360,6 +361,7 @@ class HsmsProxy:
         reason = link.close_reason or (
             f"connection lost: {exc}" if exc else "backend closed the connection"
         )
+        aborted = len(link.pending)  # tool primaries open on it: each answered SxF0 now
         for tsys, tsid, _, b2, _ in link.pending.values():
             if tool.session.selected:
                 tool.write(codec.abort_reply(Frame(tsid, b2, 0, 0, 0, tsys)))
@@ -374,6 +376,7 @@ class HsmsProxy:
         fields = _ev(
             "hsms_backend_closed", tool=tool.peer, instance=link.instance.id,
             version=link.instance.version, reason=reason, expected=link.expected_close,
+            aborted=aborted,
         )  # fmt: skip
         if link.expected_close or self.closing:
             log.info(
@@ -438,7 +441,8 @@ class HsmsProxy:
             "backend %s: %s rejected (session %s)", link.label, f.describe(),
             "draining after a switch" if link.draining else "has no selected tool",
             extra=_ev("hsms_reject", side="backend", instance=link.instance.id,
-                      version=link.instance.version, message=f.describe(), reason=4),
+                      version=link.instance.version, message=f.describe(), reason=4,
+                      body=secs2.to_sml(f.body)),
         )  # fmt: skip
 
     # -- accounting ---------------------------------------------------------------------------
@@ -455,7 +459,8 @@ class HsmsProxy:
         who = link.peer if isinstance(link, ToolLink) else link.label
         log.warning(
             "%s %s: reply %s matches no open transaction (late after T3?); dropped", side, who,
-            f.describe(), extra=_ev("hsms_orphan_reply", side=side, message=f.describe()),
+            f.describe(), extra=_ev("hsms_orphan_reply", side=side, message=f.describe(),
+                                    body=secs2.to_sml(f.body)),
         )  # fmt: skip
 
     def reply_lost(self, backend: BackendLink, f: Frame) -> None:
