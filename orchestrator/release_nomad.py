@@ -78,6 +78,7 @@ class Instance:
     http_port: int
     hsms_port: int | None
     registered: str  # worst check status over both services
+    alloc: str | None = None  # Nomad allocation id, when Nomad registered it
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,9 +144,38 @@ def _instances(http: list[dict], hsms: list[dict]) -> list[Instance]:
                 http_port=int(svc["Port"]),
                 hsms_port=int(twin["Service"]["Port"]) if twin else None,
                 registered=_worst(statuses),
+                alloc=m.group(1) if m else None,
             )
         )
     return sorted(out, key=lambda i: (i.group, i.id))
+
+
+def _unregistered(
+    allocs: list[dict[str, Any]], instances: list[Instance], group: str
+) -> list[InstanceStatus]:
+    """Allocations Nomad wants running in `group` that have no service in Consul (failed,
+    pending, or restarting): shown as critical, so `status` counts them as not healthy."""
+    newest: dict[str, dict[str, Any]] = {}
+    for a in allocs:
+        if a.get("TaskGroup") != group or a.get("DesiredStatus") != "run":
+            continue
+        if a["Name"] not in newest or a["CreateIndex"] > newest[a["Name"]]["CreateIndex"]:
+            newest[a["Name"]] = a
+    known = {i.alloc for i in instances if i.alloc}
+    return [
+        InstanceStatus(
+            id=f"{a['ID'][:8]}-{group}",
+            group=group,
+            version="?",
+            address="",
+            http_port=0,
+            hsms_port=None,
+            registered="critical",
+            probe=f"error: not registered in Consul (allocation {a.get('ClientStatus')})",
+        )
+        for a in sorted(newest.values(), key=lambda a: a["Name"])
+        if a["ID"] not in known
+    ]
 
 
 class NomadConsulBackend:
@@ -277,7 +307,9 @@ class NomadConsulBackend:
     async def status(self, app: str) -> AppStatus:
         job_id = self._job_id(app)
         async with self._clients() as (session, nomad, consul):
-            job, instances = await asyncio.gather(nomad.job(job_id), self._registered(consul, app))
+            job, instances, allocs = await asyncio.gather(
+                nomad.job(job_id), self._registered(consul, app), nomad.allocations(job_id)
+            )
             active, generation = await self._active(consul, app, instances)
             groups = jobspec.group_names(job)
             standby = self._other(groups, active, job_id)
@@ -301,6 +333,7 @@ class NomadConsulBackend:
                 if versions
                 else jobspec.group_version(jobspec.task_group(job, g))
             )
+            members += _unregistered(allocs, instances, g)
             out[g] = GroupStatus(g, version, members)
         return AppStatus(self.name, app, generation, out[active], out[standby], pstat)
 

@@ -295,6 +295,12 @@ def test_switch_refused_when_standby_unhealthy_then_rollback_needs_history(
     assert "not switching" in line
     assert stack.consul.kv_get(KEY) == before
 
+    r = run_cli(stack, tmp_path, "status", "--json")
+    standby = orjson.loads(r.stdout)["standby"]
+    assert (standby["healthy"], len(standby["instances"])) == (1, 2)  # the dead one is listed
+    (dead,) = [i for i in standby["instances"] if i["registered"] != "passing"]
+    assert dead["probe"] == "error: not registered in Consul (allocation failed)"
+
     r = run_cli(stack, tmp_path, "switch", "--to", "purple")
     assert r.returncode == 1 and "has no group purple" in one_line(r.stderr)
     r = run_cli(stack, tmp_path, "rollback")
