@@ -226,7 +226,22 @@ def load_config(
         parse_addr(addr)
     if cfg.discovery.provider == "consul":
         _check_consul(cfg.consul)
+    _check_hsms(cfg.hsms)
     return cfg
+
+
+def _check_hsms(h: HsmsSection) -> None:
+    for key in ("t3", "t5", "t6", "t7", "t8"):
+        if getattr(h, key) <= 0:
+            raise ConfigError(f"[hsms] {key} must be a positive number of seconds")
+    if h.linktest_interval < 0:
+        raise ConfigError("[hsms] linktest_interval must be 0 (off) or a number of seconds")
+    if h.max_message_bytes < 10:
+        raise ConfigError("[hsms] max_message_bytes must be at least 10 (the HSMS header)")
+    if h.max_queued < 0:
+        raise ConfigError("[hsms] max_queued must be 0 or more")
+    if h.device_id is not None and not 0 <= h.device_id <= 0x7FFF:
+        raise ConfigError(f"[hsms] device_id must be 0..32767 (E37 session id), got {h.device_id}")
 
 
 def _check_consul(c: ConsulSection) -> None:
