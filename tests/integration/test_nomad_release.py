@@ -388,3 +388,30 @@ async def test_switch_during_deploy_stops_the_deploy_before_register(
         await backend.deploy("drimeap", "v2", None, lambda m: None)
     assert stack.nomad.job("drimeap")["Version"] == 0
     assert stack.pids("green") == green_pids
+
+
+async def test_acl_tokens_and_garbage_answers_give_one_line_reasons(
+    nomad_stack: NomadStack, tmp_path: Path
+) -> None:
+    stack = nomad_stack
+
+    def backend(**kw: str) -> NomadConsulBackend:
+        return NomadConsulBackend(
+            Settings(
+                nomad_addr=stack.nomad.url,
+                consul_addr=stack.consul.url,
+                audit_log=tmp_path / "history.jsonl",
+                **kw,
+            )  # fmt: skip
+        )
+
+    stack.consul.acl_token = "consul-secret"
+    stack.nomad.acl_token = "nomad-secret"
+    with pytest.raises(Refused, match=r"answered 403 .*\(check (CONSUL_HTTP|NOMAD)_TOKEN\)$"):
+        await backend().status("drimeap")
+    st = await backend(consul_token="consul-secret", nomad_token="nomad-secret").status("drimeap")
+    assert (st.active.group, st.active.healthy, st.standby.healthy) == ("blue", 2, 2)
+    stack.consul.garbage = True
+    with pytest.raises(Refused, match=r"^Consul at .* answered GET /v1/health/service/drimeap(-hsms)? with "
+                                      "something that is not JSON"):  # fmt: skip
+        await backend(consul_token="consul-secret", nomad_token="nomad-secret").status("drimeap")
