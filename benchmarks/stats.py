@@ -118,7 +118,8 @@ def time_series(raw: RawLoad) -> dict[str, list[float]]:
     secs = max(1, int(np.ceil(raw.spec.seconds)))
     done_sec = np.clip((raw.sched + raw.latency).astype(np.int64), 0, secs)  # by completion
     start_sec = np.clip(raw.sched.astype(np.int64), 0, secs - 1)  # latency by scheduled second
-    throughput = np.bincount(done_sec, minlength=secs + 1)[:secs]
+    counts = np.bincount(done_sec, minlength=secs + 1)
+    throughput = counts[:secs]
     fails = np.bincount(start_sec[raw.outcome != OK], minlength=secs)
     dropped = np.bincount(np.clip(raw.dropped.astype(np.int64), 0, secs - 1), minlength=secs)
     order = np.argsort(start_sec, kind="stable")
@@ -142,6 +143,7 @@ def time_series(raw: RawLoad) -> dict[str, list[float]]:
         "p50_ms": p50,
         "p95_ms": p95,
         "p99_ms": p99,
+        "late": int(counts[secs:].sum()),  # responses that completed after the last second
     }
 
 

