@@ -23,6 +23,11 @@ def _mark_switches(ax: Any, switches: list[dict[str, Any]]) -> None:
                    label="switch" if i == 0 else None)  # fmt: skip
 
 
+def _ms(values: list[float | None]) -> list[float]:
+    # Seconds without any started request have no latency: a gap in the line, not a zero.
+    return [float("nan") if v is None else max(v, 1e-3) for v in values]
+
+
 def plot_steady(out_dir: Path, steady: dict[str, Any]) -> list[Path]:
     """Per rate and proxy: throughput (top) and p50/p95/p99 (bottom); per rate: p99 compared."""
     plt = _pyplot()
@@ -35,12 +40,14 @@ def plot_steady(out_dir: Path, steady: dict[str, Any]) -> list[Path]:
             if any(s["failures"]) or any(s["dropped"]):
                 top.plot(s["second"], s["failures"], label="failures/s", color="red")
                 top.plot(s["second"], s["dropped"], label="dropped/s", color="orange")
+            top.axhline(float(rate), color="green", linewidth=0.6, label="target")
+            top.set_ylim(bottom=0)
             top.set_ylabel("per second")
             top.set_title(f"{LABELS.get(name, name)} at {int(rate):,} requests/s")
             _mark_switches(top, r["switches"])
             top.legend(loc="lower right")
             for key in ("p50_ms", "p95_ms", "p99_ms"):
-                bottom.plot(s["second"], [max(v, 1e-3) for v in s[key]], label=key[:-3])
+                bottom.plot(s["second"], _ms(s[key]), label=key[:-3])
             bottom.set_yscale("log")
             bottom.set_ylabel("latency ms (log)")
             bottom.set_xlabel("seconds")
@@ -54,7 +61,7 @@ def plot_steady(out_dir: Path, steady: dict[str, Any]) -> list[Path]:
         fig, ax = plt.subplots(figsize=(10, 4))
         for name, r in per_proxy.items():
             s = r["series"]
-            ax.plot(s["second"], [max(v, 1e-3) for v in s["p99_ms"]], label=LABELS.get(name, name))
+            ax.plot(s["second"], _ms(s["p99_ms"]), label=LABELS.get(name, name))
         first = next(iter(per_proxy.values()), None)
         if first:
             _mark_switches(ax, first["switches"])

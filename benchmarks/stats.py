@@ -113,7 +113,7 @@ def summarise(raw: RawLoad) -> Summary:
     )
 
 
-def time_series(raw: RawLoad) -> dict[str, list[float]]:
+def time_series(raw: RawLoad) -> dict[str, Any]:
     """Per second of the run: completed responses, failures, dropped, p50/p95/p99 (ms)."""
     secs = max(1, int(np.ceil(raw.spec.seconds)))
     done_sec = np.clip((raw.sched + raw.latency).astype(np.int64), 0, secs)  # by completion
@@ -125,16 +125,18 @@ def time_series(raw: RawLoad) -> dict[str, list[float]]:
     order = np.argsort(start_sec, kind="stable")
     bounds = np.searchsorted(start_sec[order], np.arange(secs + 1))
     lat_ms = raw.latency[order] * 1000.0
-    p50, p95, p99 = [], [], []
+    p50: list[float | None] = []
+    p95: list[float | None] = []
+    p99: list[float | None] = []
     for s in range(secs):
         chunk = lat_ms[bounds[s] : bounds[s + 1]]
         if chunk.size:
-            a, b, c = np.percentile(chunk, [50, 95, 99])
+            a, b, c = (float(x) for x in np.percentile(chunk, [50, 95, 99]))
         else:
-            a = b = c = 0.0
-        p50.append(float(a))
-        p95.append(float(b))
-        p99.append(float(c))
+            a = b = c = None  # nothing started in that second (all dropped): no latency
+        p50.append(a)
+        p95.append(b)
+        p99.append(c)
     return {
         "second": list(range(secs)),
         "throughput": [int(x) for x in throughput],
