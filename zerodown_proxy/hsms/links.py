@@ -168,6 +168,7 @@ class ToolLink(_Link):
         self.switch_kind = "startup"  # why the next backend session is being opened
         self.switch_started = 0.0
         self.retry: asyncio.TimerHandle | None = None
+        self.warned_no_backend = False
         self.write_paused = False
         self._bp = 0  # backend links whose write buffer is full (we stop reading the tool)
 

@@ -275,10 +275,12 @@ class HsmsProxy:
         insts = [i for i in app.active if i.hsms_port] if app is not None else []
         now = time.monotonic()
         if not insts:
-            log.warning(
-                "tool %s: no Active instance with an HSMS port; primaries wait (at most T3)",
-                tool.peer, extra=_ev("hsms_no_backend", tool=tool.peer),
-            )  # fmt: skip
+            if not tool.warned_no_backend:  # once per outage, not every retry
+                tool.warned_no_backend = True
+                log.warning(
+                    "tool %s: no Active instance with an HSMS port; primaries wait (at most T3)",
+                    tool.peer, extra=_ev("hsms_no_backend", tool=tool.peer),
+                )  # fmt: skip
             tool.retry = self.loop.call_later(NO_BACKEND_RETRY, self._retry, tool)
             return
         failed = self.failed_until
@@ -288,6 +290,7 @@ class HsmsProxy:
             wait = min(failed[(i.address, i.hsms_port)] for i in insts) - now  # type: ignore[index]
             tool.retry = self.loop.call_later(max(wait, 0.01), self._retry, tool)
             return
+        tool.warned_no_backend = False
         self._rr += 1
         inst = ok[self._rr % len(ok)]
         device = app.hsms_device_id if app.hsms_device_id is not None else self.cfg.device_id  # type: ignore[union-attr]
