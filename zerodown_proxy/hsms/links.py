@@ -111,15 +111,16 @@ class _Link(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         """Send bytes; inside a read callback they are collected and flushed once at its end,
         so a chunk carrying many messages costs one write per destination, not one each."""
-        if self.transport is None or self.closed:
-            return
+        tr = self.transport
+        if tr is None or self.closed or tr.is_closing():
+            return  # its connection_lost will answer what was open on it
         if self.proxy.batching:
             out = self._out
             if not out:
                 self.proxy.dirty.append(self)
             out.append(data)
         else:
-            self.transport.write(data)
+            tr.write(data)
 
     def flush(self) -> None:
         out = self._out
