@@ -68,6 +68,8 @@ class RawHost:
         self.conns: list[HostConn] = []
         self.tasks: set = set()
         self.sessions = 0
+        self.linktests = 0
+        self.answer_linktest = True  # False: a hung host (the proxy's T6 must notice)
         self.deselects = 0
         self.separates = 0
         self._sys = 1000
@@ -96,7 +98,9 @@ class RawHost:
                     writer.write(codec.select_rsp(f.system, 1 if conn.selected else 0))
                     conn.selected = True
                 elif f.stype == codec.LINKTEST_REQ:
-                    writer.write(codec.linktest_rsp(f.system))
+                    self.linktests += 1
+                    if self.answer_linktest:
+                        writer.write(codec.linktest_rsp(f.system))
                 elif f.stype == codec.DESELECT_REQ:
                     self.deselects += 1
                     writer.write(codec.deselect_rsp(f.system, 0))

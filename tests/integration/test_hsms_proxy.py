@@ -244,6 +244,24 @@ async def test_failover_when_the_backend_dies(stack):
     await tool.close()
 
 
+async def test_a_backend_that_stops_answering_linktests_is_replaced(stack):
+    proxy, hosts, _ = stack
+    tool = RawTool(proxy.hsms)
+    await tool.connect()
+    assert await tool.select() == 0
+    await tool.request(1, 1)
+    (hung,) = [h for h in hosts if h.selected_conns()]
+    hung.answer_linktest = False
+    seen = hung.linktests
+    await async_wait_until(lambda: hung.linktests > seen, 5, "a linktest to the hung backend")
+    # No Linktest.rsp within T6 (2 s): the proxy separates that session and fails over.
+    await async_wait_until(lambda: not hung.selected_conns(), 5, "the hung session to end")
+    assert (await tool.request(6, 11, s6f11_body(1))).function == 12
+    assert hung.received == [] and not tool.closed.is_set()
+    assert metric(proxy, "zerodown_hsms_failovers_total") == 1
+    await tool.close()
+
+
 async def test_primaries_wait_for_a_backend_then_get_an_explicit_answer(stack):
     proxy, hosts, reg = stack
     tool = RawTool(proxy.hsms)
