@@ -87,8 +87,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         help="seconds between switches (default 10; 0 = none)")  # fmt: skip
         sp.add_argument("--proxies", type=_csv_proxies, default=None,
                         help="zerodown,nginx-watch,nginx-reload (default: all three)")  # fmt: skip
-        sp.add_argument("--workers", type=int, default=1,
-                        help="proxy workers in open-loop runs, same for every proxy (default 1)")  # fmt: skip
+        sp.add_argument("--workers", type=int, default=2,
+                        help="proxy workers in open-loop runs, same for every proxy (default 2)")  # fmt: skip
         sp.add_argument("--closed-seconds", type=float, default=None,
                         help="each wrk run (default 20, or --seconds if shorter)")  # fmt: skip
         sp.add_argument("--connections", type=int, default=50, help="wrk connections (default 50)")

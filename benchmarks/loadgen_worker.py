@@ -21,6 +21,7 @@ import json
 import sys
 import time
 from array import array
+from collections import deque
 from dataclasses import dataclass
 
 import httptools
@@ -165,7 +166,9 @@ class Generator:
             f"GET {spec.path} HTTP/1.1\r\nHost: {spec.host_header}\r\n"
             "User-Agent: zerodown-bench\r\n\r\n"
         ).encode()
-        self.idle: list[_Conn] = []
+        # FIFO, like k6 handing iterations to free VUs in turn: every connection carries a share
+        # of the load, so a multi-worker (SO_REUSEPORT) proxy sees all its workers used.
+        self.idle: deque[_Conn] = deque()
         self.conns = 0
         self.all_conns: set[_Conn] = set()  # open or opening; changes per connection, not request
         self.retries = 0
@@ -196,7 +199,7 @@ class Generator:
             return
         idle = self.idle
         while idle:
-            conn = idle.pop()
+            conn = idle.popleft()
             if not conn.closed:
                 conn.send(sched, retried)
                 return

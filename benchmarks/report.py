@@ -45,8 +45,9 @@ def generator_table(check: dict[str, Any]) -> str:
 
 def steady_table(rate: str, per_proxy: dict[str, Any], switch_every: float = 10.0) -> str:
     every = f"a switch every {switch_every:g} s" if switch_every else "no switches"
+    workers = next(iter(per_proxy.values()), {}).get("workers", "?")
     head = (
-        f"**{int(rate):,} requests/s open loop, {every}**\n\n"
+        f"**{int(rate):,} requests/s open loop, {every}, {workers} worker(s) per proxy**\n\n"
         "| proxy | requests | success | failures | dropped | avg ms | p50 | p90 | p95 | p99 "
         "| max | achieved rps | proxy CPU us/req | keep-alive retries | responses per version |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
