@@ -4,14 +4,17 @@ snapshot (HTTP and HSMS together) to the router; registers the proxy as `zerodow
 Per app in `[consul] apps` three watches run (see consul_client.Watch): the health of `<app>`
 and `<app>-hsms` (every instance with its checks) and the KV key `<prefix>/<app>/active`.
 Whenever one of them answers with a new index, the latest answers of all watches are turned
-into a `RegistryState` (consul_state) and offered at once, in the same event-loop turn, so a
-switch is applied a few milliseconds after Consul answers the KV query.
+into a `RegistryState` (consul_state) and offered in the same event-loop turn. A view that
+changes an app's Active group is first confirmed by one parallel, non-blocking re-read of the
+key and both services (`recheck_on_switch`, see `rebuild`), so a switch is applied one agent
+round trip after Consul answers the KV query, and never on health one answer old.
 
 Failures never touch routing: while Consul is unreachable, hangs, denies the token or answers
 garbage, the last good snapshot keeps serving; /v1/status (`discovery`) and /metrics show the
 age of the last contact and the errors by kind, and the watches recover by themselves. An app
-whose Active group has no passing instance is not applied (its previous state is kept, with a
-log line and `zerodown_consul_refused_total`).
+whose Active group has no passing instance is not applied: its previous Active group and
+generation are kept (with the instances' current health), with a log line, the reason in
+status `apps.<app>.problem` and `zerodown_consul_refused_total`.
 
 Multi-worker mode: every worker follows Consul itself; only worker 0 registers (the supervisor
 starts the others with --no-register) and it advertises the supervisor's admin address, whose

@@ -94,7 +94,10 @@ class SelfRegistration:
         try:
             await self.client.put(path + "?note=" + quote(note, safe=""))
         except ConsulError as exc:
-            if exc.kind != "not_found":
+            # Consul versions word an unknown TTL check as 404 "Unknown check ID" or as 500
+            # "CheckID ... does not have associated TTL".
+            forgotten = exc.kind == "not_found" or "associated TTL" in str(exc)
+            if not forgotten:
                 raise
             # The agent forgot us (restarted, or reaped us after a long outage): register again.
             self.registered = False
