@@ -13,6 +13,7 @@ Contract (shared with other helpers; see CONSUL_DOUBLE.md)::
     c.deregister(id); c.set_check(id, status); c.kv_set(k, v) -> idx; c.kv_get(k); c.kv_delete(k)
     c.services(name); c.set_down(bool); c.acl_token = "..."; c.garbage = True; c.hang = True
     c.hanging  # (extra) number of blocking queries currently held by `hang`
+    c.wipe()   # (extra) forget all state and restart the index, like a restarted -dev agent
 
 Endpoints: GET /v1/health/service/<name> (passing, tag, index, wait, dc), GET/PUT/DELETE
 /v1/kv/<key> (raw, recurse, keys, index, wait, cas, flags, dc), PUT /v1/agent/service/register,
@@ -475,6 +476,17 @@ class FakeConsul:
     def index(self) -> int:
         """The current raft index."""
         return self._index
+
+    def wipe(self) -> None:
+        """(extra) Lose every service, check and key and start the raft index over, like a
+        `-dev` agent restarted without its data: clients see indexes go backwards."""
+        with self._lock:
+            self._services.clear()
+            self._service_index.clear()
+            self._kv.clear()
+            self._nodes.clear()
+            self._index, self._kv_index, self._services_table = 10, 1, 1
+        self._wake()
 
     # -- rendering ------------------------------------------------------------------------------
 

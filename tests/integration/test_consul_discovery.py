@@ -456,3 +456,36 @@ async def test_switch_racing_a_health_change_is_never_applied_on_stale_health(
         assert "green" not in applied and router.snapshot.apps["drimeap"].active_group == "blue"
     finally:
         await provider.stop()
+
+
+def test_agent_restarted_empty_indexes_go_backwards(
+    consul: FakeConsul, backends: dict[str, list[SampleApp]], proxies: Callable[..., ProxyProc]
+) -> None:
+    """A -dev agent restarted without data: every index goes backwards and the proxy's own
+    registration is gone. Routing stays, the watches reset their index, the proxy registers
+    again, and it follows the restored state."""
+    register_backends(consul, backends)
+    for n in range(40):  # an agent with some history: indexes well above a fresh one's
+        consul.kv_set("elsewhere/counter", str(n))
+    gen = consul.kv_set(KEY, "blue")
+    p = proxies(config(consul))
+    p.wait_generation(gen)
+    wait_until(lambda: consul.services("zerodown-proxy", passing=True), 10, "registered")
+    consul.set_down(True)
+    consul.wipe()
+    consul.set_down(False)
+    d = wait_until(
+        lambda: "no Active key" in ((d := discovery(p))["apps"]["drimeap"]["problem"] or "") and d,
+        10,
+        "the empty view to be refused",
+    )
+    assert p.status()["generation"] == gen and version_of(p) == "v1"
+    assert sum(w["index_resets"] for w in d["watches"].values()) >= 1
+    wait_until(lambda: consul.services("zerodown-proxy", passing=True), 10, "registered again")
+    # The jobs re-register and an operator puts the key back: followed although the new
+    # ModifyIndex is lower than the generation the proxy had applied.
+    register_backends(consul, backends)
+    new = consul.kv_set(KEY, "green")
+    assert new < gen
+    wait_until(lambda: p.status()["generation"] == new, 10, "the restored state")
+    assert version_of(p) == "v2"
