@@ -197,6 +197,13 @@ def test_acl_denied_and_garbage_keep_routing(
     consul.garbage = True
     wait_until(lambda: discovery(p)["errors_by_kind"].get("garbage"), 10, "garbage errors")
     assert version_of(p) == "v1" and p.status()["generation"] == gen
+    # Instant garbage answers do not make a hot loop: back-off and the rate limit bound the
+    # request rate (a loop without them makes thousands of requests a second).
+    n0, t0 = len(consul.requests), time.monotonic()
+    wait_until(lambda: time.monotonic() - t0 >= 0.5, 5, "half a second of garbage")
+    rate = (len(consul.requests) - n0) / (time.monotonic() - t0)
+    assert rate < 200, f"{rate:.0f} requests/s while Consul answers garbage"
+    print(f"\nrequests to Consul while it answers garbage: {rate:.0f}/s")
     gen2 = consul.kv_set(KEY, "green")
     consul.garbage = False
     p.wait_generation(gen2, timeout=10)
