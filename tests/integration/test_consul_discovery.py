@@ -496,3 +496,38 @@ def test_agent_restarted_empty_indexes_go_backwards(
     assert new < gen
     wait_until(lambda: p.status()["generation"] == new, 10, "the restored state")
     assert version_of(p) == "v2"
+
+
+async def test_datacenter_and_token_are_sent(consul: FakeConsul) -> None:
+    """In-process provider: every query carries dc= and the token; a wrong datacenter is a
+    clear http_error and nothing is routed."""
+    from zerodown_proxy.config import ConsulSection
+    from zerodown_proxy.discovery.consul import ConsulProvider
+    from zerodown_proxy.metrics import Registry
+    from zerodown_proxy.routing import Router
+
+    from ..helpers import async_wait_until
+
+    consul.register("blue-1", "drimeap", "127.0.0.1", 9001, tags=["zerodown-group=blue"])
+    gen = consul.kv_set(KEY, "blue")
+    consul.acl_token = "secret"
+    for dc, works in (("dc1", True), ("dc9", False)):
+        router = Router()
+        cfg = ConsulSection(addr=consul.url, token="secret", datacenter=dc, register_self=False)
+        provider = ConsulProvider(cfg, router, Registry(), "127.0.0.1:1", "test")
+        provider.start()
+        try:
+            if works:
+                await async_wait_until(lambda r=router: r.snapshot.generation == gen, 10, "routing")
+                assert all(f"dc={dc}" in path for _, path in consul.requests)
+            else:
+                await async_wait_until(
+                    lambda pr=provider: pr.status()["errors_by_kind"].get("http_error"),
+                    10,
+                    "errors",
+                )
+                assert "500 to /v1/" in provider.status()["last_error"]
+                assert "No path to datacenter" in provider.status()["last_error"]
+                assert router.snapshot.generation == 0
+        finally:
+            await provider.stop()
