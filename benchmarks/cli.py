@@ -85,6 +85,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         help="requests/s, comma separated (default 1000,10000)")  # fmt: skip
         sp.add_argument("--switch-every", type=float, default=10.0,
                         help="seconds between switches (default 10; 0 = none)")  # fmt: skip
+        sp.add_argument("--warmup", type=float, default=2.0,
+                        help="unrecorded seconds at the rate before each open-loop run (default 2)")  # fmt: skip
         sp.add_argument("--proxies", type=_csv_proxies, default=None,
                         help="zerodown,nginx-watch,nginx-reload (default: all three)")  # fmt: skip
         sp.add_argument("--workers", type=int, default=2,
@@ -113,6 +115,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         raise BenchError("--workers, --connections and --max-in-flight must be at least 1")
     if args.switch_every < 0:
         raise BenchError("--switch-every must be 0 (no switches) or positive")
+    if not 0 <= args.warmup <= 60:
+        raise BenchError(f"--warmup must be between 0 and 60 seconds, got {args.warmup}")
+    warmup = min(args.warmup, 0.5) if args.quick else args.warmup
     seconds = args.seconds
     switch_every = args.switch_every
     if args.quick:
@@ -121,6 +126,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     cfg = BenchConfig(
         seconds=seconds,
         switch_every=switch_every,
+        warmup=warmup,
         workers=args.workers,
         connections=args.connections,
         max_in_flight=args.max_in_flight,
@@ -188,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
             "seconds": cfg.seconds,
             "rates": list(cfg.rates),
             "switch_every": cfg.switch_every,
+            "warmup": cfg.warmup,
             "proxies": list(cfg.proxies),
             "workers": cfg.workers,
             "closed_seconds": cfg.closed_seconds,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ class BenchConfig:
     seconds: float = 60.0  # each steady run
     rates: tuple[float, ...] = (1000.0, 10000.0)
     switch_every: float = 10.0
+    warmup: float = 2.0  # unrecorded load at the target rate before each open-loop run
     proxies: tuple[str, ...] = ("zerodown", "nginx-watch", "nginx-reload")
     # Proxy workers in the open-loop runs, the same for every proxy. Two: one zerodown worker
     # needs ~0.6 of a core at 10,000 requests/s, too close to what is left of a 2-core machine
@@ -55,6 +56,10 @@ def _steady_one(proxy: Proxy, port: int, rate: float, cfg: BenchConfig, log: Log
         max_in_flight=cfg.max_in_flight,
         processes=cfg.processes,
     )
+    if cfg.warmup > 0:
+        # Every proxy starts cold (no pooled backend connections, lazily created state); the
+        # first second would measure that, not the steady state. Same warm-up for every proxy.
+        LoadRun(replace(spec, seconds=cfg.warmup)).wait()
     cpu0 = proxy.cpu_seconds()
     run = LoadRun(spec)
     switches: list[SwitchEvent] = []
