@@ -86,6 +86,7 @@ class Proxy:
     name: str
     admin: str
     http: str | None  # host:port of its HTTP listener, for the preview smoke test
+    critical: bool = False  # its TTL check is critical: crashed or hung, not routing anything
 
 
 def _tag(tags: list[str], prefix: str) -> str | None:
@@ -284,7 +285,8 @@ class NomadConsulBackend:
                 continue
             addr = svc.get("Address") or e["Node"]["Address"]
             http = meta.get("http") or (f"{addr}:{svc['Port']}" if svc.get("Port") else None)
-            out.append(Proxy(svc["ID"], admin, http))
+            critical = any(c.get("Status") == "critical" for c in e.get("Checks") or ())
+            out.append(Proxy(svc["ID"], admin, http, critical))
         return sorted(out, key=lambda p: p.name)
 
     @staticmethod
@@ -660,8 +662,13 @@ class NomadConsulBackend:
         except Refused as exc:
             progress(f"warning: could not record the previous group for rollback: {exc}")
         proxies = await self._proxies(consul)
+        for p in proxies:
+            if p.critical:  # a dead proxy serves nobody; waiting for it would only time out
+                progress(f"warning: proxy {p.name} ({p.admin}) is critical in Consul (not "
+                         "heartbeating: crashed or hung); not waiting for it")  # fmt: skip
+        proxies = [p for p in proxies if not p.critical]
         if not proxies:
-            progress(f"warning: no {PROXY_SERVICE} is registered in Consul; nobody to wait for")
+            progress(f"warning: no live {PROXY_SERVICE} is registered in Consul; nobody to wait for")
         await wait_proxies(session, [(p.name, p.admin) for p in proxies], generation,
                            self.s.proxy_timeout)  # fmt: skip
         took = time.perf_counter() - written

@@ -415,3 +415,30 @@ async def test_acl_tokens_and_garbage_answers_give_one_line_reasons(
     with pytest.raises(Refused, match=r"^Consul at .* answered GET /v1/health/service/drimeap(-hsms)? with "
                                       "something that is not JSON"):  # fmt: skip
         await backend(consul_token="consul-secret", nomad_token="nomad-secret").status("drimeap")
+
+
+async def test_switch_does_not_wait_for_a_proxy_whose_check_is_critical(
+    nomad_stack: NomadStack, tmp_path: Path
+) -> None:
+    stack = nomad_stack
+    # A proxy that crashed: still registered, its TTL check critical, its admin port dead.
+    stack.consul.register(
+        "zerodown-proxy-crashed",
+        "zerodown-proxy",
+        "127.0.0.1",
+        1,
+        meta={"admin": "127.0.0.1:1"},
+        check_status="critical",
+    )
+    said: list[str] = []
+    backend = NomadConsulBackend(
+        Settings(
+            nomad_addr=stack.nomad.url,
+            consul_addr=stack.consul.url,
+            audit_log=tmp_path / "history.jsonl",
+            proxy_timeout=3.0,
+        )  # fmt: skip
+    )
+    out = await backend.switch("drimeap", None, said.append)
+    assert out.to_group == "green" and out.proxies == 0
+    assert any("zerodown-proxy-crashed" in m and "not waiting" in m for m in said), said
