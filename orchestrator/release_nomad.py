@@ -668,7 +668,9 @@ class NomadConsulBackend:
                          "heartbeating: crashed or hung); not waiting for it")  # fmt: skip
         proxies = [p for p in proxies if not p.critical]
         if not proxies:
-            progress(f"warning: no live {PROXY_SERVICE} is registered in Consul; nobody to wait for")
+            progress(
+                f"warning: no live {PROXY_SERVICE} is registered in Consul; nobody to wait for"
+            )
         await wait_proxies(session, [(p.name, p.admin) for p in proxies], generation,
                            self.s.proxy_timeout)  # fmt: skip
         took = time.perf_counter() - written
