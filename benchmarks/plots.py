@@ -41,7 +41,8 @@ def plot_steady(out_dir: Path, steady: dict[str, Any]) -> list[Path]:
                 top.plot(s["second"], s["failures"], label="failures/s", color="red")
                 top.plot(s["second"], s["dropped"], label="dropped/s", color="orange")
             top.axhline(float(rate), color="green", linewidth=0.6, label="target")
-            top.set_ylim(bottom=0)
+            # Headroom above the target: a line at exactly the target would hide in the frame.
+            top.set_ylim(0, max([float(rate), *s["throughput"]]) * 1.15)
             top.set_ylabel("per second")
             top.set_title(f"{LABELS.get(name, name)} at {int(rate):,} requests/s")
             _mark_switches(top, r["switches"])
