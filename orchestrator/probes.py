@@ -44,6 +44,22 @@ async def proxy_generation(
         return None, f"unreachable: {exc or type(exc).__name__}"
 
 
+async def proxy_switch_blocked(
+    session: aiohttp.ClientSession, admin: str, timeout: float = 5.0
+) -> str | None:
+    """Why a multi-worker proxy holds a switch back (its supervisor's `switch.blocked`), if it
+    says so."""
+    try:
+        async with session.get(
+            f"http://{admin}/v1/status", timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as r:
+            body = await r.json()
+        blocked = (body.get("switch") or {}).get("blocked")
+        return str(blocked) if blocked else None
+    except (TimeoutError, aiohttp.ClientError, ValueError, AttributeError):
+        return None
+
+
 async def proxy_statuses(
     session: aiohttp.ClientSession, proxies: Sequence[tuple[str, str]], generation: int
 ) -> list[ProxyStatus]:
@@ -76,8 +92,10 @@ async def wait_proxies(
             return time.perf_counter() - start
         if time.perf_counter() - start > timeout:
             names = ", ".join(f"{n} ({a})" for n, a in pending)
+            why = await asyncio.gather(*(proxy_switch_blocked(session, a) for _, a in pending))
+            reasons = "".join(f"; {n}: {w}" for (n, _), w in zip(pending, why, strict=True) if w)
             raise Refused(
                 f"generation {generation} was written, but {len(pending)} proxy(ies) did not "
-                f"apply it within {timeout:g}s: {names}"
+                f"apply it within {timeout:g}s: {names}{reasons}"
             )
         await asyncio.sleep(interval)

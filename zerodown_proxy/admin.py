@@ -86,6 +86,7 @@ class AdminApi:
         return web.json_response(body, status=200 if ok else 503, dumps=_dumps)
 
     async def status(self, request: web.Request) -> web.Response:
+        self.router.sync()
         snap = self.router.snapshot
         http = self.parts.get("http", dict)()
         ejected = http.get("ejected", {})
@@ -98,6 +99,7 @@ class AdminApi:
             "switches": self.router.switches,
             "rejected_snapshots": self.router.rejected,
             "last_error": self.router.last_error,
+            "switch_pending": _pending(self.router),
             "uptime_s": round(time.time() - self.started, 1),
             "apps": {name: _app(a, ejected) for name, a in snap.apps.items()},
         }
@@ -120,6 +122,15 @@ class AdminApi:
         return web.json_response(
             {"applied": applied, "generation": self.router.snapshot.generation}, dumps=_dumps
         )
+
+
+def _pending(router: Router) -> dict[str, Any] | None:
+    """A switch this worker has prepared and is waiting to apply (multi-worker mode)."""
+    snap = router.pending
+    if snap is None:
+        return None
+    waited = time.monotonic() - router.pending_since
+    return {"generation": snap.generation, "waiting_s": round(waited, 3)}
 
 
 def _dumps(obj: Any) -> str:

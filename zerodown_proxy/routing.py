@@ -8,11 +8,18 @@ and never takes a lock.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+from .switch_gate import target_id
+
+if TYPE_CHECKING:
+    from .switch_gate import WorkerGate
 
 log = logging.getLogger("zerodown.routing")
 
@@ -169,16 +176,35 @@ def build_snapshot(state: RegistryState) -> Snapshot:
 
 Listener = Callable[[Snapshot, Snapshot], None]
 
+# While a switch waits for the gate: how often the router itself looks at the committed word (the
+# data path also looks on every request), fast at first, then slower if the switch is held up.
+GATE_POLL_FAST = 0.001
+GATE_POLL_SLOW = 0.02
+GATE_POLL_FAST_FOR = 0.25
+
 
 class Router:
-    """Holds the current snapshot. `apply` is the only writer; readers just read `.snapshot`."""
+    """Holds the current snapshot. `apply` is the only writer; readers read `.snapshot`.
 
-    def __init__(self) -> None:
+    With a switch gate (multi-worker mode, see switch_gate.py) a snapshot that changes an Active
+    group is not applied when it arrives: it waits in `pending` until the supervisor commits its
+    target. Readers on the data path therefore do `if router.pending is not None: router.sync()`
+    before reading `.snapshot`; without a gate `pending` is always None, so that costs one
+    attribute check.
+    """
+
+    def __init__(self, gate: WorkerGate | None = None) -> None:
         self.snapshot: Snapshot = EMPTY
         self.applied_at: float = 0.0
         self.switches: int = 0
         self.rejected: int = 0
         self.last_error: str | None = None
+        self.gate = gate
+        self.pending: Snapshot | None = None
+        self.pending_since: float = 0.0
+        self._pending_target = 0
+        self._committed = gate.gate.words if gate is not None else None
+        self._poll: asyncio.TimerHandle | None = None
         self._listeners: list[Listener] = []
 
     def subscribe(self, listener: Listener) -> None:
@@ -188,7 +214,8 @@ class Router:
 
     def offer(self, state: RegistryState) -> bool:
         """Build and apply a snapshot from a provider's state. Returns False (and keeps the
-        previous snapshot) when the state is rejected."""
+        previous snapshot) when the state is rejected. With a gate, a switch is only prepared
+        here (True: accepted) and applied when committed."""
         try:
             snap = build_snapshot(state)
         except SnapshotRejected as exc:
@@ -196,8 +223,65 @@ class Router:
             self.last_error = str(exc)
             log.error("snapshot rejected, keeping generation %s: %s", self.snapshot.generation, exc)
             return False
-        self.apply(snap)
+        if self.gate is None:
+            self.apply(snap)
+        else:
+            self._offer_gated(snap)
         return True
+
+    def _offer_gated(self, snap: Snapshot) -> None:
+        assert self.gate is not None
+        target = snapshot_target(snap)
+        # Publishing and reading the committed word is one step under the gate's lock, so a
+        # commit of what we prepared before cannot slip in between unseen.
+        committed = self.gate.publish(target)
+        if self.pending is not None and committed == self._pending_target:
+            self._apply_pending()  # committed before we withdrew it: it is the truth now
+        if committed == target:
+            # Not a switch (or a fresh worker joining at the committed target): apply now.
+            self.pending = None
+            self.apply(snap)
+            return
+        if self.pending is None:
+            self.pending_since = time.monotonic()
+            log.info(
+                "generation %s changes the Active group; waiting for every worker (switch gate)",
+                snap.generation,
+            )
+        self.pending = snap
+        self._pending_target = target
+        if self._poll is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # no loop (unit tests): callers sync() themselves
+            self._poll = loop.call_later(GATE_POLL_FAST, self._poll_gate)
+
+    def sync(self) -> None:
+        """Apply the pending snapshot if its switch has been committed (cheap: one word read)."""
+        if self.pending is not None and self._committed[0] == self._pending_target:  # type: ignore[index]
+            self._apply_pending()
+
+    def _apply_pending(self) -> None:
+        snap = self.pending
+        assert snap is not None
+        self.pending = None
+        waited = time.monotonic() - self.pending_since
+        self.apply(snap)
+        log.info("switch gate committed generation %s after %.1f ms", snap.generation, waited * 1e3)
+
+    def _poll_gate(self) -> None:
+        self._poll = None
+        self.sync()
+        if self.pending is not None:
+            fast = time.monotonic() - self.pending_since < GATE_POLL_FAST_FOR
+            delay = GATE_POLL_FAST if fast else GATE_POLL_SLOW
+            self._poll = asyncio.get_running_loop().call_later(delay, self._poll_gate)
+
+    def close(self) -> None:
+        if self._poll is not None:
+            self._poll.cancel()
+            self._poll = None
 
     def apply(self, snap: Snapshot) -> None:
         old = self.snapshot
@@ -214,6 +298,11 @@ class Router:
                 listener(old, snap)
             except Exception:  # a listener bug must not undo a swap
                 log.exception("snapshot listener failed")
+
+
+def snapshot_target(snap: Snapshot) -> int:
+    """The switch-gate id of a snapshot: which group is Active for each app."""
+    return target_id({name: route.active_group for name, route in snap.apps.items()})
 
 
 def _same_routing(a: Snapshot, b: Snapshot) -> bool:

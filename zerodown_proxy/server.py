@@ -20,6 +20,7 @@ from .discovery.file import FileProvider
 from .http.proxy import HttpProxy
 from .metrics import Registry
 from .routing import Router
+from .switch_gate import WorkerGate
 
 log = logging.getLogger("zerodown.proxy")
 
@@ -28,7 +29,9 @@ class ProxyServer:
     def __init__(self, cfg: Config, reuse_port: bool = False) -> None:
         self.cfg = cfg
         self.reuse_port = reuse_port
-        self.router = Router()
+        # Multi-worker mode: the supervisor's switch gate makes every worker switch at once.
+        self.gate = WorkerGate.from_env() if reuse_port else None
+        self.router = Router(self.gate)
         self.metrics = Registry()
         self.name = cfg.proxy.name or f"{socket.gethostname()}-{os.getpid()}"
         self.http: HttpProxy | None = None
@@ -111,6 +114,9 @@ class ProxyServer:
             await self.provider.stop()
         if self.admin is not None:
             await self.admin.close()
+        self.router.close()
+        if self.gate is not None:
+            self.gate.close()
         self.stopped.set()
 
 

@@ -6,7 +6,15 @@ The supervisor reserves the ports (bound, not listening, so it never receives a 
 starts the workers as `zerodown proxy ... --reuse-port`, restarts one that dies, and serves the
 admin API for the whole proxy: /v1/status reports the *lowest* generation any worker has applied
 (a switch counts as applied only when every worker has it), /metrics merges the workers' metrics
-with a `worker` label.
+with a `worker` label, and its `hsms` section lists the tool sessions of every worker.
+
+Switches happen at one instant in every worker: the supervisor owns the switch gate (see
+switch_gate.py). Workers prepare a switch in their slot and nudge the supervisor over an abstract
+unix datagram socket; the supervisor commits when every live worker has prepared the same target
+(also checked every GATE_CHECK_INTERVAL, for a lost nudge and for a worker that died). A worker
+that holds a switch back for more than SWITCH_REPORT_AFTER is named in /v1/status (`switch`).
+A worker that dies stops counting at once; its replacement counts from its start (it joins at the
+committed target, or holds switches back until it has read the registry).
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import asyncio
 import hmac
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -27,8 +36,14 @@ import orjson
 from aiohttp import web
 
 from .config import Config, parse_addr
+from .switch_gate import GATE_ENV, INDEX_ENV, NOTIFY_ENV, GateFile, waiting_for
 
 log = logging.getLogger("zerodown.workers")
+
+GATE_CHECK_INTERVAL = 0.05  # safety net: a nudge lost, a worker gone
+SWITCH_REPORT_AFTER = 2.0
+FIRST_COMMIT_TIMEOUT = 10.0
+WORKER_TIMEOUT = 1.0  # a hung worker must not make the supervisor's own answers time out
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -86,6 +101,13 @@ class Supervisor:
         self.reserved: list[socket.socket] = []
         self.listen: dict[str, str] = {}
         self.session: aiohttp.ClientSession | None = None
+        # ZERODOWN_SWITCH_GATE=off runs the workers without the gate (each switches on its own
+        # as soon as it reads the registry): only to demonstrate what the gate prevents.
+        self.gated = os.environ.get(GATE_ENV, "") != "off"
+        self.gate: GateFile | None = None
+        self.notify_name = f"zerodown-gate-{os.getpid()}-{secrets.token_hex(4)}"
+        self.waiting_since: float | None = None
+        self.waiting: list[int] = []
 
     def reserve(self) -> dict[str, int]:
         ports = {}
@@ -113,11 +135,23 @@ class Supervisor:
         if index > 0:
             args.append("--no-register")  # one registration (the supervisor's admin) is enough
         args += ["--ready-file", str(ready)]
-        proc = await asyncio.create_subprocess_exec(*args, stdin=asyncio.subprocess.DEVNULL)
+        env = dict(os.environ)
+        env.pop(GATE_ENV, None)
+        if self.gate is not None:
+            env[GATE_ENV] = str(self.gate.path)
+            env[NOTIFY_ENV] = self.notify_name
+            env[INDEX_ENV] = str(index)
+        proc = await asyncio.create_subprocess_exec(
+            *args, stdin=asyncio.subprocess.DEVNULL, env=env
+        )
         self.procs[index] = proc
         deadline = time.monotonic() + 30
         while not ready.exists():
             if proc.returncode is not None or time.monotonic() > deadline:
+                if proc.returncode is None:
+                    proc.kill()  # hung in its start: it must not hold switches back
+                    await proc.wait()
+                self._worker_gone(index)
                 raise RuntimeError(f"worker {index} did not start (exit code {proc.returncode})")
             await asyncio.sleep(0.02)
         ports = orjson.loads(ready.read_bytes())
@@ -131,6 +165,7 @@ class Supervisor:
         self.restarts += 1
         log.error("worker %d exited with code %s; restarting it", index, code)
         self.admins[index] = None
+        self._worker_gone(index)
         while not self.stopping:
             try:
                 await self.spawn(index)
@@ -139,6 +174,89 @@ class Supervisor:
                 log.error("restart failed: %s", exc)
                 await asyncio.sleep(1)
 
+    # -- switch gate --------------------------------------------------------------------------
+
+    def _live(self) -> list[int]:
+        return [i for i, p in enumerate(self.procs) if p is not None and p.returncode is None]
+
+    def _worker_gone(self, index: int) -> None:
+        # A dead worker serves nothing: it must not hold the others' switch back.
+        if self.gate is not None:
+            self.gate.publish(index, 0)
+            self.check_gate()
+
+    def check_gate(self) -> None:
+        gate = self.gate
+        if gate is None or self.stopping:
+            return
+        live = self._live()
+        target = gate.commit_if_ready(live)
+        if target is not None:
+            log.info("switch committed in all %d live workers (target %016x)", len(live), target)
+        slots = [gate.slot(i) for i in live]
+        waiting = [live[i] for i in waiting_for(gate.committed, slots)]
+        if waiting and self.waiting_since is None:
+            self.waiting_since = time.monotonic()
+        elif not waiting and self.waiting_since is not None:
+            self.waiting_since = None
+        self.waiting = waiting
+
+    def _nudged(self, sock: socket.socket) -> None:
+        # A worker prepared a switch: check now. The datagrams carry nothing else; drain them.
+        try:
+            while sock.recv(64):
+                pass
+        except OSError:
+            pass
+        self.check_gate()
+
+    async def _check_gate_forever(self) -> None:
+        reported = False
+        while True:
+            await asyncio.sleep(GATE_CHECK_INTERVAL)
+            self.check_gate()
+            blocked = self.switch_status().get("blocked")
+            if blocked and not reported:
+                log.error("%s", blocked)
+            reported = bool(blocked)
+
+    def switch_status(self) -> dict[str, Any]:
+        gate = self.gate
+        if gate is None:
+            return {"gated": False}
+        body: dict[str, Any] = {
+            "gated": True,
+            "committed_target": f"{gate.committed:016x}",
+            "commits": gate.commits,
+            "prepared": [f"{gate.slot(i):016x}" if gate.slot(i) else None for i in range(self.n)],
+            "waiting_for": self.waiting,
+        }
+        if self.waiting_since is not None:
+            waited = time.monotonic() - self.waiting_since
+            body["waiting_s"] = round(waited, 3)
+            if waited > SWITCH_REPORT_AFTER:
+                names = ", ".join(f"worker {i} (pid {self._pid(i)})" for i in self.waiting)
+                body["blocked"] = (
+                    f"a switch is held back for {waited:.1f}s: {names} did not prepare it "
+                    "(not following the registry? see its discovery status); "
+                    "all workers keep the previous Active group"
+                )
+        return body
+
+    def _pid(self, index: int) -> int | None:
+        p = self.procs[index]
+        return p.pid if p is not None else None
+
+    async def _first_commit(self) -> None:
+        # Readiness means routing: wait (bounded) until every worker applied the first target.
+        deadline = time.monotonic() + FIRST_COMMIT_TIMEOUT
+        while self.gate is not None and self.gate.committed == 0:
+            self.check_gate()
+            if time.monotonic() > deadline:
+                log.warning("no routing committed after %gs; starting anyway", FIRST_COMMIT_TIMEOUT)
+                return
+            await asyncio.sleep(0.005)
+
     # -- admin --------------------------------------------------------------------------------
 
     async def _get(self, admin: str | None, path: str) -> Any:
@@ -146,7 +264,7 @@ class Supervisor:
             return None
         try:
             async with self.session.get(
-                f"http://{admin}{path}", timeout=aiohttp.ClientTimeout(total=2)
+                f"http://{admin}{path}", timeout=aiohttp.ClientTimeout(total=WORKER_TIMEOUT)
             ) as r:
                 return await (r.text() if path == "/metrics" else r.json())
         except (TimeoutError, aiohttp.ClientError, ValueError):
@@ -157,15 +275,27 @@ class Supervisor:
         gens = [r["generation"] if r else None for r in results]
         known = [g for g in gens if g is not None]
         body = dict(results[0] or {})
+        hsms = merge_hsms([r.get("hsms") if r else None for r in results])
+        if hsms is not None:
+            body["hsms"] = hsms
         body.update(
             {
                 "name": self.cfg.proxy.name or socket.gethostname(),
                 "generation": min(known) if len(known) == self.n else 0,
                 "workers": [
-                    {"index": i, "pid": p.pid if p else None, "admin": a, "generation": g}
-                    for i, (p, a, g) in enumerate(zip(self.procs, self.admins, gens, strict=True))
+                    {
+                        "index": i,
+                        "pid": p.pid if p else None,
+                        "admin": a,
+                        "generation": g,
+                        "switch_pending": r.get("switch_pending") if r else None,
+                    }
+                    for i, (p, a, g, r) in enumerate(
+                        zip(self.procs, self.admins, gens, results, strict=True)
+                    )
                 ],
                 "worker_restarts": self.restarts,
+                "switch": self.switch_status(),
             }
         )
         return web.json_response(body, dumps=lambda o: orjson.dumps(o).decode())
@@ -202,6 +332,16 @@ class Supervisor:
     async def run(self) -> int:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ports = self.reserve()
+        loop = asyncio.get_running_loop()
+        checker = None
+        notify = None
+        if self.gated:
+            self.gate = GateFile.create(self.run_dir / "switch-gate", self.n)
+            notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            notify.bind("\0" + self.notify_name)
+            notify.setblocking(False)
+            loop.add_reader(notify.fileno(), self._nudged, notify)
+            checker = loop.create_task(self._check_gate_forever())
         self.session = aiohttp.ClientSession()
         app = web.Application()
         app.router.add_get("/v1/status", self.status)
@@ -215,27 +355,35 @@ class Supervisor:
         await site.start()
         ports["admin"] = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         os.environ["ZERODOWN_SUPERVISOR_ADMIN"] = f"{host}:{ports['admin']}"
+        code = 0
         try:
             await asyncio.gather(*(self.spawn(i) for i in range(self.n)))
         except RuntimeError as exc:
             log.error("%s", exc)
-            await self.stop()
-            await runner.cleanup()
-            return 1
-        ports["pid"] = os.getpid()
-        if self.ready_file:
-            tmp = Path(self.ready_file + ".tmp")
-            tmp.write_bytes(orjson.dumps(ports))
-            os.replace(tmp, self.ready_file)
-        log.info("supervising %d workers", self.n, extra={"fields": {"ports": ports}})
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+            code = 1
+        if code == 0:
+            await self._first_commit()
+            ports["pid"] = os.getpid()
+            if self.ready_file:
+                tmp = Path(self.ready_file + ".tmp")
+                tmp.write_bytes(orjson.dumps(ports))
+                os.replace(tmp, self.ready_file)
+            log.info("supervising %d workers", self.n, extra={"fields": {"ports": ports}})
+            stop = asyncio.Event()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
         await self.stop()
         await runner.cleanup()
-        return 0
+        if checker is not None:
+            checker.cancel()
+        if notify is not None:
+            loop.remove_reader(notify.fileno())
+            notify.close()
+        if self.gate is not None:
+            self.gate.close()
+            self.gate.path.unlink(missing_ok=True)
+        return code
 
     async def stop(self) -> None:
         self.stopping = True
@@ -254,6 +402,23 @@ class Supervisor:
             await self.session.close()
         for s in self.reserved:
             s.close()
+
+
+def merge_hsms(parts: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """One `hsms` status section for the whole proxy: every worker's tool sessions (each marked
+    with its worker index), counters summed."""
+    present = [(i, p) for i, p in enumerate(parts) if p]
+    if not present:
+        return None
+    sessions = [{**s, "worker": i} for i, p in present for s in p.get("sessions", ())]
+    sessions.sort(key=lambda s: s.get("connected_at") or 0)
+    return {
+        "port": present[0][1].get("port"),
+        "tool_sessions": sum(p.get("tool_sessions", 0) for _, p in present),
+        "handovers": sum(p.get("handovers", 0) for _, p in present),
+        "failovers": sum(p.get("failovers", 0) for _, p in present),
+        "sessions": sessions,
+    }
 
 
 def run_supervisor(cfg: Config, config_path: str | None, ready_file: str | None) -> int:

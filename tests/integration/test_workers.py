@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import time
 
 import aiohttp
+import pytest
 
-from zerodown_proxy.workers import merge_metrics
+from orchestrator.backend import Refused
+from orchestrator.probes import wait_proxies
+from zerodown_proxy.workers import merge_hsms, merge_metrics
 
-from ..helpers import instance, registry, wait_until, write_registry
+from ..helpers import async_wait_until, instance, registry, wait_until, write_registry
+from ..hsmspeers import RawHost, RawTool
 
 
 async def test_two_workers_share_the_port_and_switch_together(
@@ -69,3 +75,264 @@ def test_merge_metrics_keeps_families_contiguous():
         'g{worker="0"} 3',
         'g{worker="1"} 4',
     ]
+
+
+# -- one instant across workers ---------------------------------------------------------------
+
+SWITCHES = 12
+CLIENTS = 8
+
+
+async def _get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[int, str]:
+    writer.write(b"GET / HTTP/1.1\r\nHost: drimeap\r\n\r\n")
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers = {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:] if x)}
+    await reader.readexactly(int(headers.get("content-length", "0")))
+    return status, headers.get("x-backend-version", "-")
+
+
+def _worker_connections(metrics: str) -> dict[str, float]:
+    out = {}
+    for line in metrics.splitlines():
+        if line.startswith("zerodown_http_client_connections{"):
+            out[line.split('"')[1]] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def mixed_pairs(
+    records: list[tuple[float, float, str, int]], start: float, end: float, old: str, new: str
+) -> int:
+    """Pairs that prove two versions served at once: a request that got `old` was sent after a
+    response with `new` had been received. Only requests sent and answered within [start, end]."""
+    window = [r for r in records if r[0] >= start and r[1] <= end]
+    first_new = min((r[1] for r in window if r[2] == new), default=float("inf"))
+    return sum(1 for r in window if r[2] == old and r[0] > first_new)
+
+
+async def test_every_worker_switches_at_the_same_instant(tmp_path, backend_factory, start_proxy):
+    """Keep-alive clients spread over 2 workers send requests back to back through 12 switches
+    via the file registry (each worker polls it on its own). No request may get the old version
+    after any client has received the new one. Demonstrate the failure without the gate:
+    ZERODOWN_SWITCH_GATE=off pytest -k same_instant."""
+    blue = await backend_factory("v1", "blue-0")
+    green = await backend_factory("v2", "green-0")
+    insts = [instance("blue-0", "blue", "v1", blue), instance("green-0", "green", "v2", green)]
+    reg = tmp_path / "registry.json"
+    write_registry(reg, registry(1, "blue", insts))
+    proxy = start_proxy(reg, "workers = 2")
+    admin = f"http://127.0.0.1:{proxy.admin}"
+    conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    records: list[tuple[float, float, str, int]] = []  # (sent, received, version, status)
+    done: list[int] = []
+    stop = asyncio.Event()
+
+    async def client(index: int) -> None:
+        reader, writer = conns[index]
+        clock = time.perf_counter
+        for _ in range(20000):  # bounded; normally ended by `stop`
+            if stop.is_set():
+                break
+            sent = clock()
+            status, version = await _get(reader, writer)
+            records.append((sent, clock(), version, status))
+            done[index] += 1
+        writer.close()
+
+    async def settle(more: int = 2) -> float:
+        # Every client has completed `more` requests more: with 2, all are past the last switch;
+        # with 1 (before a switch), each has an old-version answer sent after the last boundary.
+        marks = list(done)
+        await async_wait_until(
+            lambda: all(d >= m + more for d, m in zip(done, marks, strict=True)), 10, "clients"
+        )
+        return time.perf_counter()
+
+    async with aiohttp.ClientSession() as s:
+        for _ in range(40):  # SO_REUSEPORT spreads connections; make sure both workers have some
+            conns.append(await asyncio.open_connection("127.0.0.1", proxy.http))
+            done.append(0)
+            if len(conns) < CLIENTS:
+                continue
+            async with s.get(f"{admin}/metrics") as r:
+                per_worker = _worker_connections(await r.text())
+            if len(per_worker) == 2 and min(per_worker.values()) >= 2:
+                break
+        assert len(per_worker) == 2 and min(per_worker.values()) >= 2, per_worker
+        tasks = [asyncio.create_task(client(i)) for i in range(len(conns))]
+        try:
+            boundaries = [await settle()]
+            for n in range(SWITCHES):
+                gen = n + 2
+                await settle(1)
+                write_registry(reg, registry(gen, "green" if n % 2 == 0 else "blue", insts))
+
+                async def applied(gen: int = gen) -> bool:
+                    async with s.get(f"{admin}/v1/status") as r:
+                        return (await r.json())["generation"] >= gen
+
+                deadline = time.monotonic() + 10
+                while not await applied():
+                    assert time.monotonic() < deadline, f"generation {gen} not applied"
+                    await asyncio.sleep(0.005)
+                boundaries.append(await settle())
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        async with s.get(f"{admin}/v1/status") as r:
+            st = await r.json()
+
+    assert {r[3] for r in records} == {200}
+    assert all(w["generation"] == SWITCHES + 1 for w in st["workers"])
+    mixed = []
+    for n in range(SWITCHES):
+        old, new = ("v1", "v2") if n % 2 == 0 else ("v2", "v1")
+        start, end = boundaries[n], boundaries[n + 1]
+        versions = {r[2] for r in records if r[0] >= start and r[1] <= end}
+        assert versions == {old, new}, (n, versions)  # the window really spans the switch
+        mixed.append(mixed_pairs(records, start, end, old, new))
+    assert sum(mixed) == 0, f"old version served after the new one, per switch: {mixed}"
+    assert proxy.terminate() == 0
+
+
+def test_mixed_pairs_counts_old_answers_sent_after_a_new_one_arrived():
+    records = [(0.0, 1.0, "v1", 200), (1.5, 2.0, "v2", 200), (2.5, 3.0, "v1", 200)]
+    assert mixed_pairs(records, 0, 10, "v1", "v2") == 1
+    assert mixed_pairs(records[:2], 0, 10, "v1", "v2") == 0
+    assert mixed_pairs(records, 0, 2.9, "v1", "v2") == 0  # the late one is outside the window
+
+
+def test_merge_hsms_lists_every_workers_sessions():
+    a = {"port": 5000, "tool_sessions": 1, "handovers": 2, "failovers": 0,
+         "sessions": [{"tool": "t1", "connected_at": 2.0}]}  # fmt: skip
+    b = {"port": 5000, "tool_sessions": 1, "handovers": 1, "failovers": 1,
+         "sessions": [{"tool": "t2", "connected_at": 1.0}]}  # fmt: skip
+    merged = merge_hsms([a, None, b])
+    assert merged is not None
+    assert merged["tool_sessions"] == 2 and merged["handovers"] == 3 and merged["failovers"] == 1
+    assert [(s["tool"], s["worker"]) for s in merged["sessions"]] == [("t2", 2), ("t1", 0)]
+    assert merge_hsms([None, None]) is None
+
+
+async def test_hsms_tools_on_every_worker_switch_at_the_same_instant(tmp_path, start_proxy):
+    """The same instant for HSMS: tools spread over 2 workers send S1F1 back to back through 8
+    switches; no tool primary is handled by the old version once any tool got the new one."""
+    specs = [("blue-1", "blue", "v1"), ("green-1", "green", "v2")]
+    hosts = [RawHost(v) for _, _, v in specs]
+    for h in hosts:
+        await h.start()
+
+    def write(gen: int, active: str) -> None:
+        insts = [
+            instance(iid, grp, v, 1, hsms=h.port)
+            for (iid, grp, v), h in zip(specs, hosts, strict=True)
+        ]
+        write_registry(reg, registry(gen, active, insts, hsms_device_id=0))
+
+    reg = tmp_path / "registry.json"
+    write(1, "blue")
+    proxy = start_proxy(reg, "workers = 2\n[hsms]\nt3 = 5.0\nt5 = 0.5\nt6 = 2.0\nt7 = 2.0")
+    admin = f"http://127.0.0.1:{proxy.admin}"
+    tools: list[RawTool] = []
+    records: list[tuple[float, float, str, int]] = []
+    done: list[int] = []
+    stop = asyncio.Event()
+
+    async def run(k: int) -> None:
+        tool, clock = tools[k], time.perf_counter
+        for _ in range(20000):
+            if stop.is_set():
+                break
+            sent = clock()
+            rsp = await tool.request(1, 1, timeout=10)
+            version = "v2" if b"v2" in rsp.body else "v1" if b"v1" in rsp.body else "-"
+            records.append((sent, clock(), version, 200 if rsp.function == 2 else rsp.function))
+            done[k] += 1
+
+    async def settle(more: int = 2) -> float:
+        marks = list(done)
+        await async_wait_until(
+            lambda: all(d >= m + more for d, m in zip(done, marks, strict=True)), 10, "tools"
+        )
+        return time.perf_counter()
+
+    try:
+        async with aiohttp.ClientSession() as s:
+            workers: set[int] = set()
+            for _ in range(30):  # until the tools are spread over both workers
+                t = RawTool(proxy.hsms)
+                await t.connect()
+                assert await t.select() == 0
+                tools.append(t)
+                done.append(0)
+                async with s.get(f"{admin}/v1/status") as r:
+                    sessions = (await r.json())["hsms"]["sessions"]
+                workers = {x["worker"] for x in sessions}
+                if len(tools) >= 4 and len(workers) == 2:
+                    break
+            assert workers == {0, 1} and len(sessions) == len(tools)
+            tasks = [asyncio.create_task(run(k)) for k in range(len(tools))]
+            try:
+                boundaries = [await settle()]
+                for n in range(8):
+                    gen = n + 2
+                    await settle(1)
+                    write(gen, "green" if n % 2 == 0 else "blue")
+                    deadline = time.monotonic() + 10
+                    while True:
+                        async with s.get(f"{admin}/v1/status") as r:
+                            if (await r.json())["generation"] >= gen:
+                                break
+                        assert time.monotonic() < deadline, f"generation {gen} not applied"
+                        await asyncio.sleep(0.005)
+                    boundaries.append(await settle())
+            finally:
+                stop.set()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        assert {r[3] for r in records} == {200}
+        mixed = []
+        for n in range(8):
+            old, new = ("v1", "v2") if n % 2 == 0 else ("v2", "v1")
+            start, end = boundaries[n], boundaries[n + 1]
+            assert {r[2] for r in records if r[0] >= start and r[1] <= end} == {old, new}
+            mixed.append(mixed_pairs(records, start, end, old, new))
+        assert sum(mixed) == 0, f"old version served after the new one, per switch: {mixed}"
+    finally:
+        for t in tools:
+            await t.close()
+        for h in hosts:
+            await h.stop()
+
+
+async def test_a_worker_that_does_not_prepare_holds_the_switch_and_is_named(
+    tmp_path, backend_factory, start_proxy
+):
+    """A frozen worker (SIGSTOP: alive, not following the registry) holds a switch back in every
+    worker; the supervisor names it, and the CLI's wait times out with that reason. Once it runs
+    again the switch is committed everywhere."""
+    blue = await backend_factory("v1", "blue-0")
+    green = await backend_factory("v2", "green-0")
+    insts = [instance("blue-0", "blue", "v1", blue), instance("green-0", "green", "v2", green)]
+    reg = tmp_path / "registry.json"
+    write_registry(reg, registry(1, "blue", insts))
+    proxy = start_proxy(reg, "workers = 2")
+    st = proxy.status()
+    frozen = st["workers"][1]["pid"]
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        write_registry(reg, registry(2, "green", insts))
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(Refused) as err:
+                await wait_proxies(s, [("p", f"127.0.0.1:{proxy.admin}")], 2, timeout=3.0)
+        assert f"worker 1 (pid {frozen}) did not prepare it" in str(err.value)
+        st = proxy.status()  # worker 0 prepared the switch but still serves generation 1
+        assert st["switch"]["waiting_for"] == [1] and "blocked" in st["switch"]
+        assert st["workers"][0]["generation"] == 1
+        assert st["workers"][0]["switch_pending"]["generation"] == 2
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    st = proxy.wait_generation(2, timeout=10)
+    assert [w["generation"] for w in st["workers"]] == [2, 2]
+    assert "blocked" not in st["switch"] and st["switch"]["waiting_for"] == []
+    assert proxy.terminate() == 0

@@ -270,7 +270,10 @@ class HsmsProxy:
         if tool.retry is not None:
             tool.retry.cancel()
             tool.retry = None
-        snap = self.router.snapshot
+        router = self.router
+        if router.pending is not None:
+            router.sync()
+        snap = router.snapshot
         app = snap.hsms_app()
         insts = [i for i in app.active if i.hsms_port] if app is not None else []
         now = time.monotonic()

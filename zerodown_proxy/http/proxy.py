@@ -193,7 +193,10 @@ class HttpProxy:
         return cycle
 
     def send_request(self, cycle: RequestCycle) -> None:
-        snap: Snapshot = self.router.snapshot  # read once: this request's routing
+        router = self.router
+        if router.pending is not None:  # a switch waits for the gate: committed since?
+            router.sync()
+        snap: Snapshot = router.snapshot  # read once: this request's routing
         host = cycle.host.decode("latin-1") if cycle.host else None
         app = snap.route(host, cycle.path.decode("latin-1"))
         if app is None:
