@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -227,6 +227,8 @@ class Router:
             self.apply(snap)
         else:
             self._offer_gated(snap)
+            if self.pending is not None:
+                self._refresh_applied(state)
         return True
 
     def _offer_gated(self, snap: Snapshot) -> None:
@@ -256,6 +258,24 @@ class Router:
             except RuntimeError:
                 return  # no loop (unit tests): callers sync() themselves
             self._poll = loop.call_later(GATE_POLL_FAST, self._poll_gate)
+
+    def _refresh_applied(self, state: RegistryState) -> None:
+        # While a switch waits, the groups being served still follow the registry (health,
+        # instances): the new state, with the Active groups still committed, at the same
+        # generation (the generation says which switch is applied).
+        current = self.snapshot
+        if current is EMPTY:
+            return
+        try:
+            apps = tuple(
+                replace(a, active_group=current.apps[a.name].active_group) for a in state.apps
+            )
+            snap = build_snapshot(RegistryState(current.generation, apps, state.source))
+        except (KeyError, SnapshotRejected) as exc:
+            log.warning("while a switch waits, keeping generation %s as it was: %s",
+                        current.generation, exc)  # fmt: skip
+            return
+        self.apply(snap)
 
     def sync(self) -> None:
         """Apply the pending snapshot if its switch has been committed (cheap: one word read)."""

@@ -148,6 +148,20 @@ def test_changes_within_the_active_group_apply_at_once(gate: GateFile):
     assert [i.id for i in w0.snapshot.apps["a"].active] == ["b1"]
 
 
+def test_while_a_switch_waits_the_served_group_still_follows_health(gate: GateFile):
+    w0, _, c0, _ = start_both(gate)
+    b1, b22, g1 = INSTANCES
+    w0.offer(state(2, "green", inst("b1", "blue", "v1", healthy=False), b22, g1))
+    assert w0.pending is not None and active(w0) == "blue"
+    assert w0.snapshot.generation == 1  # still the committed switch
+    assert [i.id for i in w0.snapshot.apps["a"].active] == ["b22"]
+    # The old group losing every instance keeps what was served (principle 2), still waiting.
+    w0.offer(
+        state(3, "green", inst("b1", "blue", "v1", False), inst("b22", "blue", "v1", False), g1)
+    )
+    assert [i.id for i in w0.snapshot.apps["a"].active] == ["b22"] and w0.pending.generation == 3
+
+
 def test_a_switch_withdrawn_before_the_commit_is_never_applied(gate: GateFile):
     w0, w1, c0, _ = start_both(gate)
     w0.offer(state(2, "green"))
