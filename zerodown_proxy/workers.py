@@ -24,6 +24,7 @@ import hmac
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import sys
@@ -382,7 +383,8 @@ class Supervisor:
             notify.close()
         if self.gate is not None:
             self.gate.close()
-            self.gate.path.unlink(missing_ok=True)
+        # The run dir (ready files, the gate) belongs to this supervisor alone: leave nothing.
+        shutil.rmtree(self.run_dir, ignore_errors=True)
         return code
 
     async def stop(self) -> None:
