@@ -61,6 +61,22 @@ class _Link(asyncio.Protocol):
         self._out: list[bytes] = []
         self.reading_paused = False
 
+    def data_received(self, data: bytes) -> None:
+        self.last_rx = _now()
+        proxy = self.proxy
+        proxy.batching = True  # writes of this whole chunk go out in one flush per destination
+        try:
+            for ev in self.session.data_received(data):
+                if type(ev) is Frame:
+                    self.on_data(ev)
+                else:
+                    self.run([ev])
+        finally:
+            proxy.flush()
+
+    def on_data(self, f: Frame) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
     def run(self, actions: list[Any]) -> None:
         for a in actions:
             t = type(a)
@@ -181,19 +197,6 @@ class ToolLink(_Link):
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "-"
         self.proxy.tool_connected(self)
         self.run(self.session.connection_made())
-
-    def data_received(self, data: bytes) -> None:
-        self.last_rx = _now()
-        proxy = self.proxy
-        proxy.batching = True
-        try:
-            for ev in self.session.data_received(data):
-                if type(ev) is Frame:
-                    self.on_data(ev)
-                else:
-                    self.run([ev])
-        finally:
-            proxy.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -323,19 +326,6 @@ class BackendLink(_Link):
         if self.tool.write_paused:
             self.pause_reading()
         self.run(self.session.connection_made())
-
-    def data_received(self, data: bytes) -> None:
-        self.last_rx = _now()
-        proxy = self.proxy
-        proxy.batching = True
-        try:
-            for ev in self.session.data_received(data):
-                if type(ev) is Frame:
-                    self.on_data(ev)
-                else:
-                    self.run([ev])
-        finally:
-            proxy.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
