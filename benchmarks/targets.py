@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +85,7 @@ class Backends:
         self._procs.clear()
 
 
-class Proxy:
+class Proxy(ABC):
     name = "proxy"
     label = "proxy"
 
@@ -93,15 +94,15 @@ class Proxy:
         self.workdir = workdir
         self.active = "blue"
 
-    def start(self, workers: int) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def start(self, workers: int) -> int: ...
 
+    @abstractmethod
     def switch(self, group: str) -> tuple[float, float | None]:
         """Make `group` Active; returns (monotonic time the command returned, applied or None)."""
-        raise NotImplementedError
 
-    def stop(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def stop(self) -> None: ...
 
     def pid(self) -> int | None:
         """The proxy's main process (its workers are its children)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +48,7 @@ log = logging.getLogger("zerodown.hsms")
 _now = time.monotonic
 
 
-class _Link(asyncio.Protocol):
+class _Link(asyncio.Protocol, ABC):
     """What both sides share: the session, its timers, running actions, back-pressure hooks."""
 
     session: HsmsSession
@@ -74,8 +75,8 @@ class _Link(asyncio.Protocol):
         finally:
             proxy.flush()
 
-    def on_data(self, f: Frame) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abstractmethod
+    def on_data(self, f: Frame) -> None: ...
 
     def run(self, actions: list[Any]) -> None:
         for a in actions:
@@ -118,11 +119,11 @@ class _Link(asyncio.Protocol):
             h.cancel()
         self.timers.clear()
 
-    def on_event(self, event: Any) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abstractmethod
+    def on_event(self, event: Any) -> None: ...
 
-    def on_close(self, close: Close) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abstractmethod
+    def on_close(self, close: Close) -> None: ...
 
     def write(self, data: bytes) -> None:
         """Send bytes; inside a read callback they are collected and flushed once at its end,
