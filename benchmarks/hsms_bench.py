@@ -28,8 +28,6 @@ import argparse
 import asyncio
 import os
 import re
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+
+from orchestrator.devstack.children import Child as _Child
+from orchestrator.devstack.children import ChildFailed
 
 from .hsms_load import DATAID_STRIDE, LoadTool, connect_tools, merged, wait_drained
 
@@ -53,48 +54,20 @@ class BenchError(RuntimeError):
 # -- processes ---------------------------------------------------------------------------------
 
 
-class Child:
-    """A `python -m orchestrator ...` child that writes a ready file with its ports."""
+class Child(_Child):
+    """A dev-stack child process whose start failure is a BenchError."""
 
     def __init__(self, args: list[str], workdir: Path, name: str, timeout: float = 30.0) -> None:
-        self.name = name
-        self.ready = workdir / f"{name}.ready"
-        self.log_path = workdir / f"{name}.log"
-        self.log = open(self.log_path, "wb")
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        env.pop("ZERODOWN_REGISTRY", None)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator", *args, "--ready-file", str(self.ready)],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=workdir,
-        )
-        deadline = time.monotonic() + timeout
-        while not self.ready.exists():
-            if self.proc.poll() is not None:
-                raise BenchError(f"{name} exited with {self.proc.returncode}: {self.tail()}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise BenchError(f"{name} not ready after {timeout:g} s: {self.tail()}")
-            time.sleep(0.02)
-        self.ports: dict[str, int] = orjson.loads(self.ready.read_bytes())
-
-    def tail(self) -> str:
-        self.log.flush()
-        lines = self.log_path.read_text(errors="replace").strip().splitlines()
-        return " | ".join(lines[-3:]) or "(no output)"
+        module = "orchestrator"
+        if args and args[0] == "proxy":
+            module, args = "zerodown_proxy", args[1:]
+        try:
+            super().__init__(args, workdir, name, timeout, module=module)
+        except ChildFailed as exc:
+            raise BenchError(str(exc)) from None
 
     def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
+        return self.terminate()
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -465,7 +438,7 @@ async def _bench(
 
 def secsgem_phase(stack: Stack, seconds: float, t3: float, index: int) -> dict[str, Any]:
     """One secsgem SimTool, sequential, direct: shows what a secsgem tool alone can drive."""
-    from orchestrator.hsms_sim import SimTool
+    from orchestrator.devstack.hsms_sim import SimTool
 
     before_rx = {k: total for k, (_, total) in stack.received().items()}
     host, port = stack.active_targets()[0]

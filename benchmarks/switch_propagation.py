@@ -71,9 +71,8 @@ async def _switches(backend: Any, n: int, pause: float) -> list[float]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    sys.path.insert(0, str(ROOT))
+    from orchestrator.devstack.children import ProxyProc, SampleApp, wait_until
     from orchestrator.release_nomad import NomadConsulBackend, Settings
-    from tests.helpers import ProxyProc, SampleApp, wait_until
 
     work = Path(tempfile.mkdtemp(prefix="zd-switch-bench-"))
     real = os.environ.get("CONSUL_HTTP_ADDR")
@@ -85,7 +84,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         consul_url = normalize_addr(real)
         token = os.environ.get("CONSUL_HTTP_TOKEN", "")
     else:
-        from tests.doubles.consul import FakeConsul
+        from orchestrator.devstack.fakes.consul import FakeConsul
 
         fake = FakeConsul()
         consul_url = fake.start()

@@ -201,7 +201,7 @@ class ZerodownProxy(Proxy):
             env.pop(var, None)
         log = open(self.dir / "proxy.log", "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator", "proxy", "--config", str(cfg)]
+            [sys.executable, "-m", "zerodown_proxy", "--config", str(cfg)]
             + ["--ready-file", str(ready)],
             stdout=log,
             stderr=log,

@@ -11,7 +11,6 @@ import asyncio
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import orjson
 
@@ -43,28 +42,9 @@ def make_backend(args: argparse.Namespace) -> Backend:
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
-    from zerodown_proxy.config import ConfigError, load_config
-    from zerodown_proxy.jsonlog import setup_logging
-    from zerodown_proxy.server import run
+    from zerodown_proxy.cli import run_proxy
 
-    overrides: dict[str, dict[str, Any]] = {
-        "proxy": {
-            "http_listen": args.http_listen,
-            "hsms_listen": args.hsms_listen,
-            "admin_listen": args.admin_listen,
-            "workers": args.workers,
-            "name": args.name,
-        },
-        "discovery": {"file": args.registry, "provider": args.discovery},
-        "consul": {"register_self": False if args.no_register else None},
-    }
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as exc:
-        _err(str(exc))
-        return 2
-    setup_logging(cfg.proxy.log_level)
-    return run(cfg, args.ready_file, reuse_port=args.reuse_port, config_path=args.config)
+    return run_proxy(args)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -137,19 +117,19 @@ async def _rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .devstack.demo import run_demo
 
     return run_demo(args)
 
 
 def cmd_sample_app(args: argparse.Namespace) -> int:
-    from .sample_app import run
+    from .devstack.sample_app import run
 
     return run(args)
 
 
 def cmd_hsms_sim(args: argparse.Namespace) -> int:
-    from .hsms_sim import run
+    from .devstack.hsms_sim import run
 
     return run(args)
 
@@ -182,17 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default $ZERODOWN_ADMIN_TOKEN; Nomad backend)")  # fmt: skip
 
     sp = sub.add_parser("proxy", help="run the edge proxy")
-    sp.add_argument("--config", default=None, help="TOML config file")
-    sp.add_argument("--http-listen", default=None, help="override [proxy] http_listen")
-    sp.add_argument("--hsms-listen", default=None, help="override [proxy] hsms_listen")
-    sp.add_argument("--admin-listen", default=None, help="override [proxy] admin_listen")
-    sp.add_argument("--registry", default=None, help="override [discovery] file")
-    sp.add_argument("--discovery", choices=("file", "consul"), default=None)
-    sp.add_argument("--ready-file", default=None, help="write bound ports as JSON here")
-    sp.add_argument("--workers", type=int, default=None, help="override [proxy] workers")
-    sp.add_argument("--name", default=None, help="override [proxy] name")
-    sp.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
-    sp.add_argument("--no-register", action="store_true", help=argparse.SUPPRESS)
+    from zerodown_proxy.cli import add_arguments as proxy_args
+
+    proxy_args(sp)
     sp.set_defaults(fn=cmd_proxy)
 
     sp = sub.add_parser("up", help="start the local stack")
@@ -240,14 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_demo)
 
     sp = sub.add_parser("sample-app", help="the sample drimEAP backend")
-    from .sample_app import add_arguments as sample_args
+    from .devstack.sample_app import add_arguments as sample_args
 
     sample_args(sp)
     sp.set_defaults(fn=cmd_sample_app)
 
     sp = sub.add_parser("hsms-sim", help="equipment simulator (HSMS active side)")
     try:
-        from .hsms_sim import add_arguments as sim_args
+        from .devstack.hsms_sim import add_arguments as sim_args
 
         sim_args(sp)
     except ImportError as exc:  # the simulator needs secsgem; say so instead of a traceback

@@ -8,10 +8,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from orchestrator.sample_app import make_app
+from orchestrator.devstack.sample_app import make_app
 
-from .doubles.fixtures import consul  # noqa: F401  (fixture: a started FakeConsul)
-from .doubles.fixtures_nomad import nomad_stack  # noqa: F401  (FakeConsul + FakeNomad + job)
+from .fake_agents import consul, nomad_stack  # noqa: F401  (fixtures: FakeConsul, + FakeNomad)
 from .helpers import ProxyProc, SampleApp
 
 

@@ -18,7 +18,8 @@ from typing import Any
 import orjson
 import pytest
 
-from ..doubles.consul import FakeConsul
+from orchestrator.devstack.fakes.consul import FakeConsul
+
 from ..helpers import ProxyProc, SampleApp, wait_until
 
 KEY = "zerodown/drimeap/active"

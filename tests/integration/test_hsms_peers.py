@@ -20,8 +20,8 @@ from typing import Any
 import orjson
 import pytest
 
-from orchestrator.hsms_sim import DATAID_STRIDE, SimTool
-from orchestrator.sample_hsms import start_hsms_host
+from orchestrator.devstack.hsms_sim import DATAID_STRIDE, SimTool
+from orchestrator.devstack.sample_hsms import start_hsms_host
 
 from ..helpers import ROOT, SampleApp, wait_until
 
@@ -267,7 +267,7 @@ def test_secsgem_on_both_ends_through_the_proxy_across_switches(
 
 
 def test_received_record_is_bounded_and_counts_everything(tools, monkeypatch) -> None:
-    import orchestrator.sample_hsms as sample_hsms
+    import orchestrator.devstack.sample_hsms as sample_hsms
 
     monkeypatch.setattr(sample_hsms, "RECEIVED_LIMIT", 4)
     host = start_hsms_host(0, "v1")

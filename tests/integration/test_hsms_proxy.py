@@ -482,7 +482,7 @@ def secsgem_stack(tmp_path, start_proxy, sample_app):
     made = []
 
     def tool(**kw):
-        from orchestrator.hsms_sim import SimTool
+        from orchestrator.devstack.hsms_sim import SimTool
 
         t = SimTool("127.0.0.1", proxy.hsms, t3=5.0, **kw)
         made.append(t)

@@ -13,7 +13,7 @@ import orjson
 
 from orchestrator import jobspec
 
-from ..doubles.fixtures_nomad import NomadStack
+from ..fake_agents import NomadStack
 
 REC = {
     (e["request"]["method"], e["request"]["url"], i): e

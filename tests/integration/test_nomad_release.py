@@ -17,11 +17,11 @@ import orjson
 import pytest
 
 from orchestrator.backend import Refused
+from orchestrator.devstack.fakes.consul import FakeConsul
 from orchestrator.hashicorp_api import ConsulApi, NomadApi
 from orchestrator.release_nomad import NomadConsulBackend, Settings
 
-from ..doubles.consul import FakeConsul
-from ..doubles.fixtures_nomad import NomadStack
+from ..fake_agents import NomadStack
 from ..helpers import ProxyProc, wait_until
 
 KEY = "zerodown/drimeap/active"

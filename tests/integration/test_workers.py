@@ -12,7 +12,7 @@ import pytest
 
 from orchestrator.backend import Refused
 from orchestrator.probes import wait_proxies
-from zerodown_proxy.workers import merge_hsms, merge_metrics
+from zerodown_proxy.supervisor import merge_hsms, merge_metrics
 
 from ..helpers import async_wait_until, instance, registry, wait_until, write_registry
 from ..hsmspeers import RawHost, RawTool

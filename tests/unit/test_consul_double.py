@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.doubles.consul import FakeConsul, parse_go_duration
+from orchestrator.devstack.fakes.consul import FakeConsul, parse_go_duration
 from tests.helpers import wait_until
 
 # Recorded from a real Consul 1.10 agent (copied from the shared api-samples).

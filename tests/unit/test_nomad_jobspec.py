@@ -11,8 +11,8 @@ import pytest
 
 from orchestrator import jobspec
 from orchestrator.backend import Refused
-from tests.doubles import nomad_diff
-from tests.doubles.nomad import canonicalize
+from orchestrator.devstack.fakes import nomad_diff
+from orchestrator.devstack.fakes.nomad import canonicalize
 
 EXCHANGES = json.loads(
     (Path(__file__).parents[1] / "fixtures" / "nomad-exchanges.json").read_text()

@@ -126,7 +126,7 @@ class Supervisor:
     async def spawn(self, index: int) -> None:
         ready = self.run_dir / f"worker-{index}.ready"
         ready.unlink(missing_ok=True)
-        args = [sys.executable, "-m", "orchestrator", "proxy", "--reuse-port", "--workers", "1"]
+        args = [sys.executable, "-m", "zerodown_proxy", "--reuse-port", "--workers", "1"]
         if self.config_path:
             args += ["--config", self.config_path]
         args += ["--http-listen", self.listen["http"], "--admin-listen", "127.0.0.1:0"]

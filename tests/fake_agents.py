@@ -1,4 +1,5 @@
-"""Pytest fixture: a FakeConsul + FakeNomad pair running the drimeap raw_exec job for real.
+"""Pytest fixtures for the Consul and Nomad fakes (orchestrator.devstack.fakes): a started FakeConsul,
+and a FakeConsul + FakeNomad pair running the drimeap raw_exec job for real.
 
 The job is deploy/nomad/drimeap-raw-exec.json as shipped, with two test-only changes: the task
 runs `<this python> -m orchestrator sample-app ...` (no installed `zerodown` on PATH needed)
@@ -17,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from .consul import FakeConsul
-from .nomad import FakeNomad
+from orchestrator.devstack.fakes.consul import FakeConsul
+from orchestrator.devstack.fakes.nomad import FakeNomad
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 RAW_EXEC_JOB = ROOT / "deploy" / "nomad" / "drimeap-raw-exec.json"
 
 
@@ -83,3 +84,14 @@ def nomad_stack(tmp_path: Path) -> Iterator[NomadStack]:
     finally:
         nomad.stop()
         consul.stop()
+
+
+@pytest.fixture
+def consul() -> Iterator[FakeConsul]:
+    """A started FakeConsul on 127.0.0.1:<ephemeral>; stopped after the test."""
+    c = FakeConsul()
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()

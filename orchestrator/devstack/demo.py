@@ -17,9 +17,9 @@ from pathlib import Path
 
 import aiohttp
 
-from .backend import Refused
-from .local_stack import down, load_stack, up
-from .release_local import LocalBackend
+from ..backend import Refused
+from ..local_stack import down, load_stack, up
+from ..release_local import LocalBackend
 
 
 @dataclass

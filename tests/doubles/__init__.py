@@ -1,1 +1,0 @@
-"""Test doubles of external HTTP APIs (Consul, Nomad) that answer like the recorded real agents."""
