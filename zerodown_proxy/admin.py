@@ -86,8 +86,7 @@ class AdminApi:
         return web.json_response(body, status=200 if ok else 503, dumps=_dumps)
 
     async def status(self, request: web.Request) -> web.Response:
-        self.router.sync()
-        snap = self.router.snapshot
+        snap = self.router.current()
         http = self.parts.get("http", dict)()
         ejected = http.get("ejected", {})
         body: dict[str, Any] = {

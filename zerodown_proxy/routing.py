@@ -188,9 +188,8 @@ class Router:
 
     With a switch gate (multi-worker mode, see switch_gate.py) a snapshot that changes an Active
     group is not applied when it arrives: it waits in `pending` until the supervisor commits its
-    target. Readers on the data path therefore do `if router.pending is not None: router.sync()`
-    before reading `.snapshot`; without a gate `pending` is always None, so that costs one
-    attribute check.
+    target. Readers on the data path therefore call `router.current()`, which applies a committed
+    switch first; without a gate `pending` is always None, so that costs one attribute check.
     """
 
     def __init__(self, gate: WorkerGate | None = None) -> None:
@@ -203,7 +202,7 @@ class Router:
         self.pending: Snapshot | None = None
         self.pending_since: float = 0.0
         self._pending_target = 0
-        self._committed = gate.gate.words if gate is not None else None
+        self._committed = gate.committed_word() if gate is not None else None
         self._poll: asyncio.TimerHandle | None = None
         self._listeners: list[Listener] = []
 
@@ -276,6 +275,15 @@ class Router:
                         current.generation, exc)  # fmt: skip
             return
         self.apply(snap)
+
+    def current(self) -> Snapshot:
+        """The snapshot the data path routes with: read it once per request or transaction.
+
+        While a gated switch waits (multi-worker mode), this is also where a committed switch
+        takes effect: one attribute check when nothing is pending."""
+        if self.pending is not None:
+            self.sync()
+        return self.snapshot
 
     def sync(self) -> None:
         """Apply the pending snapshot if its switch has been committed (cheap: one word read)."""

@@ -109,6 +109,16 @@ def test_worker_gate_from_env(gate: GateFile):
         WorkerGate.from_env({"ZERODOWN_SWITCH_GATE": str(gate.path), "ZERODOWN_WORKER_INDEX": "2"})
 
 
+def test_worker_gate_committed_reads_the_committed_word(gate: GateFile):
+    w = WorkerGate(GateFile.open(gate.path), 0, None)
+    assert w.committed == 0  # was an AttributeError (it read a `_words` that does not exist)
+    w.publish(7)
+    gate.publish(1, 7)
+    assert gate.commit_if_ready([0, 1]) == 7
+    assert w.committed == 7
+    w.close()
+
+
 def start_both(gate: GateFile) -> tuple[Router, Router, list, list]:
     w0, c0 = worker(gate, 0)
     w1, c1 = worker(gate, 1)

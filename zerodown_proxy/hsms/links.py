@@ -263,9 +263,7 @@ class ToolLink(_Link):
             if backend.draining:
                 backend.maybe_finish()
             return
-        router = self.proxy.router
-        if router.pending is not None:  # a committed switch hands this tool over first
-            router.sync()
+        self.proxy.router.current()  # a committed switch hands this tool over first
         cur = self.current
         if cur is not None and cur.selected and not self.queue:
             cur.send_primary(f)
@@ -400,9 +398,7 @@ class BackendLink(_Link):
             if self.draining and not self.pending:
                 self.maybe_finish()
             return
-        router = self.proxy.router
-        if router.pending is not None:  # a committed switch drains this session first
-            router.sync()
+        self.proxy.router.current()  # a committed switch drains this session first
         if self.draining or not tool.session.selected or tool.closed:
             # Principle: after a switch the old version opens no new transaction.
             self.write(codec.reject_req(f, codec.REJECT_ENTITY_NOT_SELECTED))

@@ -69,10 +69,10 @@ class HsmsProxy:
             ("direction", "kind"),
         )
         # Bound label sets: the hot path pays one dict update, no tuple building.
-        self.m_fwd_primary_up = _Bound(fwd, ("up", "primary"))
-        self.m_fwd_reply_up = _Bound(fwd, ("up", "reply"))
-        self.m_fwd_primary_down = _Bound(fwd, ("down", "primary"))
-        self.m_fwd_reply_down = _Bound(fwd, ("down", "reply"))
+        self.m_fwd_primary_up = fwd.bind(("up", "primary"))
+        self.m_fwd_reply_up = fwd.bind(("up", "reply"))
+        self.m_fwd_primary_down = fwd.bind(("down", "primary"))
+        self.m_fwd_reply_down = fwd.bind(("down", "reply"))
         self.m_rejected = m.counter(
             "zerodown_hsms_rejected_total",
             "Reject.req sent by the proxy, by side and E37 reason code",
@@ -270,10 +270,7 @@ class HsmsProxy:
         if tool.retry is not None:
             tool.retry.cancel()
             tool.retry = None
-        router = self.router
-        if router.pending is not None:
-            router.sync()
-        snap = router.snapshot
+        snap = self.router.current()
         app = snap.hsms_app()
         insts = [i for i in app.active if i.hsms_port] if app is not None else []
         now = time.monotonic()
@@ -583,17 +580,3 @@ def _link_status(b: BackendLink) -> dict[str, Any]:
         "device_id": b.device_id,
         "in_flight": len(b.pending) + max(b.host_open, 0),
     }
-
-
-class _Bound:
-    """A counter with its labels fixed, so the data path increments without building tuples."""
-
-    __slots__ = ("values", "key")
-
-    def __init__(self, counter: Any, labels: tuple[str, ...]) -> None:
-        self.values = counter.values
-        self.key = labels
-        self.values.setdefault(labels, 0)
-
-    def inc(self) -> None:
-        self.values[self.key] += 1
