@@ -62,6 +62,8 @@ class HttpSection:
     eject_seconds: float = 10.0
     max_idle_per_instance: int = 128
     retry_body_bytes: int = 64 * 1024
+    retry_budget_ratio: float = 0.2  # retries over 10 s: at most 20 % of requests ...
+    retry_budget_min: int = 10  # ... plus this many
 
 
 @dataclass(frozen=True, slots=True)

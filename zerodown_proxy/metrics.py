@@ -34,10 +34,41 @@ class Counter:
     def get(self, labels: tuple[str, ...] = ()) -> float:
         return self.values.get(labels, 0)
 
+    def bind(self, labels: tuple[str, ...] = ()) -> BoundCounter:
+        """This counter with its labels fixed: the data path increments it without building a
+        label tuple or hashing one each time."""
+        return BoundCounter(self, labels)
+
     def render(self) -> list[str]:
         return [
             f"{self.name}{_labels(self.label_names, k)} {_num(v)}" for k, v in self.values.items()
         ]
+
+
+class BoundCounter:
+    """One label set of a Counter (see Counter.bind)."""
+
+    __slots__ = ("_values", "_key")
+
+    def __init__(self, counter: Counter, labels: tuple[str, ...]) -> None:
+        self._values = counter.values
+        self._key = labels
+        self._values.setdefault(labels, 0)
+
+    def inc(self, amount: float = 1) -> None:
+        self._values[self._key] += amount
+
+
+class CounterFn(Counter):
+    """A counter whose value another object already keeps (read when /metrics is scraped)."""
+
+    def __init__(self, name: str, help: str, fn: Callable[[], float]) -> None:
+        super().__init__(name, help)
+        self.fn = fn
+
+    def render(self) -> list[str]:
+        self.values[()] = self.fn()
+        return super().render()
 
 
 class Gauge(Counter):
@@ -125,6 +156,10 @@ class Registry:
         fn: Callable[[], float] | None = None,
     ) -> Gauge:
         return self._add(Gauge(name, help, labels, fn))
+
+    def counter_fn(self, name: str, help: str, fn: Callable[[], float]) -> CounterFn:
+        """A counter read from `fn` at scrape time (monotonic by contract of `fn`)."""
+        return self._add(CounterFn(name, help, fn))
 
     def histogram(self, name: str, help: str, labels: tuple[str, ...] = ()) -> Histogram:
         return self._add(Histogram(name, help, labels))

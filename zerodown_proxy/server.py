@@ -44,13 +44,13 @@ class ProxyServer:
             "zerodown_routing_generation", "Applied routing generation",
             fn=lambda: r.snapshot.generation,
         )  # fmt: skip
-        self.metrics.gauge(
-            "zerodown_routing_switches_total", "Active group changes applied", fn=lambda: r.switches
+        self.metrics.counter_fn(
+            "zerodown_routing_switches_total", "Active group changes applied", lambda: r.switches
         )
-        self.metrics.gauge(
+        self.metrics.counter_fn(
             "zerodown_routing_rejected_total",
             "Snapshots refused (for example an Active group with no healthy instance)",
-            fn=lambda: r.rejected,
+            lambda: r.rejected,
         )
         self.metrics.gauge(
             "zerodown_routing_snapshot_age_seconds",
@@ -143,7 +143,7 @@ def run(
     config_path: str | None = None,
 ) -> int:
     if cfg.proxy.workers > 1:
-        from .workers import run_supervisor
+        from .supervisor import run_supervisor
 
         return run_supervisor(cfg, config_path, ready_file)
     import uvloop

@@ -22,6 +22,7 @@ import orjson
 from ..config import HttpSection
 from ..metrics import Registry
 from ..routing import Instance, Router, Snapshot
+from .balancer import Balancer
 from .downstream import IDEMPOTENT, ClientProtocol, RequestCycle, build_upstream_head
 from .headers import PREVIEW_HEADER, TOKEN_HEADER
 from .upstream import UpstreamProtocol
@@ -50,13 +51,10 @@ class HttpProxy:
         self.loop = asyncio.get_event_loop()
         self.clients: set[ClientProtocol] = set()
         self.idle: dict[tuple[str, int], list[UpstreamProtocol]] = {}
-        self.inflight: dict[str, int] = {}
-        self.failures: dict[tuple[str, int], int] = {}
-        self.ejected: dict[tuple[str, int], float] = {}
+        self.balancer = Balancer(cfg, metrics)
         self.routable: frozenset[tuple[str, int]] = frozenset()
         self.draining = False
         self.port = 0
-        self._rr = 0
         self._rid_prefix = os.urandom(4).hex().encode()
         self._rid = 0
         self._server: asyncio.AbstractServer | None = None
@@ -81,9 +79,6 @@ class HttpProxy:
         )
         self.m_retries = m.counter(
             "zerodown_http_retries_total", "Requests retried on another instance", ("app",)
-        )
-        self.m_ejections = m.counter(
-            "zerodown_http_ejections_total", "Instances ejected after failures", ("instance",)
         )
         self.m_client_errors = m.counter(
             "zerodown_http_client_errors_total", "Requests refused for bad input", ("code",)
@@ -193,10 +188,7 @@ class HttpProxy:
         return cycle
 
     def send_request(self, cycle: RequestCycle) -> None:
-        router = self.router
-        if router.pending is not None:  # a switch waits for the gate: committed since?
-            router.sync()
-        snap: Snapshot = router.snapshot  # read once: this request's routing
+        snap: Snapshot = self.router.current()  # read once: this request's routing
         host = cycle.host.decode("latin-1") if cycle.host else None
         app = snap.route(host, cycle.path.decode("latin-1"))
         if app is None:
@@ -208,9 +200,9 @@ class HttpProxy:
         self._attempt(cycle)
 
     def _attempt(self, cycle: RequestCycle) -> None:
-        inst = self.pick(cycle)
         app = cycle.app
         assert app is not None
+        inst = self.balancer.pick(app.standby if cycle.preview else app.active, cycle.tried)
         if inst is None:
             if cycle.preview:
                 msg = f"app {app.name}: Standby group {app.standby_group} has no healthy instance"
@@ -220,11 +212,11 @@ class HttpProxy:
             return
         prev = cycle.instance
         if prev is not None:
-            self.inflight[prev.id] -= 1
+            self.balancer.finished(prev, 0)
         cycle.instance = inst
         cycle.tried.append(inst)
         cycle.attempts += 1
-        self.inflight[inst.id] = self.inflight.get(inst.id, 0) + 1
+        self.balancer.started(inst, retry=prev is not None)
         key = inst.http_key
         conns = self.idle.get(key)
         while conns:
@@ -234,28 +226,6 @@ class HttpProxy:
                 up.attach(cycle)
                 return
         self._connect(cycle, inst)
-
-    def pick(self, cycle: RequestCycle) -> Instance | None:
-        app = cycle.app
-        assert app is not None
-        instances = app.standby if cycle.preview else app.active
-        n = len(instances)
-        if n == 0:
-            return None
-        if not self.ejected and not cycle.tried and self.cfg.balance == "round_robin":
-            self._rr += 1
-            return instances[self._rr % n]
-        now = time.monotonic()
-        candidates = [
-            i for i in instances if self.ejected.get(i.http_key, 0) <= now and i not in cycle.tried
-        ]
-        if not candidates:
-            candidates = [i for i in instances if i not in cycle.tried] or list(instances)
-        if self.cfg.balance == "least_conn":
-            inflight = self.inflight
-            return min(candidates, key=lambda i: inflight.get(i.id, 0))
-        self._rr += 1
-        return candidates[self._rr % len(candidates)]
 
     def _connect(self, cycle: RequestCycle, inst: Instance) -> None:
         loop = self.loop
@@ -291,11 +261,15 @@ class HttpProxy:
     def _connect_failed(self, cycle: RequestCycle, inst: Instance, err: str) -> None:
         app = cycle.app.name if cycle.app else "-"
         self.m_upstream_errors.inc((app, "connect"))
-        self.note_failure(inst)
+        self.balancer.failed(inst, "connect")
         log.warning("connect to %s (%s:%s) failed: %s", inst.id, inst.address, inst.http_port, err)
         if cycle.aborted:
             return
-        if cycle.attempts < 2 and self._has_alternative(cycle):
+        if (
+            cycle.attempts < 2
+            and self._has_alternative(cycle)
+            and self.balancer.retries.try_retry()
+        ):
             # Nothing reached any backend yet, so any method may go elsewhere.
             self.m_retries.inc((app,))
             self._attempt(cycle)
@@ -317,6 +291,7 @@ class HttpProxy:
         if cycle.aborted:
             return
         if up.reused and cycle.retained is not None and cycle.attempts < 2 and cycle.status == 0:
+            # A pool artifact, not a sign of a slow backend: outside the retry budget.
             self.m_retries.inc((app,))
             self._attempt(cycle)
             return
@@ -332,7 +307,7 @@ class HttpProxy:
         app = cycle.app.name if cycle.app else "-"
         self.m_upstream_errors.inc((app, kind))
         if inst is not None:
-            self.note_failure(inst)
+            self.balancer.failed(inst, kind)
             log.warning("backend %s: %s (%s)", inst.id, message, kind)
         if cycle.aborted:
             return
@@ -347,17 +322,6 @@ class HttpProxy:
             client.current = None
             if client.transport is not None:
                 client.transport.abort()
-
-    def note_failure(self, inst: Instance) -> None:
-        key = inst.http_key
-        n = self.failures.get(key, 0) + 1
-        if n >= self.cfg.eject_after_failures:
-            self.failures.pop(key, None)
-            self.ejected[key] = time.monotonic() + self.cfg.eject_seconds
-            self.m_ejections.inc((inst.id,))
-            log.warning("ejected %s for %gs after %d failures", inst.id, self.cfg.eject_seconds, n)
-        else:
-            self.failures[key] = n
 
     # -- pool ---------------------------------------------------------------------------------
 
@@ -399,9 +363,7 @@ class HttpProxy:
         app = cycle.app.name if cycle.app is not None else "-"
         inst = cycle.instance
         if inst is not None:
-            self.inflight[inst.id] -= 1
-            if self.failures and cycle.status < 500:
-                self.failures.pop(inst.http_key, None)
+            self.balancer.finished(inst, cycle.status)
             cycle.instance = None
         elapsed = time.perf_counter() - cycle.start
         self.m_requests.inc((app, str(cycle.status)))
@@ -432,7 +394,7 @@ class HttpProxy:
     def count_client_abort(self, cycle: RequestCycle) -> None:
         inst = cycle.instance
         if inst is not None:
-            self.inflight[inst.id] -= 1
+            self.balancer.finished(inst, 0)
             cycle.instance = None
         self.m_client_aborts.inc((cycle.app.name if cycle.app else "-",))
 
@@ -478,18 +440,14 @@ class HttpProxy:
                 if up not in keep:
                     up.close()
             self.idle[key] = keep
-        for key, until in list(self.ejected.items()):
-            if until <= now:
-                del self.ejected[key]
+        self.balancer.sweep(now)
 
     def status(self) -> dict[str, Any]:
-        now = time.monotonic()
         return {
             "port": self.port,
             "client_connections": len(self.clients),
             "idle_upstream_connections": {
                 f"{k[0]}:{k[1]}": len(v) for k, v in self.idle.items() if v
             },
-            "ejected": {f"{k[0]}:{k[1]}": round(t - now, 1) for k, t in self.ejected.items()},
-            "inflight": {k: v for k, v in self.inflight.items() if v},
+            **self.balancer.status(),
         }
