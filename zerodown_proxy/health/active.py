@@ -160,6 +160,8 @@ class ActiveHealthChecker:
         self._listeners: list[Listener] = []
         self._heap: list[tuple[float, int, Key]] = []
         self._seq = 0
+        self._inflight: set[_Target] = set()  # probes sent, not answered yet
+        self._next_wake = 0.0  # when the loop will look again on its own
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._connecting: set[asyncio.Task[Any]] = set()
@@ -234,6 +236,8 @@ class ActiveHealthChecker:
 
     def _drop(self, target: _Target) -> None:
         target.seq = -1  # its heap entries are stale now
+        target.started = 0.0  # a probe in flight no longer counts
+        self._inflight.discard(target)
         if target.conn is not None:
             target.conn.close()
         if target.key in self.down:
@@ -245,44 +249,50 @@ class ActiveHealthChecker:
         target.seq = self._seq
         target.due = due
         heapq.heappush(self._heap, (due, self._seq, target.key))
+        if due < self._next_wake:
+            self._wake.set()
 
     # -- the loop ---------------------------------------------------------------------------
 
     async def _run(self) -> None:
         while True:
+            self._wake.clear()  # before the tick: a probe ending meanwhile wakes the next one
             try:
                 delay = self._tick(time.monotonic())
             except Exception:  # a bug here must not stop health checking for good
                 log.exception("health check loop failed")
                 delay = MAX_SLEEP
-            self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), delay)
             except TimeoutError:
                 pass
 
     def _tick(self, now: float) -> float:
-        """Start due probes, fail late ones; returns seconds until the next thing to do."""
+        """Fail late probes, start due ones; returns seconds until the next thing to do."""
+        next_at = now + MAX_SLEEP
+        for target in list(self._inflight):
+            if target.deadline <= now:
+                self._timed_out(target)
+            else:
+                next_at = min(next_at, target.deadline)
         heap = self._heap
         while heap and heap[0][0] <= now:
             _, seq, key = heapq.heappop(heap)
             target = self.targets.get(key)
-            if target is None or target.seq != seq:
-                continue
+            if target is None or target.seq != seq or target.started:
+                continue  # stale, or in flight (its end schedules the next probe)
             self._probe(target, now)
-        next_at = heap[0][0] if heap else now + MAX_SLEEP
-        for target in self.targets.values():
-            if target.started:
-                if target.deadline <= now:
-                    self._timed_out(target)
-                else:
-                    next_at = min(next_at, target.deadline)
-        return min(max(next_at - now, 0.001), MAX_SLEEP)
+            next_at = min(next_at, target.deadline)
+        if heap:
+            next_at = min(next_at, heap[0][0])
+        delay = min(max(next_at - now, 0.001), MAX_SLEEP)
+        self._next_wake = now + delay
+        return delay
 
     def _probe(self, target: _Target, now: float) -> None:
         target.started = now
         target.deadline = now + target.cfg.timeout
-        self._schedule(target, now + target.cfg.interval)
+        self._inflight.add(target)
         conn = target.conn
         if conn is not None and not conn.closed and not conn.busy:
             conn.send()
@@ -331,6 +341,10 @@ class ActiveHealthChecker:
             return
         started = target.started
         target.started = 0.0
+        self._inflight.discard(target)
+        # At most one probe per instance in flight; the next starts one interval after this one
+        # started, or now if this one took longer (a timeout longer than the interval).
+        self._schedule(target, max(started + target.cfg.interval, time.monotonic()))
         target.checked_at = time.time()
         target.detail = detail
         cfg = target.cfg
