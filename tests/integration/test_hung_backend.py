@@ -139,3 +139,40 @@ async def test_a_frozen_instance_never_stalls_traffic(tmp_path: Path, sample_app
                     assert r.status == 200
                     seen.add(r.headers["X-Backend-Instance"])
         assert seen == {"blue-1", "blue-2"}
+
+
+async def test_a_frozen_instance_is_found_without_any_traffic(
+    tmp_path: Path, sample_app, start_proxy
+):
+    """Default timeouts (read_timeout 60 s): no request has to time out for the proxy to learn
+    that an instance hangs. On the old code every other request then stalled for 60 s."""
+    a, b = sample_app("blue-1", "v1"), sample_app("blue-2", "v1")
+    reg = tmp_path / "registry.json"
+    write_registry(
+        reg,
+        registry(1, "blue", [instance("blue-1", "blue", "v1", a.port),
+                             instance("blue-2", "blue", "v1", b.port)]),
+    )  # fmt: skip
+    proxy = start_proxy(reg, "[health_check]\nenabled = true\n")
+    url = f"http://127.0.0.1:{proxy.http}/"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+        frozen_at = time.monotonic()
+        os.kill(b.pid, signal.SIGSTOP)
+        try:
+            deadline = frozen_at + 30
+            while not _avoided(await _instance_state(s, proxy.admin, "blue-2")):
+                assert time.monotonic() < deadline, "frozen instance never marked down"
+                await asyncio.sleep(0.05)
+            detection = time.monotonic() - frozen_at
+            # interval + 2 x timeout with the defaults, plus a busy machine's slack.
+            assert detection < 10, detection
+            for _ in range(20):
+                t0 = time.monotonic()
+                async with s.get(url) as r:
+                    assert r.status == 200 and r.headers["X-Backend-Instance"] == "blue-1"
+                assert time.monotonic() - t0 < 2.0
+            st = await _instance_state(s, proxy.admin, "blue-2")
+            assert st["healthy"] is True and st["check"]["status"] == "down"
+            assert "no answer within 1s" in st["check"]["last"]
+        finally:
+            os.kill(b.pid, signal.SIGCONT)
