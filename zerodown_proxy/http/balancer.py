@@ -46,6 +46,7 @@ class Balancer:
         # 502/504 for them is not a second failure, nor a success.
         self._faulted: dict[Key, int] = {}
         self.outliers = OutlierDetector(outlier or OutlierSection())
+        self._counts = self.outliers.counts  # read on every answer: empty while all is well
         self.health_down: frozenset[Key] = frozenset()
         self.avoid: frozenset[Key] = frozenset()  # ejected or down: the one set pick() reads
         self.checker: ActiveHealthChecker | None = None
@@ -85,6 +86,7 @@ class Balancer:
         removed instances) and the active health checks' verdicts."""
         if outlier is not None:
             self.outliers = OutlierDetector(outlier)
+            self._counts = self.outliers.counts
         router.subscribe(self._on_snapshot)
         self._on_snapshot(router.snapshot, router.snapshot)
         if checker is not None:
@@ -133,18 +135,17 @@ class Balancer:
     def finished(self, inst: Instance, status: int) -> None:
         """The attempt on `inst` ended (answered, failed or abandoned: status 0)."""
         key = inst.http_key
-        left = self.inflight[key] - 1
-        self.inflight[key] = left
+        self.inflight[key] -= 1
         faulted = self._faulted
         if faulted and key in faulted:
-            if left == 0 or faulted[key] <= 1:
+            if faulted[key] <= 1 or self.inflight[key] == 0:
                 del faulted[key]
             else:
                 faulted[key] -= 1
             return
         if status >= 500:
             self._failure(inst, "consecutive_5xx")
-        elif status and key in self.outliers.counts:
+        elif self._counts and key in self._counts and status:
             self.outliers.success(key)
 
     def failed(self, inst: Instance, kind: str) -> None:
