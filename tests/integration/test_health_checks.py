@@ -24,8 +24,9 @@ class RawBackend:
     """A TCP server that logs what it receives and answers each request head with `reply`
     (None: never answers)."""
 
-    def __init__(self, reply: bytes | None) -> None:
+    def __init__(self, reply: bytes | None, close: bool = False) -> None:
         self.reply = reply
+        self.close_after = close  # close the connection after each answer
         self.connections = 0
         self.requests: list[bytes] = []
         self.server: asyncio.AbstractServer | None = None
@@ -45,6 +46,8 @@ class RawBackend:
                 if self.reply is not None:
                     writer.write(self.reply)
                     await writer.drain()
+                if self.close_after:
+                    break
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
             pass
         except asyncio.CancelledError:
@@ -75,17 +78,21 @@ async def test_checker_marks_broken_backends_down_and_reuses_connections():
     garbage = await RawBackend(b"SSH-2.0-OpenSSH\r\n\r\n").start()
     big_body = b"x" * (1024 * 1024)
     big = await RawBackend(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(big_body), big_body)).start()  # fmt: skip
+    closer = await RawBackend(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nok", close=True).start()
+    slam = await RawBackend(b"", close=True).start()  # reads the request, closes, no answer
     ports = {"good": good.port, "bad": bad.port, "hang": hang.port, "garbage": garbage.port,
-             "big": big.port, "refused": _free_port()}  # fmt: skip
+             "big": big.port, "refused": _free_port(), "closer": closer.port,
+             "slam": slam.port}  # fmt: skip
     router = Router()
     router.offer(_state(1, ports))
     metrics = Registry()
     cfg = HealthCheckSection(interval=0.1, timeout=0.3, healthy_threshold=2, unhealthy_threshold=2)
     checker = ActiveHealthChecker(router, cfg, metrics)
     checker.start()
+    newcomer = await RawBackend(None).start()
     try:
         key = {n: ("127.0.0.1", p) for n, p in ports.items()}
-        want_down = {key[n] for n in ("bad", "hang", "garbage", "refused")}
+        want_down = {key[n] for n in ("bad", "hang", "garbage", "refused", "slam")}
         await async_wait_until(lambda: checker.down == want_down, 15, "broken backends down")
         await async_wait_until(lambda: len(good.requests) >= 5, 15, "five probes of good")
         assert checker.down == want_down  # and the good ones stayed up
@@ -102,15 +109,20 @@ async def test_checker_marks_broken_backends_down_and_reuses_connections():
         assert "answered 503" in checker.verdict(key["bad"])["last"]
         assert "malformed" in checker.verdict(key["garbage"])["last"]
         assert "connect failed" in checker.verdict(key["refused"])["last"]
+        assert "connection lost" in checker.verdict(key["slam"])["last"]
+        # A backend that closes after each answer: one connection per probe, still up.
+        assert closer.connections >= len(closer.requests) >= 2
+        assert checker.verdict(key["closer"])["status"] == "up"
+        assert checker.verdict(key["big"])["status"] == "up"
         assert checker.is_down(Instance("x", "a", "blue", "v1", "127.0.0.1", bad.port))
         text = metrics.render()
-        assert "zerodown_health_instances_down 4" in text
+        assert "zerodown_health_instances_down 5" in text
         assert 'zerodown_health_transitions_total{instance="bad",to="down"} 1' in text
 
         # bad recovers: up after healthy_threshold passes; a new instance is probed, a removed
         # one is dropped.
         bad.reply = OK
-        newcomer = await RawBackend(OK).start()
+        newcomer.reply = OK
         ports2 = {**ports, "newcomer": newcomer.port}
         del ports2["refused"]
         router.offer(_state(2, ports2))
@@ -121,7 +133,7 @@ async def test_checker_marks_broken_backends_down_and_reuses_connections():
         assert checker.verdict(key["bad"])["consecutive_passes"] >= 2
     finally:
         await checker.close()
-        for b in (good, bad, hang, garbage, big):
+        for b in (good, bad, hang, garbage, big, closer, slam, newcomer):
             b.close()
 
 

@@ -131,9 +131,13 @@ class _ProbeConn(asyncio.Protocol):
         self.closed = True
         if self.target.conn is self:
             self.target.conn = None
-        if self.busy:
+        if self.busy and self.status >= 200:
+            # The head arrived: a body delimited by the close (HTTP/1.0 style) ends here.
+            ok = self.status < 400
+            self._done(ok, str(self.status) if ok else f"answered {self.status}")
+        elif self.busy:
             why = getattr(exc, "strerror", None) or str(exc or "") or "closed without an answer"
-            self._done(False, f"connection lost: {why}", keep=False)
+            self._done(False, f"connection lost: {why}")
 
     def _done(self, passed: bool, detail: str, keep: bool = False) -> None:
         if not self.busy:
