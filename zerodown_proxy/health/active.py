@@ -28,16 +28,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httptools
-
 from ..config import HealthCheckSection
 from ..metrics import Registry
 from ..routing import Instance, Router, Snapshot
+from .probe import ProbeConnection
 
 log = logging.getLogger("zerodown.health")
 
 Key = tuple[str, int]
-MAX_RESPONSE_BYTES = 64 * 1024  # a health answer larger than this is cut (and counts as passed)
 MAX_SLEEP = 1.0  # the loop re-reads its heap at least this often
 
 
@@ -64,7 +62,8 @@ class _Target:
         self.key: Key = inst.http_key
         self.instance = inst
         self.cfg = cfg
-        host = cfg.host or f"{inst.address}:{inst.http_port}"
+        addr = f"[{inst.address}]" if ":" in inst.address else inst.address  # IPv6 literal
+        host = cfg.host or f"{addr}:{inst.http_port}"
         self.request = (
             f"GET {cfg.path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: zerodown-health-check\r\n"
             "Accept: */*\r\n\r\n"
@@ -74,85 +73,11 @@ class _Target:
         self.passes = self.failures = 0
         self.detail = ""
         self.checked_at = 0.0
-        self.conn: _ProbeConn | None = None
+        self.conn: ProbeConnection | None = None
         self.started = 0.0  # > 0 while a probe is in flight
         self.deadline = 0.0
         self.due = 0.0
         self.seq = 0  # heap entries with an older seq are stale
-
-
-class _ProbeConn(asyncio.Protocol):
-    """A kept-alive connection for one instance's probes: one request at a time."""
-
-    def __init__(self, checker: ActiveHealthChecker, target: _Target) -> None:
-        self.checker = checker
-        self.target = target
-        self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
-        self.busy = False
-        self.closed = False
-        self.received = 0
-        self.status = 0
-        self.connecting: asyncio.Task[Any] | None = None
-
-    def send(self) -> None:
-        self.busy = True
-        self.received = 0
-        self.status = 0
-        self.transport.write(self.target.request)  # type: ignore[union-attr]
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        if not self.busy:
-            self.close()  # bytes nobody asked for: never reuse this connection
-            return
-        self.received += len(data)
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._done(False, f"malformed answer: {exc}")
-            return
-        if self.busy and self.received > MAX_RESPONSE_BYTES:
-            self._done(200 <= self.status < 400, f"{self.status} (answer over 64 KiB, cut)")
-
-    def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
-
-    def on_message_complete(self) -> None:
-        if 100 <= self.status < 200:
-            return  # an interim answer; the real one follows
-        keep = self.parser.should_keep_alive()
-        ok = 200 <= self.status < 400
-        self._done(ok, str(self.status) if ok else f"answered {self.status}", keep)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if self.target.conn is self:
-            self.target.conn = None
-        if self.busy and self.status >= 200:
-            # The head arrived: a body delimited by the close (HTTP/1.0 style) ends here.
-            ok = self.status < 400
-            self._done(ok, str(self.status) if ok else f"answered {self.status}")
-        elif self.busy:
-            why = getattr(exc, "strerror", None) or str(exc or "") or "closed without an answer"
-            self._done(False, f"connection lost: {why}")
-
-    def _done(self, passed: bool, detail: str, keep: bool = False) -> None:
-        if not self.busy:
-            return
-        self.busy = False
-        if not keep:
-            self.close()
-        self.checker._finished(self.target, passed, detail)
-
-    def close(self) -> None:
-        self.closed = True
-        if self.target.conn is self:
-            self.target.conn = None
-        if self.transport is not None:
-            self.transport.abort()
 
 
 class ActiveHealthChecker:
@@ -303,14 +228,14 @@ class ActiveHealthChecker:
             return
         loop = asyncio.get_running_loop()
         inst = target.instance
-        conn = _ProbeConn(self, target)
+        conn = ProbeConnection(target.request, lambda c, ok, why: self._finished(target, ok, why))
         target.conn = conn
         task = loop.create_task(loop.create_connection(lambda: conn, inst.address, inst.http_port))
         self._connecting.add(task)
         conn.connecting = task
         task.add_done_callback(lambda t: self._connected(target, conn, t))
 
-    def _connected(self, target: _Target, conn: _ProbeConn, task: asyncio.Task[Any]) -> None:
+    def _connected(self, target: _Target, conn: ProbeConnection, task: asyncio.Task[Any]) -> None:
         self._connecting.discard(task)
         conn.connecting = None
         if task.cancelled():
@@ -330,14 +255,10 @@ class ActiveHealthChecker:
         conn.send()
 
     def _timed_out(self, target: _Target) -> None:
-        conn = target.conn
-        timeout = target.cfg.timeout
-        if conn is not None:
-            conn.busy = False  # this answer no longer counts; never reuse the connection
-            conn.close()
-            if conn.connecting is not None:
-                conn.connecting.cancel()  # an unanswered SYN must not pile up connect tasks
+        if target.conn is not None:
+            target.conn.abandon()
         target.conn = None
+        timeout = target.cfg.timeout
         self._finished(target, False, f"no answer within {timeout:g}s")
 
     def _finished(self, target: _Target, passed: bool, detail: str) -> None:
