@@ -11,10 +11,10 @@ registry or Consul already says it is healthy, so it is routable), goes "down" a
 unhealthy_threshold failed probes in a row and "up" after healthy_threshold passes in a row (one
 pass from unknown). A probe passes on a complete 2xx/3xx answer within `timeout`.
 
-Cost: a probe is one write and one parse of a small response, about 50-100 us of CPU on the
-event loop; first probes of new instances are spread over the interval, so 100 apps x 20
-instances at the default 1 s interval is ~2000 probes/s (~10-20 % of one core) and 2000
-connections held open. For fleets that size use a longer interval (5 s: ~2-4 %).
+Cost (measured: 2000 instances on 127.0.0.1, 1 s interval, uvloop): ~26 us of event-loop CPU
+per probe, so 100 apps x 20 instances at the default 1 s interval is ~2000 probes/s, ~5 % of one
+core, and 2000 connections held open (one per instance); first probes are spread over the
+interval, so they never come in one burst. Every worker of a multi-worker proxy probes too.
 """
 
 from __future__ import annotations
