@@ -13,32 +13,37 @@ from aiohttp import web
 from .metrics import Registry
 from .routing import AppRoute, Instance, Router
 
+Checks = Callable[[tuple[str, int]], dict[str, Any] | None]
 
-def _instance(i: Instance, ejected: dict[str, float]) -> dict[str, Any]:
+
+def _instance(i: Instance, ejected: dict[str, Any], checks: Checks) -> dict[str, Any]:
+    addr = f"{i.address}:{i.http_port}"
     return {
         "id": i.id,
         "version": i.version,
         "address": i.address,
         "http_port": i.http_port,
         "hsms_port": i.hsms_port,
-        "healthy": i.healthy,
-        "ejected": f"{i.address}:{i.http_port}" in ejected,
+        "healthy": i.healthy,  # what the registry / Consul says
+        "check": checks(i.http_key),  # the proxy's own active health check (None: off)
+        "ejected": addr in ejected,
+        "ejection": ejected.get(addr),  # reason, remaining_s, until, ejections (None: not)
     }
 
 
-def _app(a: AppRoute, ejected: dict[str, float]) -> dict[str, Any]:
+def _app(a: AppRoute, ejected: dict[str, Any], checks: Checks) -> dict[str, Any]:
     return {
         "hosts": list(a.hosts),
         "path_prefix": a.path_prefix,
         "active": {
             "group": a.active_group,
             "version": a.active_version,
-            "instances": [_instance(i, ejected) for i in a.active],
+            "instances": [_instance(i, ejected, checks) for i in a.active],
         },
         "standby": {
             "group": a.standby_group,
             "version": a.standby_version,
-            "instances": [_instance(i, ejected) for i in a.standby],
+            "instances": [_instance(i, ejected, checks) for i in a.standby],
         },
     }
 
@@ -59,6 +64,7 @@ class AdminApi:
         self.name = name
         self.parts = parts  # name -> status() of the http proxy, hsms proxy, discovery provider
         self.reload = reload
+        self.checks: Checks = lambda key: None  # the active health checker's verdict per instance
         self.started = time.time()
         self.app = web.Application()
         self.app.router.add_get("/health", self.health)
@@ -100,7 +106,7 @@ class AdminApi:
             "last_error": self.router.last_error,
             "switch_pending": _pending(self.router),
             "uptime_s": round(time.time() - self.started, 1),
-            "apps": {name: _app(a, ejected) for name, a in snap.apps.items()},
+            "apps": {name: _app(a, ejected, self.checks) for name, a in snap.apps.items()},
         }
         for part, fn in self.parts.items():
             body[part] = fn()

@@ -58,12 +58,49 @@ class HttpSection:
     max_header_bytes: int = 32 * 1024
     max_body_bytes: int = 4 * 1024**3
     balance: str = "round_robin"  # or least_conn
-    eject_after_failures: int = 3
-    eject_seconds: float = 10.0
     max_idle_per_instance: int = 128
     retry_body_bytes: int = 64 * 1024
     retry_budget_ratio: float = 0.2  # retries over 10 s: at most 20 % of requests ...
     retry_budget_min: int = 10  # ... plus this many
+
+
+# -- [health_check] and [outlier_detection] (owner: health/; the balancer consults both) ----------
+
+# Per-app overrides: ((app, ((key, value), ...)), ...), applied over the section by for_app().
+AppOverrides = tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheckSection:
+    """The proxy's own active HTTP checks of every routed instance (Envoy/Traefik style)."""
+
+    enabled: bool = True
+    path: str = "/health"
+    interval: float = 1.0  # between the starts of two probes of one instance
+    timeout: float = 1.0  # a probe without a complete answer by then fails
+    healthy_threshold: int = 2  # consecutive passes to bring a down instance back
+    unhealthy_threshold: int = 2  # consecutive failures to mark an instance down
+    host: str = ""  # Host header of probes; empty: the instance's address:port
+    apps: AppOverrides = ()  # [health_check.apps.<app>] tables
+
+    def for_app(self, app: str) -> HealthCheckSection:
+        for name, changes in self.apps:
+            if name == app:
+                return replace(self, apps=(), **dict(changes))
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierSection:
+    """Passive ejection of instances that fail real requests (Envoy's outlier detection)."""
+
+    enabled: bool = True
+    consecutive_5xx: int = 5  # 5xx answers and resets/protocol errors in a row (0: off)
+    consecutive_connect_failures: int = 3  # 0: off
+    consecutive_timeouts: int = 2  # first-byte or read timeouts in a row (0: off)
+    base_ejection_time: float = 10.0  # x the number of recent ejections of the instance ...
+    max_ejection_time: float = 300.0  # ... capped here
+    max_ejection_percent: int = 50  # of a group; never the whole group
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +153,8 @@ class Config:
     proxy: ProxySection = field(default_factory=ProxySection)
     http: HttpSection = field(default_factory=HttpSection)
     hsms: HsmsSection = field(default_factory=HsmsSection)
+    health_check: HealthCheckSection = field(default_factory=HealthCheckSection)
+    outlier_detection: OutlierSection = field(default_factory=OutlierSection)
     discovery: DiscoverySection = field(default_factory=DiscoverySection)
     consul: ConsulSection = field(default_factory=ConsulSection)
     base_dir: Path = field(default_factory=Path.cwd)
@@ -129,6 +168,8 @@ _SECTIONS = {
     "proxy": ProxySection,
     "http": HttpSection,
     "hsms": HsmsSection,
+    "health_check": HealthCheckSection,
+    "outlier_detection": OutlierSection,
     "discovery": DiscoverySection,
     "consul": ConsulSection,
 }
@@ -136,6 +177,8 @@ _SECTIONS = {
 
 def _coerce(section: str, name: str, default: Any, value: Any) -> Any:
     expected = type(default) if default is not None else None
+    if section == "health_check" and name == "apps":
+        return _app_overrides(section, value)
     if name == "apps":
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -163,6 +206,31 @@ def _coerce(section: str, name: str, default: Any, value: Any) -> Any:
     return value
 
 
+_MOVED = {
+    ("http", "eject_after_failures"): "[outlier_detection] consecutive_connect_failures "
+    "(and consecutive_5xx, consecutive_timeouts)",
+    ("http", "eject_seconds"): "[outlier_detection] base_ejection_time",
+}
+
+
+def _app_overrides(section: str, value: Any) -> AppOverrides:
+    """[health_check.apps.<app>] tables -> per-app overrides, each value coerced like the
+    section's own (so a typo fails at load time, naming the app)."""
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise ConfigError(f"[{section}.apps] must hold one table per app: [{section}.apps.<app>]")
+    base = {f.name: f.default for f in fields(HealthCheckSection) if f.name != "apps"}
+    out = []
+    for app, changes in value.items():
+        where = f"{section}.apps.{app}"
+        coerced = []
+        for k, v in changes.items():
+            if k not in base:
+                raise ConfigError(f"unknown setting [{where}] {k}")
+            coerced.append((k, _coerce(where, k, base[k], v)))
+        out.append((str(app), tuple(coerced)))
+    return tuple(out)
+
+
 def _apply(cfg: Config, section: str, values: dict[str, Any]) -> Config:
     cls = _SECTIONS[section]
     current = getattr(cfg, section)
@@ -170,6 +238,8 @@ def _apply(cfg: Config, section: str, values: dict[str, Any]) -> Config:
     changes = {}
     for k, v in values.items():
         if k not in known:
+            if (section, k) in _MOVED:
+                raise ConfigError(f"[{section}] {k} is now {_MOVED[section, k]}")
             raise ConfigError(f"unknown setting [{section}] {k}")
         changes[k] = _coerce(section, k, known[k], v)
     return replace(cfg, **{section: replace(current, **changes)})
@@ -229,7 +299,39 @@ def load_config(
     if cfg.discovery.provider == "consul":
         _check_consul(cfg.consul)
     _check_hsms(cfg.hsms)
+    _check_health(cfg.health_check)
+    for app, _ in cfg.health_check.apps:
+        _check_health(cfg.health_check.for_app(app), f"health_check.apps.{app}")
+    _check_outlier(cfg.outlier_detection)
     return cfg
+
+
+def _check_health(h: HealthCheckSection, where: str = "health_check") -> None:
+    for key in ("interval", "timeout"):
+        if getattr(h, key) <= 0:
+            raise ConfigError(f"[{where}] {key} must be a positive number of seconds")
+    for key in ("healthy_threshold", "unhealthy_threshold"):
+        if getattr(h, key) < 1:
+            raise ConfigError(f"[{where}] {key} must be at least 1")
+    # Both go into the probe's request head verbatim: no CR, LF or spaces may smuggle a header.
+    if not h.path.startswith("/") or not h.path.isprintable() or " " in h.path:
+        raise ConfigError(f"[{where}] path must be an absolute path like /health, got {h.path!r}")
+    if not h.host.isprintable() or " " in h.host:
+        raise ConfigError(f"[{where}] host must be a plain host[:port], got {h.host!r}")
+
+
+def _check_outlier(o: OutlierSection) -> None:
+    for key in ("consecutive_5xx", "consecutive_connect_failures", "consecutive_timeouts"):
+        if getattr(o, key) < 0:
+            raise ConfigError(f"[outlier_detection] {key} must be 0 (off) or more")
+    if o.base_ejection_time <= 0:
+        raise ConfigError("[outlier_detection] base_ejection_time must be a positive number")
+    if o.max_ejection_time < o.base_ejection_time:
+        raise ConfigError(
+            "[outlier_detection] max_ejection_time must be at least base_ejection_time"
+        )
+    if not 0 <= o.max_ejection_percent <= 100:
+        raise ConfigError("[outlier_detection] max_ejection_percent must be 0..100")
 
 
 def _check_hsms(h: HsmsSection) -> None:

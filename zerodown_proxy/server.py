@@ -17,6 +17,7 @@ import orjson
 from .admin import AdminApi
 from .config import Config, parse_addr
 from .discovery.file import FileProvider
+from .health.active import ActiveHealthChecker
 from .http.proxy import HttpProxy
 from .metrics import Registry
 from .routing import Router
@@ -36,6 +37,7 @@ class ProxyServer:
         self.name = cfg.proxy.name or f"{socket.gethostname()}-{os.getpid()}"
         self.http: HttpProxy | None = None
         self.hsms: Any = None
+        self.checker: ActiveHealthChecker | None = None
         self.admin: AdminApi | None = None
         self.provider: Any = None
         self.stopped = asyncio.Event()
@@ -83,10 +85,17 @@ class ProxyServer:
         self.http = HttpProxy(
             self.router, cfg.http, self.metrics, cfg.proxy.admin_token, cfg.proxy.access_log
         )
+        # The proxy's own view of instance health (health/): active checks and outlier
+        # ejection, consulted by the balancer; the HSMS proxy may read checker.is_down.
+        self.checker = ActiveHealthChecker(self.router, cfg.health_check, self.metrics)
+        self.http.balancer.attach(self.router, cfg.outlier_detection, self.checker)
+        self.checker.start()
+        self.admin.checks = self.checker.verdict
         await self.http.start(http_host, http_port, reuse_port=self.reuse_port)
         ports = {"http": self.http.port, "admin": self.admin.port, "pid": os.getpid()}
         self.admin.parts["http"] = self.http.status
         self.admin.parts["discovery"] = self.provider.status
+        self.admin.parts["health_check"] = self.checker.status
 
         if cfg.hsms.enabled:
             from .hsms.proxy import HsmsProxy
@@ -110,6 +119,8 @@ class ProxyServer:
         if self.hsms is not None:
             waits.append(self.hsms.close(grace))
         await asyncio.gather(*waits)
+        if self.checker is not None:
+            await self.checker.close()
         if self.provider is not None:
             await self.provider.stop()
         if self.admin is not None:

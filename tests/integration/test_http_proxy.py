@@ -192,7 +192,9 @@ async def test_connect_failure_is_retried_elsewhere_and_instance_ejected(
             [instance("blue-dead", "blue", "v1", dead), instance("blue-live", "blue", "v1", live)],
         ),
     )
-    proxy = start_proxy(reg, "[http]\neject_after_failures = 2\neject_seconds = 30")
+    proxy = start_proxy(
+        reg, "[outlier_detection]\nconsecutive_connect_failures = 2\nbase_ejection_time = 30"
+    )
     async with aiohttp.ClientSession() as s:
         for method in ("GET", "POST", "GET", "POST", "GET", "GET"):
             url = f"http://127.0.0.1:{proxy.http}/" + ("echo" if method == "POST" else "")
@@ -200,7 +202,10 @@ async def test_connect_failure_is_retried_elsewhere_and_instance_ejected(
                 assert r.status == 200, await r.text()
         async with s.get(f"http://127.0.0.1:{proxy.admin}/metrics") as r:
             metrics = await r.text()
-    assert 'zerodown_http_ejections_total{instance="blue-dead"} 1' in metrics
+    assert (
+        'zerodown_http_ejections_total{instance="blue-dead",reason="consecutive_connect_failures"} 1'
+        in metrics
+    )
     assert "zerodown_http_retries_total" in metrics
     status = proxy.status()
     assert f"127.0.0.1:{dead}" in status["http"]["ejected"]
