@@ -430,6 +430,7 @@ async def test_switch_racing_a_health_change_is_never_applied_on_stale_health(
     from zerodown_proxy.discovery.consul import ConsulProvider
     from zerodown_proxy.metrics import Registry
     from zerodown_proxy.routing import Router
+    from zerodown_proxy.watcher import Watcher
 
     from ..helpers import async_wait_until
 
@@ -442,8 +443,9 @@ async def test_switch_racing_a_health_change_is_never_applied_on_stale_health(
     applied: list[str] = []
     router.subscribe(lambda old, new: applied.append(new.apps["drimeap"].active_group))
     cfg = ConsulSection(addr=consul.url, register_self=False, wait=5.0)
-    provider = ConsulProvider(cfg, router, Registry(), "127.0.0.1:1", "test")
-    provider.start()
+    watcher = Watcher(router)
+    provider = ConsulProvider(cfg, watcher, Registry(), "127.0.0.1:1", "test")
+    watcher.start(provider)
     try:
         await async_wait_until(lambda: router.snapshot.generation >= gen, 10, "first snapshot")
         for _ in range(5):
@@ -463,7 +465,7 @@ async def test_switch_racing_a_health_change_is_never_applied_on_stale_health(
             )
         assert "green" not in applied and router.snapshot.apps["drimeap"].active_group == "blue"
     finally:
-        await provider.stop()
+        await watcher.stop()
 
 
 def test_agent_restarted_empty_indexes_go_backwards(
@@ -506,6 +508,7 @@ async def test_datacenter_and_token_are_sent(consul: FakeConsul) -> None:
     from zerodown_proxy.discovery.consul import ConsulProvider
     from zerodown_proxy.metrics import Registry
     from zerodown_proxy.routing import Router
+    from zerodown_proxy.watcher import Watcher
 
     from ..helpers import async_wait_until
 
@@ -515,8 +518,9 @@ async def test_datacenter_and_token_are_sent(consul: FakeConsul) -> None:
     for dc, works in (("dc1", True), ("dc9", False)):
         router = Router()
         cfg = ConsulSection(addr=consul.url, token="secret", datacenter=dc, register_self=False)
-        provider = ConsulProvider(cfg, router, Registry(), "127.0.0.1:1", "test")
-        provider.start()
+        watcher = Watcher(router)
+        provider = ConsulProvider(cfg, watcher, Registry(), "127.0.0.1:1", "test")
+        watcher.start(provider)
         try:
             if works:
                 await async_wait_until(lambda r=router: r.snapshot.generation == gen, 10, "routing")
@@ -531,4 +535,4 @@ async def test_datacenter_and_token_are_sent(consul: FakeConsul) -> None:
                 assert "No path to datacenter" in provider.status()["last_error"]
                 assert router.snapshot.generation == 0
         finally:
-            await provider.stop()
+            await watcher.stop()
