@@ -282,6 +282,9 @@ def check_consul(c: ConsulSection) -> None:
         )
     if not c.apps:
         raise ConfigError("[consul] apps must name at least one app")
+    for app in c.apps:
+        if not _CONSUL_NAME.fullmatch(app):
+            raise ConfigError(f"[consul] apps: {app!r} is not an app name")
     for name in ("wait", "watchdog", "backoff_min", "check_ttl", "connect_timeout"):
         if getattr(c, name) <= 0:
             raise ConfigError(f"[consul] {name} must be greater than 0")

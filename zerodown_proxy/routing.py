@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from .contract.model import AppState, Instance, RegistryState
@@ -141,10 +141,9 @@ def keep_active(app: AppState, served: AppRoute) -> AppRoute:
     """Keep the Active group (and generation) being served, with the instances' current health:
     a refused view, or a switch waiting for the gate, does not also freeze stale health. When
     that group has no healthy instance now either, what is served stays exactly as it is."""
-    group = served.active_group
-    if not any(i.healthy for i in app.instances if i.group == group):
+    if active_problem(replace(app, active_group=served.active_group)) is not None:
         return served
-    return _route(app, group, served.generation)
+    return _route(app, served.active_group, served.generation)
 
 
 @dataclass(frozen=True, slots=True)

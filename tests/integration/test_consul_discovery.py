@@ -57,7 +57,9 @@ def register_backends(
             consul.register(f"drimeap-{group}-{n}", "drimeap", "127.0.0.1", a.port, tags=tags)
 
 
-def config(consul: FakeConsul, workers: int = 1, **consul_keys: Any) -> str:
+def config(
+    consul: FakeConsul, workers: int = 1, stale_after: float | None = None, **consul_keys: Any
+) -> str:
     keys = {"addr": consul.url, "wait": 1.0, "watchdog": 0.5, "backoff_min": 0.05,
             "backoff_max": 0.3, "check_ttl": 1.0, **consul_keys}  # fmt: skip
     lines = [
@@ -71,6 +73,7 @@ def config(consul: FakeConsul, workers: int = 1, **consul_keys: Any) -> str:
         "enabled = false",
         "[discovery]",
         'provider = "consul"',
+        *([f"stale_after = {stale_after}"] if stale_after is not None else []),
         "[consul]",
     ]
     for k, v in keys.items():
@@ -178,6 +181,34 @@ def test_consul_down_keeps_routing_and_recovers(
     assert version_of(p) == "v2"
     wait_until(lambda: discovery(p)["healthy"], 10, "healthy again")
     assert metric(p, "zerodown_consul_healthy") == 1
+
+
+def health(proxy: ProxyProc) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{proxy.admin}/health", timeout=5) as r:
+            return r.status, orjson.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, orjson.loads(exc.read())
+
+
+def test_health_says_discovery_is_stale_while_consul_is_down(
+    consul: FakeConsul, backends: dict[str, list[SampleApp]], proxies: Callable[..., ProxyProc]
+) -> None:
+    register_backends(consul, backends)
+    gen = consul.kv_set(KEY, "blue")
+    # wait 1 s, watchdog 0.5 s: a healthy watch confirms at least every ~1.6 s
+    p = proxies(config(consul, stale_after=2.0))
+    p.wait_generation(gen)
+    wait_until(lambda: health(p)[0] == 200, 10, "healthy")
+    consul.set_down(True)
+    code, body = wait_until(lambda: (h := health(p))[0] == 503 and h, 15, "stale")
+    assert body["status"] == "stale" and body["generation"] == gen
+    assert "discovery (consul) has not confirmed its view" in body["reason"]
+    assert "unreachable" in body["reason"]
+    assert version_of(p) == "v1"  # routing continues on the last good snapshot
+    consul.set_down(False)
+    code, body = wait_until(lambda: (h := health(p))[0] == 200 and h, 15, "fresh again")
+    assert body["status"] == "ok"
 
 
 def test_acl_denied_and_garbage_keep_routing(

@@ -62,3 +62,10 @@ def test_valid_meta_is_accepted() -> None:
     e = entry("ok", 8000, GOOD_TAGS, {"hsms_device_id": "32767", "zerodown-instance": "i-1"})
     joined = join_instances("x", parse_health([e]), ())
     assert joined.invalid == {} and len(joined.instances) == 1
+
+
+def test_a_service_id_with_spaces_is_left_out_not_the_whole_state() -> None:
+    joined = join_instances("x", parse_health([entry("good", 8000, GOOD_TAGS),
+                                               entry("my service", 8001, GOOD_TAGS)]), ())  # fmt: skip
+    assert [i.id for i in joined.instances] == ["good"]
+    assert "ID 'my service' must be" in joined.invalid["my service"]

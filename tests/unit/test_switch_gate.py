@@ -235,3 +235,30 @@ def test_without_a_gate_nothing_waits():
     assert r.router.pending is None and active(r) == "green"
     r.sync()  # harmless
     assert isinstance(r.router.snapshot, Snapshot)
+
+
+def test_the_data_path_read_applies_a_committed_switch_through_the_watcher(gate: GateFile):
+    """`Router.current()` is the one data-path call: after the supervisor's commit, the first
+    read routes with the new group, and the listeners have been told before it returns."""
+    w0, w1, c0, _ = start_both(gate)
+    w0.submit(state(2, "green"))
+    w1.submit(state(2, "green"))
+    assert w0.router.current().apps["a"].active_group == "blue"  # prepared, not committed
+    assert gate.commit_if_ready([0, 1]) is not None
+    snap = w0.router.current()  # no sync(), no poll: the read itself
+    assert snap.apps["a"].active_group == "green" and w0.router.pending is None
+    assert c0 == [(0, 1), (1, 2)]
+
+
+def test_a_refused_view_keeps_the_switch_being_prepared(gate: GateFile):
+    """The base for "keep the Active group" is the last decision (the prepared switch), so a
+    refused view does not withdraw a switch the registry already asked for."""
+    w0, w1, _, _ = start_both(gate)
+    w0.submit(state(2, "green"))
+    b1, b22, g1 = INSTANCES
+    verdict = w0.submit(state(3, "purple", b1, b22, g1, inst("p1", "purple", "v3", False)))
+    assert "purple has 0/1 passing" in verdict.problems["a"]
+    assert w0.router.pending is not None and w0.router.pending.apps["a"].active_group == "green"
+    w1.submit(state(2, "green"))
+    assert gate.commit_if_ready([0, 1]) is not None
+    assert active(w0) == "blue" and w0.router.current().apps["a"].active_group == "green"

@@ -151,8 +151,9 @@ class ServiceEntry:
     def problem(self) -> str | None:
         """Why this entry cannot be used (bad tags or Meta), or None. The same rules as the
         file registry's fields (contract.model)."""
-        where = f"service {self.service_id}"
+        where = f"service {self.service_id!r}"
         try:
+            check_token(self.service_id, "a service", "ID")
             check_port(self.port, where, "Port")
             check_token(self.address, where, "address")
             group = self.group
