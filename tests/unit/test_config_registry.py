@@ -74,6 +74,7 @@ def test_parse_addr():
 
 
 def test_parse_registry_good():
+    assert parse_registry(orjson.dumps(mutated(lambda d: d["apps"][APP].update(previous="green"))))
     st = parse_registry(orjson.dumps(GOOD))
     assert st.generation == 4
     (app,) = st.apps
@@ -161,6 +162,7 @@ BAD_FIELDS = [
     (lambda d: d["apps"][APP]["instances"][0].update(helathy=False), "unknown key 'helathy'"),
     (lambda d: d["apps"][APP].update(activ="blue"), "unknown key 'activ'"),
     (lambda d: d["apps"][APP].update(active="blue/../x"), "not a valid name"),
+    (lambda d: d["apps"][APP].update(previous=7), "'previous' 7 is not a valid name"),
     (lambda d: d.update(generation=-1), "generation must be a non-negative"),
     (lambda d: d.update(generation=True), "wrong type"),
     (lambda d: d["apps"].update({"a b": d["apps"][APP]}), "app 'a b' is not a valid name"),

@@ -2,7 +2,7 @@
 rename) and watched by the proxy's file provider. This module is the one owner of its format::
 
     {"generation": 7,
-     "apps": {"drimeap": {"active": "blue", "hosts": [], "path_prefix": "/",
+     "apps": {"drimeap": {"active": "blue", "previous": "green", "hosts": [], "path_prefix": "/",
                           "hsms_device_id": 0,
                           "instances": [{"id": "drimeap-blue-1", "group": "blue",
                                          "version": "v1", "address": "127.0.0.1",
@@ -36,7 +36,9 @@ from .model import (
     check_token,
 )
 
-APP_KEYS = frozenset({"active", "hosts", "path_prefix", "hsms_device_id", "instances"})
+# A new field is declared here first (the file's one owner); anything else is an error.
+# "previous": the group the last switch left, for `zerodown rollback` (local stack).
+APP_KEYS = frozenset({"active", "previous", "hosts", "path_prefix", "hsms_device_id", "instances"})
 INSTANCE_KEYS = frozenset(
     {"id", "group", "version", "address", "http_port", "hsms_port", "healthy"}
 )
@@ -95,6 +97,9 @@ def _app(name: str, a: Any) -> AppState:
         raise RegistryError(f"{where}: 'active' must be a group name or null, got {active!r}")
     if active is not None:
         check_name(active, where, "'active'")
+    previous = a.get("previous")
+    if previous is not None:
+        check_name(previous, where, "'previous'")
     hosts = a.get("hosts", [])
     if not isinstance(hosts, list):
         raise RegistryError(f"{where}: 'hosts' must be a list of host names, got {hosts!r}")
