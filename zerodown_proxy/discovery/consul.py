@@ -209,7 +209,6 @@ class ConsulProvider:
                 continue
             result = build_app(view)
             self._results[app] = result
-            self._report_invalid(app, result)
             new = result.state.active_group
             old = self._accepted.get(app)
             if (self.cfg.recheck_on_switch and app != confirmed and new is not None
@@ -230,6 +229,8 @@ class ConsulProvider:
         self.offers += 1
         verdict = self.sink.submit(state)
         self._record(views, verdict.problems)
+        for app, result in self._results.items():
+            self._report_invalid(app, result)
         kind = "switch" if confirmed is not None else "update"
         self._apply_time.observe(time.perf_counter() - t0, (kind,))
         return bool(verdict.applied)
