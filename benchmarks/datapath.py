@@ -65,6 +65,7 @@ def measure(requests: int = 50000, rounds: int = 7) -> dict[str, float]:
     from zerodown_proxy.http.upstream import UpstreamProtocol
     from zerodown_proxy.metrics import Registry
     from zerodown_proxy.routing import Router
+    from zerodown_proxy.watcher import Watcher
 
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
@@ -78,7 +79,7 @@ def measure(requests: int = 50000, rounds: int = 7) -> dict[str, float]:
             )
         ]  # fmt: skip
         doc = {"generation": 1, "apps": {"drimeap": {"active": "blue", "instances": instances}}}
-        router.offer(parse_registry(orjson.dumps({**doc, "proxies": []})))
+        Watcher(router).submit(parse_registry(orjson.dumps({**doc, "proxies": []})))
         proxy = HttpProxy(router, HttpSection(), Registry())
         for inst in router.snapshot.apps["drimeap"].active:
             up = UpstreamProtocol(proxy, inst.http_key, inst.id)

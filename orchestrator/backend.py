@@ -1,76 +1,41 @@
 """What every release backend (local stack, Consul + Nomad) offers the CLI.
 
 The CLI never knows which backend it talks to: it calls these methods, prints the result, and
-turns `Refused` into one line on stderr and exit code 1.
+turns `Refused` into one line on stderr and exit code 1. The status records (`zerodown status
+--json`) are part of the contract both sides share: zerodown_proxy/contract/status.py.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Protocol
+
+from zerodown_proxy.contract.status import (
+    STATUS_SCHEMA,
+    AppStatus,
+    GroupStatus,
+    InstanceStatus,
+    ProxyStatus,
+)
+
+__all__ = [
+    "STATUS_SCHEMA",
+    "AppStatus",
+    "Backend",
+    "GroupStatus",
+    "InstanceStatus",
+    "Progress",
+    "ProxyStatus",
+    "Refused",
+    "SwitchOutcome",
+]
 
 Progress = Callable[[str], None]
-
-STATUS_SCHEMA = "zerodown.status/v1"
 
 
 class Refused(Exception):
     """A command that will not (or could not) do what was asked; str() is the one-line reason."""
-
-
-@dataclass(slots=True)
-class InstanceStatus:
-    id: str
-    group: str
-    version: str
-    address: str
-    http_port: int
-    hsms_port: int | None
-    registered: str  # health as the registry/Consul says: passing | warning | critical | unknown
-    probe: str  # direct probe of GET /health: "ok" or "error: <reason>"
-
-
-@dataclass(slots=True)
-class ProxyStatus:
-    name: str
-    admin: str
-    generation: int | None
-    in_sync: bool
-    error: str | None = None
-
-
-@dataclass(slots=True)
-class GroupStatus:
-    group: str | None
-    version: str | None
-    instances: list[InstanceStatus] = field(default_factory=list)
-
-    @property
-    def healthy(self) -> int:
-        return sum(1 for i in self.instances if i.registered == "passing" and i.probe == "ok")
-
-
-@dataclass(slots=True)
-class AppStatus:
-    backend: str
-    app: str
-    generation: int
-    active: GroupStatus
-    standby: GroupStatus
-    proxies: list[ProxyStatus]
-
-    @property
-    def in_sync(self) -> bool:
-        return all(p.in_sync for p in self.proxies)
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["schema"] = STATUS_SCHEMA
-        d["in_sync"] = self.in_sync
-        for g in ("active", "standby"):
-            d[g]["healthy"] = getattr(self, g).healthy
-        return d
 
 
 @dataclass(slots=True)

@@ -160,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--admin-token", default=None,
                         help="proxy admin token for the Standby preview smoke test "
                              "(default $ZERODOWN_ADMIN_TOKEN; Nomad backend)")  # fmt: skip
+        sp.add_argument("--config", default=None,
+                        help="the proxies' config file: the Nomad backend uses its [consul] "
+                             "section (addr, token, datacenter, key_prefix; default "
+                             "$ZERODOWN_CONFIG)")  # fmt: skip
 
     sp = sub.add_parser("proxy", help="run the edge proxy")
     from zerodown_proxy.cli import add_arguments as proxy_args

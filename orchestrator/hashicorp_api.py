@@ -12,14 +12,18 @@ from __future__ import annotations
 import base64
 import os
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import aiohttp
 import orjson
 
 from .backend import Refused
+
+if TYPE_CHECKING:
+    from zerodown_proxy.config import ConsulSection
 
 
 class ApiError(Refused):
@@ -140,12 +144,19 @@ class ConsulApi(_Agent):
 
     def __init__(self, *args: Any, datacenter: str = "", **kw: Any) -> None:
         super().__init__(*args, **kw)
-        self.dc = {"dc": datacenter} if datacenter else {}
+        self.datacenter = datacenter
+
+    async def call(
+        self, method: str, path: str, params: dict[str, str] | None = None, **kw: Any
+    ) -> Reply:
+        # Every call names the datacenter the proxies follow ([consul] datacenter), except the
+        # agent's own endpoints, which take none.
+        if self.datacenter and not path.startswith("/v1/agent/"):
+            params = {**(params or {}), "dc": self.datacenter}
+        return await super().call(method, path, params, **kw)
 
     async def health(self, service: str, tag: str | None = None) -> list[dict[str, Any]]:
-        params = dict(self.dc)
-        if tag:
-            params["tag"] = tag
+        params = {"tag": tag} if tag else None
         out = await self.json("GET", f"/v1/health/service/{quote(service)}", params=params)
         if not isinstance(out, list):
             raise ApiError(f"Consul at {self.addr}: /v1/health/service/{service} is not a list")
@@ -153,9 +164,7 @@ class ConsulApi(_Agent):
 
     async def kv_get(self, key: str) -> tuple[bytes, int] | None:
         """(value, ModifyIndex) or None when the key does not exist."""
-        reply = await self.call(
-            "GET", f"/v1/kv/{quote(key)}", params=self.dc or None, ok=(200, 404)
-        )
+        reply = await self.call("GET", f"/v1/kv/{quote(key)}", ok=(200, 404))
         if reply.status == 404:
             return None
         try:
@@ -170,9 +179,7 @@ class ConsulApi(_Agent):
     async def kv_put(self, key: str, value: str | bytes, cas: int | None = None) -> bool:
         """Write a key; with `cas`, only if its ModifyIndex is still `cas` (0: only if absent).
         Returns Consul's answer (False: the CAS did not match)."""
-        params = dict(self.dc)
-        if cas is not None:
-            params["cas"] = str(cas)
+        params = {"cas": str(cas)} if cas is not None else None
         data = value.encode() if isinstance(value, str) else value
         reply = await self.call("PUT", f"/v1/kv/{quote(key)}", params=params, body=data)
         answer = reply.text()
@@ -182,7 +189,7 @@ class ConsulApi(_Agent):
 
     async def kv_list(self, prefix: str) -> list[dict[str, Any]]:
         reply = await self.call(
-            "GET", f"/v1/kv/{quote(prefix)}", params={**self.dc, "recurse": "true"}, ok=(200, 404)
+            "GET", f"/v1/kv/{quote(prefix)}", params={"recurse": "true"}, ok=(200, 404)
         )
         return [] if reply.status == 404 else reply.json()
 
@@ -227,6 +234,23 @@ class NomadApi(_Agent):
 
     async def allocations(self, job_id: str) -> list[dict[str, Any]]:
         return await self.json("GET", f"/v1/job/{quote(job_id)}/allocations")
+
+
+def consul_section(
+    config: str | None = None, env: Mapping[str, str] | None = None
+) -> ConsulSection:
+    """The Consul settings the proxies use: the [consul] section of a proxy config file (when
+    given) with the same environment overrides the proxy applies (CONSUL_HTTP_ADDR,
+    CONSUL_HTTP_TOKEN, CONSUL_CACERT, ZERODOWN_CONSUL_DATACENTER, ZERODOWN_CONSUL_KEY_PREFIX).
+    One loader for both sides, so a release writes the key the proxies watch."""
+    from zerodown_proxy.config import ConfigError, check_consul, load_config
+
+    try:
+        section = load_config(config, env=dict(os.environ if env is None else env)).consul
+        check_consul(section)
+    except ConfigError as exc:
+        raise Refused(f"{exc}" + (f" (in {config})" if config else "")) from None
+    return section
 
 
 def env_settings(env: os._Environ[str] | dict[str, str] | None = None) -> dict[str, str]:

@@ -8,10 +8,10 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+from zerodown_proxy.contract.consul import VERSION_TAG  # the tag's one owner
+
 from .backend import Refused
 
-VERSION_TAG = "zerodown-version="
-GROUP_TAG = "zerodown-group="
 # Plan counts that mean an allocation of the group would be replaced, added, moved or removed.
 # InPlaceUpdate is deliberately absent: Nomad reports it for untouched groups on any job change
 # (a job-version bump of the allocations, no restart).

@@ -1,8 +1,8 @@
 """The local stack's registry file: read, and change under a lock with an atomic rename.
 
-The proxy's file provider watches this file (format: zerodown_proxy/discovery/file.py). Every
-change bumps `generation`; `update` holds an exclusive flock for the read-modify-write so two CLI
-commands cannot interleave (the local equivalent of Consul's CAS).
+The proxy's file provider watches this file (format: zerodown_proxy/contract/registry_file.py).
+Every change bumps `generation`; `update` holds an exclusive flock for the read-modify-write so
+two CLI commands cannot interleave (the local equivalent of Consul's CAS).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from zerodown_proxy.discovery.file import RegistryError, parse_registry
+from zerodown_proxy.contract.registry_file import RegistryError, parse_registry
 
 Registry = dict[str, Any]
 

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from .metrics import Registry
 from .routing import AppRoute, Instance, Router
+from .watcher import Watcher
 
 Checks = Callable[[tuple[str, int]], dict[str, Any] | None]
 
@@ -57,8 +58,10 @@ class AdminApi:
         name: str,
         parts: dict[str, Callable[[], dict[str, Any]]],
         reload: Callable[[], bool] | None = None,
+        watcher: Watcher | None = None,
     ) -> None:
         self.router = router
+        self.watcher = watcher if watcher is not None else Watcher(router)
         self.metrics = metrics
         self.token = token
         self.name = name
@@ -86,13 +89,27 @@ class AdminApi:
             await self._runner.cleanup()
 
     async def health(self, request: web.Request) -> web.Response:
+        """200 "ok" while routing and discovery is current; 503 "no-routing" (nothing to route
+        with) or "stale" (discovery has not confirmed its view for [discovery] stale_after: the
+        routing may be behind the registry, e.g. a switch this proxy has not seen)."""
         snap = self.router.snapshot
-        ok = snap.generation > 0 and all(a.active for a in snap.apps.values())
-        body = {"status": "ok" if ok else "no-routing", "generation": snap.generation}
+        w = self.watcher
+        body: dict[str, Any] = {"generation": snap.generation, "discovery_age_s": w.age()}
+        if snap.generation == 0 or not all(a.active for a in snap.apps.values()):
+            body["status"] = "no-routing"
+            body["reason"] = w.last_error or "no routing snapshot applied yet"
+        elif (stale := w.stale()) is not None:
+            body["status"], body["reason"] = "stale", stale
+        else:
+            body["status"] = "ok"
+        if w.last_error:
+            body["last_error"] = w.last_error
+        ok = body["status"] == "ok"
         return web.json_response(body, status=200 if ok else 503, dumps=_dumps)
 
     async def status(self, request: web.Request) -> web.Response:
         snap = self.router.current()
+        w = self.watcher
         http = self.parts.get("http", dict)()
         ejected = http.get("ejected", {})
         body: dict[str, Any] = {
@@ -100,11 +117,11 @@ class AdminApi:
             "generation": snap.generation,
             "snapshot_source": snap.source,
             "snapshot_age_s": round(time.time() - snap.created_at, 3) if snap.generation else None,
-            "applied_at": self.router.applied_at or None,
-            "switches": self.router.switches,
-            "rejected_snapshots": self.router.rejected,
-            "last_error": self.router.last_error,
-            "switch_pending": _pending(self.router),
+            "applied_at": w.applied_at or None,
+            "switches": w.switches,
+            "rejected_snapshots": w.rejected,
+            "last_error": w.last_error,
+            "switch_pending": w.pending_status(),
             "uptime_s": round(time.time() - self.started, 1),
             "apps": {name: _app(a, ejected, self.checks) for name, a in snap.apps.items()},
         }
@@ -123,19 +140,10 @@ class AdminApi:
             )
         if self.reload is None:
             return web.json_response({"error": "this discovery provider cannot reload"}, 409)
-        applied = self.reload()
+        applied = self.reload()  # never raises: the watcher reports a provider's failure
         return web.json_response(
             {"applied": applied, "generation": self.router.snapshot.generation}, dumps=_dumps
         )
-
-
-def _pending(router: Router) -> dict[str, Any] | None:
-    """A switch this worker has prepared and is waiting to apply (multi-worker mode)."""
-    snap = router.pending
-    if snap is None:
-        return None
-    waited = time.monotonic() - router.pending_since
-    return {"generation": snap.generation, "waiting_s": round(waited, 3)}
 
 
 def _dumps(obj: Any) -> str:

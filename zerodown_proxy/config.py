@@ -7,6 +7,7 @@ runs the local stack's layout.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -124,6 +125,10 @@ class DiscoverySection:
     provider: str = "file"  # file | consul
     file: str = ".zerodown/registry.json"
     poll_interval: float = 0.02
+    # /health answers 503 "stale" when the provider has not confirmed its view (file read and
+    # valid, every Consul watch answering) for this long; 0: never. With Consul it must exceed
+    # a blocking query's longest quiet time (wait * 17/16 + watchdog).
+    stale_after: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +260,10 @@ ENV_MAP = {
     "CONSUL_HTTP_ADDR": ("consul", "addr"),
     "CONSUL_HTTP_TOKEN": ("consul", "token"),
     "CONSUL_CACERT": ("consul", "cacert"),
+    # Consul's own clients read no datacenter or prefix from the environment; ours do, so the
+    # proxy and the release commands can be pointed at the same ones without a file.
+    "ZERODOWN_CONSUL_DATACENTER": ("consul", "datacenter"),
+    "ZERODOWN_CONSUL_KEY_PREFIX": ("consul", "key_prefix"),
 }
 
 
@@ -296,8 +305,16 @@ def load_config(
         raise ConfigError("[discovery] provider must be file or consul")
     for addr in (cfg.proxy.http_listen, cfg.proxy.hsms_listen, cfg.proxy.admin_listen):
         parse_addr(addr)
+    if cfg.discovery.stale_after < 0:
+        raise ConfigError("[discovery] stale_after must be 0 (off) or a number of seconds")
     if cfg.discovery.provider == "consul":
-        _check_consul(cfg.consul)
+        check_consul(cfg.consul)
+        quiet = cfg.consul.wait * 17 / 16 + cfg.consul.watchdog
+        if 0 < cfg.discovery.stale_after <= quiet:
+            raise ConfigError(
+                f"[discovery] stale_after ({cfg.discovery.stale_after:g}s) must exceed a Consul "
+                f"blocking query's quiet time, [consul] wait * 17/16 + watchdog ({quiet:g}s)"
+            )
     _check_hsms(cfg.hsms)
     _check_health(cfg.health_check)
     for app, _ in cfg.health_check.apps:
@@ -348,13 +365,28 @@ def _check_hsms(h: HsmsSection) -> None:
         raise ConfigError(f"[hsms] device_id must be 0..32767 (E37 session id), got {h.device_id}")
 
 
-def _check_consul(c: ConsulSection) -> None:
+_CONSUL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_consul(c: ConsulSection) -> None:
+    """The [consul] section's rules (also used by the release commands, which read it too)."""
     if c.addr.split("://", 1)[0] not in ("http", "https") or "://" not in c.addr:
         raise ConfigError(
             f"[consul] addr must be http://host:port or https://host:port, got {c.addr!r}"
         )
+    if c.datacenter and not _CONSUL_NAME.fullmatch(c.datacenter):
+        raise ConfigError(f"[consul] datacenter {c.datacenter!r} is not a datacenter name")
+    parts = c.key_prefix.strip("/").split("/")
+    if not all(_CONSUL_NAME.fullmatch(p) for p in parts):
+        raise ConfigError(
+            f"[consul] key_prefix {c.key_prefix!r} must be one or more '/'-separated names "
+            "(letters, digits, '_', '.', '-')"
+        )
     if not c.apps:
         raise ConfigError("[consul] apps must name at least one app")
+    for app in c.apps:
+        if not _CONSUL_NAME.fullmatch(app):
+            raise ConfigError(f"[consul] apps: {app!r} is not an app name")
     for name in ("wait", "watchdog", "backoff_min", "check_ttl", "connect_timeout"):
         if getattr(c, name) <= 0:
             raise ConfigError(f"[consul] {name} must be greater than 0")

@@ -1,71 +1,47 @@
 """The routing snapshot: one immutable value that says where traffic goes.
 
-Discovery providers (file registry, Consul) describe the world as a `RegistryState`; `build_snapshot`
-turns it into a `Snapshot`; the `Router` holds the current one and swaps it with a single reference
-assignment. The data path reads `router.snapshot` once at the start of a request or HSMS transaction
-and never takes a lock.
+Providers describe the world as a `RegistryState` (zerodown_proxy.contract); `resolve` turns it
+into a `Snapshot`, given the snapshot being served; the watcher (watcher.py) installs it in the
+`Router` with a single reference assignment. The data path calls `router.current()` once at the
+start of a request or HSMS transaction and never takes a lock.
+
+Two rules of principle 2 ("a snapshot whose Active group has no healthy instance is never
+applied") are written here once: `active_problem` says whether an app's Active group can be
+routed, and `keep_active` keeps the group being served while refreshing its instances' health.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import TYPE_CHECKING
 
+from .contract.model import AppState, Instance, RegistryState
 from .switch_gate import target_id
 
-if TYPE_CHECKING:
-    from .switch_gate import WorkerGate
-
-log = logging.getLogger("zerodown.routing")
-
-
-@dataclass(frozen=True, slots=True)
-class Instance:
-    """One backend instance of an app: an HTTP port and (optionally) an HSMS port."""
-
-    id: str
-    app: str
-    group: str
-    version: str
-    address: str
-    http_port: int
-    hsms_port: int | None = None
-    healthy: bool = True
-
-    @property
-    def http_key(self) -> tuple[str, int]:
-        return (self.address, self.http_port)
-
-
-@dataclass(frozen=True, slots=True)
-class AppState:
-    """What a provider knows about one app (input to `build_snapshot`)."""
-
-    name: str
-    active_group: str | None
-    instances: tuple[Instance, ...]
-    hosts: tuple[str, ...] = ()
-    path_prefix: str = "/"
-    hsms_device_id: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class RegistryState:
-    """A whole description of the world from one provider, with its generation."""
-
-    generation: int
-    apps: tuple[AppState, ...]
-    source: str = ""
+__all__ = [
+    "EMPTY",
+    "AppRoute",
+    "AppState",
+    "Instance",
+    "Listener",
+    "RegistryState",
+    "Resolution",
+    "Router",
+    "Snapshot",
+    "SnapshotRejected",
+    "active_problem",
+    "build_snapshot",
+    "keep_active",
+    "resolve",
+    "snapshot_target",
+]
 
 
 @dataclass(frozen=True, slots=True)
 class AppRoute:
-    """Routing for one app: its Active and Standby groups, resolved."""
+    """Routing for one app: its Active and Standby groups, resolved (healthy instances only)."""
 
     name: str
     hosts: tuple[str, ...]
@@ -75,6 +51,7 @@ class AppRoute:
     active: tuple[Instance, ...]
     standby: tuple[Instance, ...]
     hsms_device_id: int | None = None
+    generation: int = 0  # the generation this app's Active group was decided at
 
     @property
     def active_version(self) -> str | None:
@@ -127,205 +104,122 @@ class SnapshotRejected(ValueError):
     """The provider's state cannot be applied; the previous snapshot stays."""
 
 
-def build_snapshot(state: RegistryState) -> Snapshot:
-    """Resolve Active/Standby per app. Raises SnapshotRejected when an Active group has no
-    healthy instance (principle 2: never apply a snapshot that routes to nobody)."""
-    apps: dict[str, AppRoute] = {}
-    for a in state.apps:
-        groups = sorted({i.group for i in a.instances})
-        if a.active_group is None:
-            raise SnapshotRejected(f"app {a.name}: no Active group is set")
-        active = tuple(i for i in a.instances if i.group == a.active_group)
-        if not any(i.healthy for i in active):
-            raise SnapshotRejected(
-                f"app {a.name}: Active group {a.active_group} has 0/{len(active)} healthy instances"
-            )
-        others = [g for g in groups if g != a.active_group]
-        standby_group = others[0] if others else None
-        standby = tuple(i for i in a.instances if i.group == standby_group)
-        apps[a.name] = AppRoute(
-            name=a.name,
-            hosts=tuple(h.lower() for h in a.hosts),
-            path_prefix=a.path_prefix or "/",
-            active_group=a.active_group,
-            standby_group=standby_group,
-            active=tuple(i for i in active if i.healthy),
-            standby=tuple(i for i in standby if i.healthy),
-            hsms_device_id=a.hsms_device_id,
+# -- the rules --------------------------------------------------------------------------------
+
+
+def active_problem(app: AppState) -> str | None:
+    """Why `app` cannot be routed as the provider describes it, or None. The one place that
+    decides "the Active group has no healthy instance"."""
+    if app.active_group is None:
+        return app.problem or f"app {app.name}: no Active group is set"
+    members = [i for i in app.instances if i.group == app.active_group]
+    if not any(i.healthy for i in members):
+        return (
+            f"app {app.name}: Active group {app.active_group} has 0/{len(members)} "
+            "passing instances"
         )
+    return None
+
+
+def _route(app: AppState, active_group: str, generation: int) -> AppRoute:
+    others = sorted({i.group for i in app.instances} - {active_group})
+    standby_group = others[0] if others else None
+    return AppRoute(
+        name=app.name,
+        hosts=tuple(h.lower() for h in app.hosts),
+        path_prefix=app.path_prefix or "/",
+        active_group=active_group,
+        standby_group=standby_group,
+        active=tuple(i for i in app.instances if i.group == active_group and i.healthy),
+        standby=tuple(i for i in app.instances if i.group == standby_group and i.healthy),
+        hsms_device_id=app.hsms_device_id,
+        generation=generation,
+    )
+
+
+def keep_active(app: AppState, served: AppRoute) -> AppRoute:
+    """Keep the Active group (and generation) being served, with the instances' current health:
+    a refused view, or a switch waiting for the gate, does not also freeze stale health. When
+    that group has no healthy instance now either, what is served stays exactly as it is."""
+    if active_problem(replace(app, active_group=served.active_group)) is not None:
+        return served
+    return _route(app, served.active_group, served.generation)
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """What `resolve` made of a state: the snapshot to serve (None: nothing is routable) and,
+    per app, why its view was not applied as described (its served routing kept instead)."""
+
+    snapshot: Snapshot | None
+    problems: Mapping[str, str]
+
+
+def resolve(state: RegistryState, served: Snapshot, hold: bool = False) -> Resolution:
+    """The snapshot for `state`, given the one being served.
+
+    An app whose Active group cannot be routed (`active_problem`) keeps its served routing
+    (`keep_active`) and is reported; an app never served before is left out until it can be
+    routed. The generation is the highest app generation, so a refused switch does not raise it.
+    `hold` (a switch is waiting for the gate): every app keeps its served Active group and
+    generation, new apps wait, and apps the state no longer has stay as served, so the result
+    has the same target as `served`."""
+    routes: dict[str, AppRoute] = {}
+    problems: dict[str, str] = {}
+    for a in state.apps:
+        prev = served.apps.get(a.name)
+        if hold:
+            if prev is not None:
+                routes[a.name] = keep_active(a, prev)
+            continue
+        problem = active_problem(a)
+        if problem is None:
+            assert a.active_group is not None
+            gen = a.generation if a.generation is not None else state.generation
+            routes[a.name] = _route(a, a.active_group, gen)
+        else:
+            problems[a.name] = problem
+            if prev is not None:
+                routes[a.name] = keep_active(a, prev)
+    if hold:
+        for name, r in served.apps.items():
+            routes.setdefault(name, r)
+    if not routes:
+        return Resolution(None, problems)
+    generation = served.generation if hold else max(r.generation for r in routes.values())
+    return Resolution(_assemble(routes, generation, state.source), problems)
+
+
+def _assemble(routes: Mapping[str, AppRoute], generation: int, source: str) -> Snapshot:
     by_host: dict[str, list[AppRoute]] = {}
     default: list[AppRoute] = []
-    for app in apps.values():
+    for app in routes.values():
         if app.hosts:
             for h in app.hosts:
                 by_host.setdefault(h, []).append(app)
         else:
             default.append(app)
 
-    def order(routes: Iterable[AppRoute]) -> tuple[AppRoute, ...]:
-        return tuple(sorted(routes, key=lambda r: len(r.path_prefix), reverse=True))
+    def order(rs: Iterable[AppRoute]) -> tuple[AppRoute, ...]:
+        return tuple(sorted(rs, key=lambda r: len(r.path_prefix), reverse=True))
 
     return Snapshot(
-        generation=state.generation,
-        apps=MappingProxyType(apps),
+        generation=generation,
+        apps=MappingProxyType(dict(routes)),
         by_host=MappingProxyType({h: order(r) for h, r in by_host.items()}),
         default=order(default),
-        source=state.source,
+        source=source,
     )
 
 
-Listener = Callable[[Snapshot, Snapshot], None]
-
-# While a switch waits for the gate: how often the router itself looks at the committed word (the
-# data path also looks on every request), fast at first, then slower if the switch is held up.
-GATE_POLL_FAST = 0.001
-GATE_POLL_SLOW = 0.02
-GATE_POLL_FAST_FOR = 0.25
-
-
-class Router:
-    """Holds the current snapshot. `apply` is the only writer; readers read `.snapshot`.
-
-    With a switch gate (multi-worker mode, see switch_gate.py) a snapshot that changes an Active
-    group is not applied when it arrives: it waits in `pending` until the supervisor commits its
-    target. Readers on the data path therefore call `router.current()`, which applies a committed
-    switch first; without a gate `pending` is always None, so that costs one attribute check.
-    """
-
-    def __init__(self, gate: WorkerGate | None = None) -> None:
-        self.snapshot: Snapshot = EMPTY
-        self.applied_at: float = 0.0
-        self.switches: int = 0
-        self.rejected: int = 0
-        self.last_error: str | None = None
-        self.gate = gate
-        self.pending: Snapshot | None = None
-        self.pending_since: float = 0.0
-        self._pending_target = 0
-        self._committed = gate.committed_word() if gate is not None else None
-        self._poll: asyncio.TimerHandle | None = None
-        self._listeners: list[Listener] = []
-
-    def subscribe(self, listener: Listener) -> None:
-        """Called after every swap with (old, new); used to close pooled connections to demoted
-        instances and to hand HSMS sessions over."""
-        self._listeners.append(listener)
-
-    def offer(self, state: RegistryState) -> bool:
-        """Build and apply a snapshot from a provider's state. Returns False (and keeps the
-        previous snapshot) when the state is rejected. With a gate, a switch is only prepared
-        here (True: accepted) and applied when committed."""
-        try:
-            snap = build_snapshot(state)
-        except SnapshotRejected as exc:
-            self.rejected += 1
-            self.last_error = str(exc)
-            log.error("snapshot rejected, keeping generation %s: %s", self.snapshot.generation, exc)
-            return False
-        if self.gate is None:
-            self.apply(snap)
-        else:
-            self._offer_gated(snap)
-            if self.pending is not None:
-                self._refresh_applied(state)
-        return True
-
-    def _offer_gated(self, snap: Snapshot) -> None:
-        assert self.gate is not None
-        target = snapshot_target(snap)
-        # Publishing and reading the committed word is one step under the gate's lock, so a
-        # commit of what we prepared before cannot slip in between unseen.
-        committed = self.gate.publish(target)
-        if self.pending is not None and committed == self._pending_target:
-            self._apply_pending()  # committed before we withdrew it: it is the truth now
-        if committed == target:
-            # Not a switch (or a fresh worker joining at the committed target): apply now.
-            self.pending = None
-            self.apply(snap)
-            return
-        if self.pending is None:
-            self.pending_since = time.monotonic()
-            log.info(
-                "generation %s changes the Active group; waiting for every worker (switch gate)",
-                snap.generation,
-            )
-        self.pending = snap
-        self._pending_target = target
-        if self._poll is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                return  # no loop (unit tests): callers sync() themselves
-            self._poll = loop.call_later(GATE_POLL_FAST, self._poll_gate)
-
-    def _refresh_applied(self, state: RegistryState) -> None:
-        # While a switch waits, the groups being served still follow the registry (health,
-        # instances): the new state, with the Active groups still committed, at the same
-        # generation (the generation says which switch is applied).
-        current = self.snapshot
-        if current is EMPTY:
-            return
-        try:
-            apps = tuple(
-                replace(a, active_group=current.apps[a.name].active_group) for a in state.apps
-            )
-            snap = build_snapshot(RegistryState(current.generation, apps, state.source))
-        except (KeyError, SnapshotRejected) as exc:
-            log.warning("while a switch waits, keeping generation %s as it was: %s",
-                        current.generation, exc)  # fmt: skip
-            return
-        self.apply(snap)
-
-    def current(self) -> Snapshot:
-        """The snapshot the data path routes with: read it once per request or transaction.
-
-        While a gated switch waits (multi-worker mode), this is also where a committed switch
-        takes effect: one attribute check when nothing is pending."""
-        if self.pending is not None:
-            self.sync()
-        return self.snapshot
-
-    def sync(self) -> None:
-        """Apply the pending snapshot if its switch has been committed (cheap: one word read)."""
-        if self.pending is not None and self._committed[0] == self._pending_target:  # type: ignore[index]
-            self._apply_pending()
-
-    def _apply_pending(self) -> None:
-        snap = self.pending
-        assert snap is not None
-        self.pending = None
-        waited = time.monotonic() - self.pending_since
-        self.apply(snap)
-        log.info("switch gate committed generation %s after %.1f ms", snap.generation, waited * 1e3)
-
-    def _poll_gate(self) -> None:
-        self._poll = None
-        self.sync()
-        if self.pending is not None:
-            fast = time.monotonic() - self.pending_since < GATE_POLL_FAST_FOR
-            delay = GATE_POLL_FAST if fast else GATE_POLL_SLOW
-            self._poll = asyncio.get_running_loop().call_later(delay, self._poll_gate)
-
-    def close(self) -> None:
-        if self._poll is not None:
-            self._poll.cancel()
-            self._poll = None
-
-    def apply(self, snap: Snapshot) -> None:
-        old = self.snapshot
-        if _same_routing(old, snap):
-            return
-        self.snapshot = snap  # the one assignment that switches traffic
-        self.applied_at = time.time()
-        self.last_error = None
-        if old is not EMPTY and _active_changed(old, snap):
-            self.switches += 1
-        log.info("applied generation %s (%s)", snap.generation, snap.source)
-        for listener in self._listeners:
-            try:
-                listener(old, snap)
-            except Exception:  # a listener bug must not undo a swap
-                log.exception("snapshot listener failed")
+def build_snapshot(state: RegistryState) -> Snapshot:
+    """The snapshot of a state on its own (nothing served before). Raises SnapshotRejected when
+    an app cannot be routed."""
+    res = resolve(state, EMPTY)
+    if res.problems:
+        raise SnapshotRejected("; ".join(res.problems.values()))
+    assert res.snapshot is not None or not state.apps
+    return res.snapshot or EMPTY
 
 
 def snapshot_target(snap: Snapshot) -> int:
@@ -333,13 +227,50 @@ def snapshot_target(snap: Snapshot) -> int:
     return target_id({name: route.active_group for name, route in snap.apps.items()})
 
 
-def _same_routing(a: Snapshot, b: Snapshot) -> bool:
+def same_routing(a: Snapshot, b: Snapshot) -> bool:
     return a.generation == b.generation and dict(a.apps) == dict(b.apps)
 
 
-def _active_changed(a: Snapshot, b: Snapshot) -> bool:
+def active_changed(a: Snapshot, b: Snapshot) -> bool:
     for name, route in b.apps.items():
         prev = a.apps.get(name)
         if prev is None or prev.active_group != route.active_group:
             return True
     return False
+
+
+# -- the data path's view ---------------------------------------------------------------------
+
+Listener = Callable[[Snapshot, Snapshot], None]
+
+
+def _nothing_pending() -> None:
+    return None
+
+
+class Router:
+    """The snapshot in force, as the data path sees it. Only the watcher (watcher.py) writes it
+    and calls the listeners; readers call `current()`.
+
+    `pending` is set (by the watcher) while a switch waits for the multi-worker switch gate;
+    `current()` then lets the watcher apply it first if the supervisor has committed it, so no
+    request dispatched after the commit instant routes with the old group. Without a pending
+    switch that costs one attribute check.
+    """
+
+    def __init__(self) -> None:
+        self.snapshot: Snapshot = EMPTY
+        self.pending: Snapshot | None = None
+        self.listeners: list[Listener] = []
+        self.apply_committed: Callable[[], None] = _nothing_pending  # set by the watcher
+
+    def subscribe(self, listener: Listener) -> None:
+        """Called by the watcher after every swap with (old, new): used to close pooled
+        connections to demoted instances and to hand HSMS sessions over."""
+        self.listeners.append(listener)
+
+    def current(self) -> Snapshot:
+        """The snapshot the data path routes with: read it once per request or transaction."""
+        if self.pending is not None:
+            self.apply_committed()
+        return self.snapshot

@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import socket
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from .http.proxy import HttpProxy
 from .metrics import Registry
 from .routing import Router
 from .switch_gate import WorkerGate
+from .watcher import Watcher
 
 log = logging.getLogger("zerodown.proxy")
 
@@ -32,8 +32,10 @@ class ProxyServer:
         self.reuse_port = reuse_port
         # Multi-worker mode: the supervisor's switch gate makes every worker switch at once.
         self.gate = WorkerGate.from_env() if reuse_port else None
-        self.router = Router(self.gate)
+        self.router = Router()
         self.metrics = Registry()
+        # The one path from the discovery provider to the router (see watcher.py).
+        self.watcher = Watcher(self.router, self.metrics, self.gate, cfg.discovery.stale_after)
         self.name = cfg.proxy.name or f"{socket.gethostname()}-{os.getpid()}"
         self.http: HttpProxy | None = None
         self.hsms: Any = None
@@ -41,29 +43,14 @@ class ProxyServer:
         self.admin: AdminApi | None = None
         self.provider: Any = None
         self.stopped = asyncio.Event()
-        r = self.router
-        self.metrics.gauge(
-            "zerodown_routing_generation", "Applied routing generation",
-            fn=lambda: r.snapshot.generation,
-        )  # fmt: skip
-        self.metrics.counter_fn(
-            "zerodown_routing_switches_total", "Active group changes applied", lambda: r.switches
-        )
-        self.metrics.counter_fn(
-            "zerodown_routing_rejected_total",
-            "Snapshots refused (for example an Active group with no healthy instance)",
-            lambda: r.rejected,
-        )
-        self.metrics.gauge(
-            "zerodown_routing_snapshot_age_seconds",
-            "Seconds since the applied snapshot was built",
-            fn=lambda: (time.time() - r.snapshot.created_at) if r.snapshot.generation else 0,
-        )
 
     async def start(self) -> dict[str, int]:
         cfg = self.cfg
         admin_host, admin_port = parse_addr(cfg.proxy.admin_listen, "127.0.0.1")
-        self.admin = AdminApi(self.router, self.metrics, cfg.proxy.admin_token, self.name, parts={})
+        self.admin = AdminApi(
+            self.router, self.metrics, cfg.proxy.admin_token, self.name, parts={},
+            watcher=self.watcher,
+        )  # fmt: skip
         await self.admin.start(admin_host, admin_port)
         # In multi-worker mode the supervisor's admin API speaks for the whole proxy.
         admin_addr = os.environ.get("ZERODOWN_SUPERVISOR_ADMIN", f"{admin_host}:{self.admin.port}")
@@ -72,14 +59,14 @@ class ProxyServer:
             from .discovery.consul import ConsulProvider
 
             self.provider = ConsulProvider(
-                cfg.consul, self.router, self.metrics, admin_addr=admin_addr, proxy_name=self.name
+                cfg.consul, self.watcher, self.metrics, admin_addr=admin_addr, proxy_name=self.name
             )
         else:
             self.provider = FileProvider(
-                cfg.registry_path(), self.router, cfg.discovery.poll_interval
+                cfg.registry_path(), self.watcher, cfg.discovery.poll_interval
             )
-            self.admin.reload = self.provider.load_once
-        self.provider.start()
+            self.admin.reload = self.watcher.reload
+        self.watcher.start(self.provider)
 
         http_host, http_port = parse_addr(cfg.proxy.http_listen)
         self.http = HttpProxy(
@@ -94,7 +81,7 @@ class ProxyServer:
         await self.http.start(http_host, http_port, reuse_port=self.reuse_port)
         ports = {"http": self.http.port, "admin": self.admin.port, "pid": os.getpid()}
         self.admin.parts["http"] = self.http.status
-        self.admin.parts["discovery"] = self.provider.status
+        self.admin.parts["discovery"] = self.watcher.status
         self.admin.parts["health_check"] = self.checker.status
 
         if cfg.hsms.enabled:
@@ -121,11 +108,9 @@ class ProxyServer:
         await asyncio.gather(*waits)
         if self.checker is not None:
             await self.checker.close()
-        if self.provider is not None:
-            await self.provider.stop()
+        await self.watcher.stop()
         if self.admin is not None:
             await self.admin.close()
-        self.router.close()
         if self.gate is not None:
             self.gate.close()
         self.stopped.set()

@@ -161,11 +161,6 @@ class WorkerGate:
     def committed(self) -> int:
         return self.gate.committed
 
-    def committed_word(self) -> memoryview:
-        """The shared words, for a reader that checks `[0]` (the committed target) on its hot
-        path without a property call."""
-        return self.gate.words
-
     def publish(self, target: int) -> int:
         committed = self.gate.publish(self.index, target)
         if self._sock is not None and target != committed:

@@ -57,7 +57,9 @@ def register_backends(
             consul.register(f"drimeap-{group}-{n}", "drimeap", "127.0.0.1", a.port, tags=tags)
 
 
-def config(consul: FakeConsul, workers: int = 1, **consul_keys: Any) -> str:
+def config(
+    consul: FakeConsul, workers: int = 1, stale_after: float | None = None, **consul_keys: Any
+) -> str:
     keys = {"addr": consul.url, "wait": 1.0, "watchdog": 0.5, "backoff_min": 0.05,
             "backoff_max": 0.3, "check_ttl": 1.0, **consul_keys}  # fmt: skip
     lines = [
@@ -71,6 +73,7 @@ def config(consul: FakeConsul, workers: int = 1, **consul_keys: Any) -> str:
         "enabled = false",
         "[discovery]",
         'provider = "consul"',
+        *([f"stale_after = {stale_after}"] if stale_after is not None else []),
         "[consul]",
     ]
     for k, v in keys.items():
@@ -178,6 +181,34 @@ def test_consul_down_keeps_routing_and_recovers(
     assert version_of(p) == "v2"
     wait_until(lambda: discovery(p)["healthy"], 10, "healthy again")
     assert metric(p, "zerodown_consul_healthy") == 1
+
+
+def health(proxy: ProxyProc) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{proxy.admin}/health", timeout=5) as r:
+            return r.status, orjson.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, orjson.loads(exc.read())
+
+
+def test_health_says_discovery_is_stale_while_consul_is_down(
+    consul: FakeConsul, backends: dict[str, list[SampleApp]], proxies: Callable[..., ProxyProc]
+) -> None:
+    register_backends(consul, backends)
+    gen = consul.kv_set(KEY, "blue")
+    # wait 1 s, watchdog 0.5 s: a healthy watch confirms at least every ~1.6 s
+    p = proxies(config(consul, stale_after=2.0))
+    p.wait_generation(gen)
+    wait_until(lambda: health(p)[0] == 200, 10, "healthy")
+    consul.set_down(True)
+    code, body = wait_until(lambda: (h := health(p))[0] == 503 and h, 15, "stale")
+    assert body["status"] == "stale" and body["generation"] == gen
+    assert "discovery (consul) has not confirmed its view" in body["reason"]
+    assert "unreachable" in body["reason"]
+    assert version_of(p) == "v1"  # routing continues on the last good snapshot
+    consul.set_down(False)
+    code, body = wait_until(lambda: (h := health(p))[0] == 200 and h, 15, "fresh again")
+    assert body["status"] == "ok"
 
 
 def test_acl_denied_and_garbage_keep_routing(
@@ -430,6 +461,7 @@ async def test_switch_racing_a_health_change_is_never_applied_on_stale_health(
     from zerodown_proxy.discovery.consul import ConsulProvider
     from zerodown_proxy.metrics import Registry
     from zerodown_proxy.routing import Router
+    from zerodown_proxy.watcher import Watcher
 
     from ..helpers import async_wait_until
 
@@ -442,8 +474,9 @@ async def test_switch_racing_a_health_change_is_never_applied_on_stale_health(
     applied: list[str] = []
     router.subscribe(lambda old, new: applied.append(new.apps["drimeap"].active_group))
     cfg = ConsulSection(addr=consul.url, register_self=False, wait=5.0)
-    provider = ConsulProvider(cfg, router, Registry(), "127.0.0.1:1", "test")
-    provider.start()
+    watcher = Watcher(router)
+    provider = ConsulProvider(cfg, watcher, Registry(), "127.0.0.1:1", "test")
+    watcher.start(provider)
     try:
         await async_wait_until(lambda: router.snapshot.generation >= gen, 10, "first snapshot")
         for _ in range(5):
@@ -463,7 +496,7 @@ async def test_switch_racing_a_health_change_is_never_applied_on_stale_health(
             )
         assert "green" not in applied and router.snapshot.apps["drimeap"].active_group == "blue"
     finally:
-        await provider.stop()
+        await watcher.stop()
 
 
 def test_agent_restarted_empty_indexes_go_backwards(
@@ -506,6 +539,7 @@ async def test_datacenter_and_token_are_sent(consul: FakeConsul) -> None:
     from zerodown_proxy.discovery.consul import ConsulProvider
     from zerodown_proxy.metrics import Registry
     from zerodown_proxy.routing import Router
+    from zerodown_proxy.watcher import Watcher
 
     from ..helpers import async_wait_until
 
@@ -515,8 +549,9 @@ async def test_datacenter_and_token_are_sent(consul: FakeConsul) -> None:
     for dc, works in (("dc1", True), ("dc9", False)):
         router = Router()
         cfg = ConsulSection(addr=consul.url, token="secret", datacenter=dc, register_self=False)
-        provider = ConsulProvider(cfg, router, Registry(), "127.0.0.1:1", "test")
-        provider.start()
+        watcher = Watcher(router)
+        provider = ConsulProvider(cfg, watcher, Registry(), "127.0.0.1:1", "test")
+        watcher.start(provider)
         try:
             if works:
                 await async_wait_until(lambda r=router: r.snapshot.generation == gen, 10, "routing")
@@ -531,4 +566,4 @@ async def test_datacenter_and_token_are_sent(consul: FakeConsul) -> None:
                 assert "No path to datacenter" in provider.status()["last_error"]
                 assert router.snapshot.generation == 0
         finally:
-            await provider.stop()
+            await watcher.stop()

@@ -14,6 +14,7 @@ from zerodown_proxy.config import HealthCheckSection
 from zerodown_proxy.health.active import ActiveHealthChecker
 from zerodown_proxy.metrics import Registry
 from zerodown_proxy.routing import AppState, Instance, RegistryState, Router
+from zerodown_proxy.watcher import Watcher
 
 from ..helpers import async_wait_until, instance, registry, write_registry
 
@@ -84,7 +85,8 @@ async def test_checker_marks_broken_backends_down_and_reuses_connections():
              "big": big.port, "refused": _free_port(), "closer": closer.port,
              "slam": slam.port}  # fmt: skip
     router = Router()
-    router.offer(_state(1, ports))
+    watcher = Watcher(router)
+    watcher.submit(_state(1, ports))
     metrics = Registry()
     cfg = HealthCheckSection(interval=0.1, timeout=0.3, healthy_threshold=2, unhealthy_threshold=2)
     checker = ActiveHealthChecker(router, cfg, metrics)
@@ -125,7 +127,7 @@ async def test_checker_marks_broken_backends_down_and_reuses_connections():
         newcomer.reply = OK
         ports2 = {**ports, "newcomer": newcomer.port}
         del ports2["refused"]
-        router.offer(_state(2, ports2))
+        watcher.submit(_state(2, ports2))
         assert key["refused"] not in checker.targets and key["refused"] not in checker.down
         await async_wait_until(lambda: key["bad"] not in checker.down, 15, "bad back up")
         await async_wait_until(lambda: newcomer.requests, 15, "newcomer probed")

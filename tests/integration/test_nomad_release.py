@@ -442,3 +442,84 @@ async def test_switch_does_not_wait_for_a_proxy_whose_check_is_critical(
     out = await backend.switch("drimeap", None, said.append)
     assert out.to_group == "green" and out.proxies == 0
     assert any("zerodown-proxy-crashed" in m and "not waiting" in m for m in said), said
+
+
+@pytest.fixture
+def fab_east(tmp_path: Path) -> Iterator[tuple[NomadStack, FakeConsul]]:
+    """drimeap on FakeNomad registered in the Consul of datacenter `fab-east`, the Active key
+    under a non-default prefix `fab/zerodown`; and `hq`, another datacenter's agent WAN-joined
+    to fab-east (what an operator's workstation talks to)."""
+    from orchestrator.devstack.fakes.nomad import FakeNomad
+
+    from ..fake_agents import ROOT, raw_exec_job
+
+    fab = FakeConsul(datacenter="fab-east")
+    hq = FakeConsul(datacenter="hq")
+    fab.start()
+    hq.start()
+    hq.federate(fab)
+    nomad = FakeNomad(fab, workdir=tmp_path / "nomad", check_interval=0.2, kill_timeout_cap=2.0,
+                      base_env={"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT)})  # fmt: skip
+    try:
+        nomad.start()
+        nomad.register_job(raw_exec_job())
+        assert nomad.wait_deployment("drimeap", 60)["Status"] == "successful"
+        fab.kv_set(f"{PREFIX}/drimeap/active", "blue")
+        yield NomadStack(fab, nomad), hq
+    finally:
+        nomad.stop()
+        hq.stop()
+        fab.stop()
+
+
+PREFIX = "fab/zerodown"
+
+
+def test_prefix_and_datacenter_are_the_proxies_own_end_to_end(
+    fab_east: tuple[NomadStack, FakeConsul], tmp_path: Path
+) -> None:
+    """Issue 10: the release side hard-coded `zerodown/` and sent no datacenter, so a proxy
+    configured with another prefix or datacenter never saw `zerodown switch --backend nomad`.
+    Now both read [consul] key_prefix/datacenter (or ZERODOWN_CONSUL_*), and every Consul call
+    of the release names the datacenter."""
+    stack, hq = fab_east
+    fab = stack.consul
+    cfg = proxy_config(fab) + f'datacenter = "fab-east"\nkey_prefix = "{PREFIX}"\n'
+    proxy = ProxyProc(tmp_path, tmp_path / "unused.json", cfg, "fab-proxy")
+    try:
+        wait_until(lambda: fab.services("zerodown-proxy", passing=True), 15, "registered")
+        proxy.wait_generation(fab.kv_get(f"{PREFIX}/drimeap/active")[1], timeout=15)
+        assert proxy.status()["discovery"]["key_prefix"] == PREFIX
+
+        # 1. The environment only (no file): the operator's agent is hq's.
+        env = {"CONSUL_HTTP_ADDR": hq.url, "ZERODOWN_CONSUL_DATACENTER": "fab-east",
+               "ZERODOWN_CONSUL_KEY_PREFIX": PREFIX}  # fmt: skip
+        hq.requests.clear()
+        r = run_cli(stack, tmp_path, "switch", **env)
+        assert r.returncode == 0, r.stderr
+        assert "switched drimeap to green (v1); 1 proxy(ies) applied generation" in r.stdout
+        value, generation = fab.kv_get(f"{PREFIX}/drimeap/active")
+        assert value == "green"
+        st = proxy.status()
+        assert st["generation"] >= generation
+        assert st["apps"]["drimeap"]["active"]["group"] == "green"
+        assert hq.kv_get("zerodown/drimeap/active") is None and hq.kv_get(PREFIX) is None
+        assert fab.kv_get(f"{PREFIX}/drimeap/previous") is not None
+        calls = [path for _, path in hq.requests if not path.startswith("/v1/agent/")]
+        assert calls and all("dc=fab-east" in path for path in calls), calls
+
+        # 2. The proxies' own config file, the agent address from the environment.
+        r = run_cli(stack, tmp_path, "rollback", "--config", str(tmp_path / "fab-proxy.toml"),
+                    CONSUL_HTTP_ADDR=hq.url)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert "rolled back drimeap to blue (v1)" in r.stdout
+        assert fab.kv_get(f"{PREFIX}/drimeap/active")[0] == "blue"
+        assert proxy.status()["apps"]["drimeap"]["active"]["group"] == "blue"
+        r = run_cli(stack, tmp_path, "status", "--json", **env)
+        st = orjson.loads(r.stdout)
+        assert st["active"]["group"] == "blue" and st["in_sync"] and len(st["proxies"]) == 1
+        url = f"{fab.url}/v1/kv/{PREFIX}/drimeap/history/?recurse=true"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            assert len(orjson.loads(resp.read())) == 2  # the audit trail under the prefix too
+    finally:
+        proxy.terminate()

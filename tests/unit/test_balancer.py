@@ -11,6 +11,7 @@ from zerodown_proxy.health.active import ProbeResult
 from zerodown_proxy.http.balancer import Balancer, RetryBudget
 from zerodown_proxy.metrics import Registry
 from zerodown_proxy.routing import AppState, Instance, RegistryState, Router
+from zerodown_proxy.watcher import Watcher
 
 
 def inst(n: int, group: str = "blue") -> Instance:
@@ -41,7 +42,8 @@ def balancer(
     reg = Registry()
     b = Balancer(HttpSection(), reg)
     router = Router()
-    router.offer(RegistryState(1, (AppState("app", "blue", group),)))
+    watcher = Watcher(router)
+    watcher.submit(RegistryState(1, (AppState("app", "blue", group),)))
     b.attach(router, OutlierSection(**outlier), checker)  # type: ignore[arg-type]
     return b, reg
 
@@ -202,11 +204,12 @@ def test_removed_instances_are_forgotten():
     reg = Registry()
     b = Balancer(HttpSection(), reg)
     router = Router()
-    router.offer(RegistryState(1, (AppState("app", "blue", group),)))
+    watcher = Watcher(router)
+    watcher.submit(RegistryState(1, (AppState("app", "blue", group),)))
     b.attach(router, OutlierSection(consecutive_5xx=1))
     answer(b, group[0], 500)
     assert b.avoid
-    router.offer(RegistryState(2, (AppState("app", "blue", (group[1], inst(3))),)))
+    watcher.submit(RegistryState(2, (AppState("app", "blue", (group[1], inst(3))),)))
     assert not b.avoid and not b.outliers.ejected
 
 

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import asyncio
 import re
 from pathlib import Path
 
@@ -11,6 +10,9 @@ from zerodown_proxy.config import ConfigError, load_config, parse_addr
 from zerodown_proxy.discovery.file import FileProvider, RegistryError, parse_registry
 from zerodown_proxy.metrics import Registry
 from zerodown_proxy.routing import Router
+from zerodown_proxy.watcher import Watcher
+
+from ..helpers import async_wait_until
 
 GOOD = {
     "generation": 4,
@@ -72,6 +74,7 @@ def test_parse_addr():
 
 
 def test_parse_registry_good():
+    assert parse_registry(orjson.dumps(mutated(lambda d: d["apps"][APP].update(previous="green"))))
     st = parse_registry(orjson.dumps(GOOD))
     assert st.generation == 4
     (app,) = st.apps
@@ -107,29 +110,179 @@ async def test_file_provider_keeps_last_good_snapshot(tmp_path: Path):
     path = tmp_path / "registry.json"
     path.write_bytes(orjson.dumps(GOOD))
     router = Router()
-    provider = FileProvider(path, router, poll_interval=0.01)
-    provider.start()
+    watcher = Watcher(router)
+    provider = FileProvider(path, watcher, poll_interval=0.01)
+    watcher.start(provider)
     try:
         assert router.snapshot.generation == 4
         path.write_bytes(b'{"generation": 5, "apps": {"drimeap": {"active": "bl')  # torn write
-        await asyncio.sleep(0.05)
+        await async_wait_until(lambda: provider.errors >= 1, 10, "the torn write to be seen")
         assert router.snapshot.generation == 4
-        assert provider.errors >= 1 and "rejected" in provider.last_error
+        assert "rejected" in provider.last_error and "rejected" in watcher.last_error
         good = orjson.loads(orjson.dumps(GOOD))
         good["generation"] = 6
         good["apps"]["drimeap"]["active"] = "green"
         path.write_bytes(orjson.dumps(good))
-        for _ in range(100):
-            if router.snapshot.generation == 6:
-                break
-            await asyncio.sleep(0.01)
+        await async_wait_until(lambda: router.snapshot.generation == 6, 10, "generation 6")
         assert router.snapshot.apps["drimeap"].active_group == "green"
-        assert provider.last_error is None
+        assert provider.last_error is None and watcher.last_error is None
         path.unlink()
-        await asyncio.sleep(0.05)
+        await async_wait_until(lambda: provider.last_error, 10, "the missing file to be seen")
         assert router.snapshot.generation == 6 and "does not exist" in provider.last_error
     finally:
-        await provider.stop()
+        await watcher.stop()
+
+
+def mutated(change) -> dict:
+    data = orjson.loads(orjson.dumps(GOOD))
+    change(data)
+    return data
+
+
+APP = "drimeap"
+BAD_FIELDS = [
+    (lambda d: d["apps"][APP].update(hosts=5), "'hosts' must be a list"),
+    (lambda d: d["apps"][APP].update(hosts=[5]), "host 5 must be"),
+    (lambda d: d["apps"][APP].update(path_prefix=5), "path_prefix must be a path"),
+    (lambda d: d["apps"][APP].update(path_prefix="api"), "path_prefix must be a path"),
+    (lambda d: d["apps"][APP]["instances"][0].update(healthy="false"), "'healthy' must be true"),
+    (lambda d: d["apps"][APP]["instances"][0].update(healthy=0), "'healthy' must be true"),
+    (lambda d: d["apps"][APP].update(hsms_device_id=99999), "hsms_device_id must be an integer"),
+    (lambda d: d["apps"][APP].update(hsms_device_id=-1), "0-32767"),
+    (lambda d: d["apps"][APP].update(hsms_device_id="7"), "hsms_device_id must be an integer"),
+    (lambda d: d["apps"][APP].update(hsms_device_id=True), "hsms_device_id must be an integer"),
+    (lambda d: d["apps"][APP]["instances"][0].update(hsms_port="9101"), "must be a port number"),
+    (lambda d: d["apps"][APP]["instances"][0].update(hsms_port=True), "must be a port number"),
+    (lambda d: d["apps"][APP]["instances"][0].update(hsms_port=0), "out of range"),
+    (lambda d: d["apps"][APP]["instances"][0].update(address=5), "'address' 5 must be"),
+    (lambda d: d["apps"][APP]["instances"][0].update(address=""), "'address' '' must be"),
+    (lambda d: d["apps"][APP]["instances"][0].update(group="bl ue"), "not a valid name"),
+    (lambda d: d["apps"][APP]["instances"][0].update(version="v1\n"), "'version'"),
+    (lambda d: d["apps"][APP]["instances"][0].update(id=""), "'id'"),
+    (lambda d: d["apps"][APP]["instances"][0].update(helathy=False), "unknown key 'helathy'"),
+    (lambda d: d["apps"][APP].update(activ="blue"), "unknown key 'activ'"),
+    (lambda d: d["apps"][APP].update(active="blue/../x"), "not a valid name"),
+    (lambda d: d["apps"][APP].update(previous=7), "'previous' 7 is not a valid name"),
+    (lambda d: d.update(generation=-1), "generation must be a non-negative"),
+    (lambda d: d.update(generation=True), "wrong type"),
+    (lambda d: d["apps"].update({"a b": d["apps"][APP]}), "app 'a b' is not a valid name"),
+    (lambda d: d["apps"].update({APP: []}), "not an object"),
+    (lambda d: d["apps"][APP].update(instances=[5]), "not an object"),
+    (lambda d: d.update(proxies=[{"name": "x"}]), "missing 'admin'"),
+    (lambda d: d.update(proxies={}), "'proxies' must be a list"),
+]
+
+
+@pytest.mark.parametrize("mutate, message", BAD_FIELDS)
+def test_every_field_is_type_checked(mutate, message):
+    with pytest.raises(RegistryError, match=re.escape(message)):
+        parse_registry(orjson.dumps(mutated(mutate)))
+
+
+def test_any_bytes_give_a_registry_error_or_a_state():
+    """Fuzz-ish: whatever the file holds, parsing raises RegistryError or succeeds."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    scalars = st.none() | st.booleans() | st.integers(-(2**65), 2**65) | st.text(max_size=8)
+    values = st.recursive(scalars, lambda c: st.lists(c, max_size=3)
+                          | st.dictionaries(st.text(max_size=8), c, max_size=3), max_leaves=8)  # fmt: skip
+    keys = st.sampled_from(sorted({"id", "group", "version", "address", "http_port",
+                                   "hsms_port", "healthy", "hosts", "path_prefix",
+                                   "hsms_device_id", "active", "instances"}))  # fmt: skip
+
+    @settings(max_examples=300, deadline=None)
+    @given(key=keys, value=values, where=st.booleans())
+    def one(key, value, where):
+        data = orjson.loads(orjson.dumps(GOOD))
+        target = data["apps"][APP]["instances"][0] if where else data["apps"][APP]
+        target[key] = value
+        try:
+            raw = orjson.dumps(data)
+        except TypeError:  # orjson refuses some integers: not a file anyone can write
+            return
+        try:
+            parse_registry(raw)
+        except RegistryError:
+            pass
+
+    one()
+
+
+async def test_a_broken_registry_then_a_valid_switch_is_still_applied(tmp_path: Path):
+    """Issue 9 section 4: `"hosts": 5` killed the file watcher for good (an uncaught
+    TypeError); later valid switches were never applied while last_error stayed null."""
+    path = tmp_path / "registry.json"
+    path.write_bytes(orjson.dumps(GOOD))
+    router = Router()
+    metrics = Registry()
+    watcher = Watcher(router, metrics)
+    provider = FileProvider(path, watcher, poll_interval=0.01)
+    watcher.start(provider)
+    try:
+        assert router.snapshot.generation == 4
+        for n, mutate in enumerate(m for m, _ in BAD_FIELDS[:10]):
+            bad = mutated(mutate)
+            bad["generation"] = 100 + n
+            before = provider.errors
+            path.write_bytes(orjson.dumps(bad))
+            await async_wait_until(lambda b=before: provider.errors > b, 10, "the rejection")
+            assert router.snapshot.generation == 4 and watcher.last_error
+        assert watcher._errors.get(("invalid",)) >= 10
+        assert 'zerodown_discovery_errors_total{kind="invalid"}' in metrics.render()
+        good = mutated(lambda d: d["apps"][APP].update(active="green"))
+        good["generation"] = 200
+        path.write_bytes(orjson.dumps(good))
+        await async_wait_until(lambda: router.snapshot.generation == 200, 10, "the switch")
+        assert router.snapshot.apps[APP].active_group == "green"
+        assert watcher.last_error is None and provider.last_error is None
+    finally:
+        await watcher.stop()
+
+
+async def test_a_provider_that_raises_is_restarted_and_routing_stays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """ANY exception in a provider is caught, logged, reported; the watcher goes on."""
+    import zerodown_proxy.discovery.file as file_module
+    import zerodown_proxy.watcher as watcher_module
+
+    monkeypatch.setattr(watcher_module, "RESTART_MIN", 0.01)
+    path = tmp_path / "registry.json"
+    path.write_bytes(orjson.dumps(GOOD))
+    router = Router()
+    watcher = Watcher(router, stale_after=0.5)
+    provider = FileProvider(path, watcher, poll_interval=0.01)
+    watcher.start(provider)
+    real = file_module.parse_registry
+    try:
+        monkeypatch.setattr(file_module, "parse_registry", lambda *a, **k: [][1])
+        path.write_bytes(orjson.dumps(mutated(lambda d: d.update(generation=5))))
+        await async_wait_until(lambda: watcher._errors.get(("crash",)) >= 1, 10, "the crash")
+        assert "IndexError" in watcher.last_error and router.snapshot.generation == 4
+        # The file provider's view is not confirmed while it cannot read it: stale, with why.
+        stale = await async_wait_until(watcher.stale, 10, "staleness")
+        assert "has not confirmed its view" in stale and "generation 4" in stale
+        monkeypatch.setattr(file_module, "parse_registry", real)
+        good = mutated(lambda d: d.update(generation=6))
+        path.write_bytes(orjson.dumps(good))
+        await async_wait_until(lambda: router.snapshot.generation == 6, 10, "recovery")
+        await async_wait_until(lambda: watcher.stale() is None, 10, "fresh again")
+    finally:
+        await watcher.stop()
+
+
+def test_discovery_staleness_config(tmp_path: Path):
+    assert load_config(None, env={}).discovery.stale_after == 60.0
+    f = tmp_path / "p.toml"
+    f.write_text("[discovery]\nstale_after = -1\n")
+    with pytest.raises(ConfigError, match="stale_after must be 0"):
+        load_config(f, env={})
+    f.write_text('[discovery]\nprovider = "consul"\nstale_after = 20\n[consul]\nwait = 30\n')
+    with pytest.raises(ConfigError, match="must exceed a Consul blocking query's quiet time"):
+        load_config(f, env={})
+    f.write_text('[discovery]\nprovider = "consul"\nstale_after = 0\n[consul]\nwait = 30\n')
+    assert load_config(f, env={}).discovery.stale_after == 0
 
 
 def test_metrics_render():

@@ -1,4 +1,6 @@
-"""Consul answers -> RegistryState, with the recorded real answers as fixtures."""
+"""Consul answers -> one app's AppState (consul_state) and the snapshot the watcher resolves
+from it, with the recorded real answers as fixtures. Parsing and the instance join are the
+contract's (test_consul_contract.py)."""
 
 from __future__ import annotations
 
@@ -9,17 +11,24 @@ from typing import Any
 
 import pytest
 
-from zerodown_proxy.discovery.consul_state import (
-    AppView,
+from zerodown_proxy.contract.consul import (
     ConsulDataError,
     KvValue,
-    build_app,
-    build_state,
     join_instances,
     parse_health,
     parse_kv,
 )
-from zerodown_proxy.routing import build_snapshot
+from zerodown_proxy.contract.model import RegistryState
+from zerodown_proxy.discovery.consul_state import AppResult, AppView, build_app
+from zerodown_proxy.routing import EMPTY, active_problem, build_snapshot, resolve
+
+
+def build_state(results: list[AppResult], source: str) -> RegistryState:
+    """What the provider emits: the apps' states, the highest app generation."""
+    return RegistryState(
+        max(r.generation for r in results), tuple(r.state for r in results), source
+    )
+
 
 RECORDINGS = Path(__file__).resolve().parent.parent / "fixtures" / "consul-exchanges.json"
 
@@ -56,11 +65,9 @@ def test_parse_recorded_kv() -> None:
 
 
 def test_join_http_and_hsms_by_nomad_alloc() -> None:
-    instances, unmatched, ignored = join_instances(
-        "drimeap", parse_health(body(HTTP)), parse_health(body(HSMS))
-    )
-    assert unmatched == () and ignored == ()
-    ports = {(i.group, i.http_port, i.hsms_port) for i in instances}
+    joined = join_instances("drimeap", parse_health(body(HTTP)), parse_health(body(HSMS)))
+    assert joined.unmatched_hsms == () and joined.ignored == () and joined.invalid == {}
+    ports = {(i.group, i.http_port, i.hsms_port) for i in joined.instances}
     assert ports == {
         ("green", 31384, 26012),
         ("blue", 26242, 25680),
@@ -71,7 +78,8 @@ def test_join_http_and_hsms_by_nomad_alloc() -> None:
 
 def test_kv_decides_active_and_generation() -> None:
     r = build_app(view(body(HTTP), body(HSMS), KvValue("green", 54)))
-    assert r.problem is None and r.generation_source == "kv" and r.generation == 54
+    assert active_problem(r.state) is None
+    assert r.generation_source == "kv" and r.generation == 54
     snap = build_snapshot(build_state([r], "consul"))
     route = snap.apps["drimeap"]
     assert route.active_group == "green" and route.standby_group == "blue"
@@ -97,9 +105,9 @@ def test_only_passing_instances_are_routable_and_warning_is_not_passing() -> Non
     set_status(http, 31384, "critical")
     set_status(http, 20590, "warning")
     r = build_app(view(http, body(HSMS), KvValue("green", 60)))
-    assert r.problem == "app drimeap: Active group green has 0/2 passing instances"
+    assert active_problem(r.state) == "app drimeap: Active group green has 0/2 passing instances"
     r = build_app(view(http, body(HSMS), KvValue("blue", 61)))
-    assert r.problem is None
+    assert active_problem(r.state) is None
     snap = build_snapshot(build_state([r], "consul"))
     assert snap.apps["drimeap"].standby == ()  # both green instances are out
 
@@ -127,14 +135,14 @@ def test_missing_key_falls_back_to_old_stack_tags() -> None:
             "active" if "zerodown-group=blue" in e["Service"]["Tags"] else "standby"
         )
     r = build_app(view(http, body(HSMS), KvValue(None, 53), http_index=49))
-    assert r.problem is None and r.generation_source == "tags"
+    assert active_problem(r.state) is None and r.generation_source == "tags"
     assert r.state.active_group == "blue"
     assert r.generation == 53  # the 404's index (tombstone) is the highest here
 
 
 def test_missing_key_without_tags_is_refused() -> None:
     r = build_app(view(body(HTTP), body(HSMS), KvValue(None, 1)))
-    assert r.problem is not None and "no Active key" in r.problem
+    assert r.state.active_group is None and "no Active key" in active_problem(r.state)
 
 
 def test_old_stack_without_group_tags_uses_role_as_group() -> None:
@@ -167,14 +175,16 @@ def test_join_by_meta_id_suffix_and_address() -> None:
         entry("q", 13, addr="10.1.1.1"),
         entry("lost", 14, addr="10.9.9.9"),
     ]
-    instances, unmatched, _ = join_instances("x", parse_health(http), parse_health(hsms))
-    assert {i.id: i.hsms_port for i in instances} == {"a": 11, "b": 12, "c": 13}
-    assert unmatched == ("lost",)
+    joined = join_instances("x", parse_health(http), parse_health(hsms))
+    assert {i.id: i.hsms_port for i in joined.instances} == {"a": 11, "b": 12, "c": 13}
+    assert joined.unmatched_hsms == ("lost",)
 
 
 def test_empty_kv_value_is_a_problem() -> None:
     r = build_app(view(body(HTTP), body(HSMS), KvValue("", 70)))
-    assert r.problem == "app drimeap: the Active key is empty"
+    assert active_problem(r.state) == "app drimeap: the Active key is empty"
+    r = build_app(view(body(HTTP), body(HSMS), KvValue("blue\ngreen", 71)))
+    assert "the Active key's value 'blue\\ngreen' is not a valid name" in active_problem(r.state)
 
 
 @pytest.mark.parametrize(
@@ -199,6 +209,7 @@ def test_generation_is_the_highest_app_generation() -> None:
     a = build_app(view(body(HTTP), body(HSMS), KvValue("green", 54)))
     b = build_app(AppView("other", parse_health(body(HTTP)), (), KvValue("blue", 90), 49, 1))
     assert build_state([a, b], "consul").generation == 90
+    assert resolve(build_state([a, b], "consul"), EMPTY).snapshot.generation == 90
 
 
 def test_consul_config_keys_and_validation(tmp_path: Path) -> None:
@@ -233,18 +244,34 @@ def test_hsms_device_id_from_service_meta() -> None:
     assert build_app(view(body(HTTP), body(HSMS), KvValue("blue", 60))).state.hsms_device_id is None
 
 
-def test_refused_view_keeps_the_active_group_but_refreshes_health() -> None:
-    from zerodown_proxy.discovery.consul import keep_active
+def test_hsms_device_id_out_of_range_leaves_that_service_out() -> None:
+    """Issue 9 section 4: hsms_device_id 99999 was accepted and later closed every tool's
+    connection (struct.error). Same rule as the file registry: 0..32767."""
+    hsms = body(HSMS)
+    for e in hsms:
+        e["Service"]["Meta"]["hsms_device_id"] = "7"
+    bad = hsms[0]["Service"]
+    bad["Meta"]["hsms_device_id"] = "99999"
+    r = build_app(view(body(HTTP), hsms, KvValue("blue", 60)))
+    assert r.state.hsms_device_id == 7  # from the valid ones
+    assert "hsms_device_id must be an integer 0-32767" in r.invalid[bad["ID"]]
+    assert sum(1 for i in r.state.instances if i.hsms_port is None) == 1  # that one: no HSMS
+    build_snapshot(build_state([r], "consul"))  # and the state is valid for the watcher
 
-    prev = build_app(view(body(HTTP), body(HSMS), KvValue("blue", 52)))
+
+def test_refused_view_keeps_the_active_group_but_refreshes_health() -> None:
+    prev = build_snapshot(build_state([build_app(view(body(HTTP), body(HSMS), KvValue("blue", 52)))],
+                                      "consul"))  # fmt: skip
     http = body(HTTP)
     set_status(http, 31384, "critical")  # green
     set_status(http, 20590, "critical")  # green
     set_status(http, 26242, "critical")  # one blue instance
     now = build_app(view(http, body(HSMS), KvValue("green", 54)))
-    assert now.problem is not None
-    kept = keep_active(prev, now)
-    assert kept.state.active_group == "blue" and kept.generation == 52 and kept.problem is None
-    assert {i.http_port for i in kept.state.instances if i.healthy} == {26945}
+    res = resolve(build_state([now], "consul"), prev)
+    assert "green has 0/2 passing" in res.problems["drimeap"]
+    kept = res.snapshot.apps["drimeap"]
+    assert kept.active_group == "blue" and res.snapshot.generation == 52
+    assert {i.http_port for i in kept.active} == {26945}
     set_status(http, 26945, "critical")  # no blue left either: the previous view stays as it was
-    assert keep_active(prev, build_app(view(http, body(HSMS), KvValue("green", 55)))) is prev
+    res = resolve(build_state([build_app(view(http, body(HSMS), KvValue("green", 55)))], "c"), prev)
+    assert res.snapshot.apps["drimeap"] is prev.apps["drimeap"]

@@ -127,3 +127,18 @@ def test_backoff_values() -> None:
     assert 0.08 <= w.backoff(1) <= 0.1
     assert 0.64 <= w.backoff(4) <= 0.8
     assert 1.6 <= w.backoff(50) <= 2.0
+
+
+def test_a_bug_in_the_provider_does_not_end_the_watch() -> None:
+    """Any exception from the answer callback is caught: counted as "internal", backed off,
+    and the watch goes on (before, only ConsulError was caught and the watch task died)."""
+    boom = [6]
+
+    def buggy(w: Watch, a: Answer) -> None:
+        if boom and a.index == boom[0]:
+            boom.pop()
+            raise KeyError("a bug")
+
+    client, w, seen, errors, _ = run_watch([ok(5), ok(6), ok(6), ok(7)], on_answer=buggy)
+    assert errors == ["internal"] and "a bug" in w.stats.last_error
+    assert seen == [5, 6, 7]  # the failed answer is delivered again, then the watch follows

@@ -1,5 +1,5 @@
-"""The switch gate's pure parts and the gated Router (two routers sharing one gate file, the
-supervisor's commit called by hand): no network, no processes."""
+"""The switch gate's pure parts and the gated watcher (two workers' watchers sharing one gate
+file, the supervisor's commit called by hand): no network, no processes."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from zerodown_proxy.switch_gate import (
     target_id,
     waiting_for,
 )
+from zerodown_proxy.watcher import Watcher
 
 
 def inst(iid: str, group: str, version: str, healthy: bool = True) -> Instance:
@@ -35,8 +36,8 @@ def state(gen: int, active: str, *instances: Instance) -> RegistryState:
     return RegistryState(gen, (AppState("a", active, instances or INSTANCES),))
 
 
-def active(router: Router) -> str:
-    return router.snapshot.apps["a"].active_group
+def active(w: Watcher) -> str:
+    return w.router.snapshot.apps["a"].active_group
 
 
 @pytest.fixture
@@ -46,11 +47,12 @@ def gate(tmp_path: Path):
     g.close()
 
 
-def worker(gate: GateFile, index: int) -> tuple[Router, list[tuple[int, int]]]:
-    router = Router(WorkerGate(GateFile.open(gate.path), index, None))
+def worker(gate: GateFile, index: int) -> tuple[Watcher, list[tuple[int, int]]]:
+    router = Router()
+    w = Watcher(router, gate=WorkerGate(GateFile.open(gate.path), index, None))
     calls: list[tuple[int, int]] = []
     router.subscribe(lambda old, new: calls.append((old.generation, new.generation)))
-    return router, calls
+    return w, calls
 
 
 def test_target_id_is_stable_order_free_and_non_zero():
@@ -119,13 +121,13 @@ def test_worker_gate_committed_reads_the_committed_word(gate: GateFile):
     w.close()
 
 
-def start_both(gate: GateFile) -> tuple[Router, Router, list, list]:
+def start_both(gate: GateFile) -> tuple[Watcher, Watcher, list, list]:
     w0, c0 = worker(gate, 0)
     w1, c1 = worker(gate, 1)
-    w0.offer(state(1, "blue"))
-    w1.offer(state(1, "blue"))
+    w0.submit(state(1, "blue"))
+    w1.submit(state(1, "blue"))
     # Nothing committed yet: neither serves anything until the supervisor commits.
-    assert w0.snapshot.generation == 0 and w0.pending is not None
+    assert w0.router.snapshot.generation == 0 and w0.router.pending is not None
     assert gate.commit_if_ready([0, 1]) is not None
     w0.sync()
     w1.sync()
@@ -135,63 +137,65 @@ def start_both(gate: GateFile) -> tuple[Router, Router, list, list]:
 
 def test_a_switch_waits_until_every_worker_prepared_it(gate: GateFile):
     w0, w1, c0, c1 = start_both(gate)
-    w0.offer(state(2, "green"))
+    w0.submit(state(2, "green"))
     w0.sync()
-    assert active(w0) == "blue" and w0.pending is not None  # prepared, not applied
+    assert active(w0) == "blue" and w0.router.pending is not None  # prepared, not applied
     assert c0 == [(0, 1)]  # listeners fire on apply only
     assert gate.commit_if_ready([0, 1]) is None
-    w1.offer(state(2, "green"))
+    w1.submit(state(2, "green"))
     assert active(w1) == "blue"
-    assert gate.commit_if_ready([0, 1]) == snapshot_target(w1.pending)  # type: ignore[arg-type]
+    assert gate.commit_if_ready([0, 1]) == snapshot_target(w1.router.pending)  # type: ignore[arg-type]
     w0.sync()
     w1.sync()
     assert active(w0) == active(w1) == "green"
-    assert w0.pending is None and w0.switches == 1
+    assert w0.router.pending is None and w0.switches == 1
     assert c0 == [(0, 1), (1, 2)] and c1 == [(0, 1), (1, 2)]
 
 
 def test_changes_within_the_active_group_apply_at_once(gate: GateFile):
     w0, _, c0, _ = start_both(gate)
     b1, b22, g1 = INSTANCES
-    w0.offer(state(2, "blue", b1, inst("b22", "blue", "v1", healthy=False), g1))
-    assert w0.pending is None and w0.snapshot.generation == 2
-    assert [i.id for i in w0.snapshot.apps["a"].active] == ["b1"]
+    w0.submit(state(2, "blue", b1, inst("b22", "blue", "v1", healthy=False), g1))
+    assert w0.router.pending is None and w0.router.snapshot.generation == 2
+    assert [i.id for i in w0.router.snapshot.apps["a"].active] == ["b1"]
 
 
 def test_while_a_switch_waits_the_served_group_still_follows_health(gate: GateFile):
     w0, _, c0, _ = start_both(gate)
     b1, b22, g1 = INSTANCES
-    w0.offer(state(2, "green", inst("b1", "blue", "v1", healthy=False), b22, g1))
-    assert w0.pending is not None and active(w0) == "blue"
-    assert w0.snapshot.generation == 1  # still the committed switch
-    assert [i.id for i in w0.snapshot.apps["a"].active] == ["b22"]
+    w0.submit(state(2, "green", inst("b1", "blue", "v1", healthy=False), b22, g1))
+    assert w0.router.pending is not None and active(w0) == "blue"
+    assert w0.router.snapshot.generation == 1  # still the committed switch
+    assert [i.id for i in w0.router.snapshot.apps["a"].active] == ["b22"]
     # The old group losing every instance keeps what was served (principle 2), still waiting.
-    w0.offer(
+    w0.submit(
         state(3, "green", inst("b1", "blue", "v1", False), inst("b22", "blue", "v1", False), g1)
     )
-    assert [i.id for i in w0.snapshot.apps["a"].active] == ["b22"] and w0.pending.generation == 3
+    assert [i.id for i in w0.router.snapshot.apps["a"].active] == [
+        "b22"
+    ] and w0.router.pending.generation == 3
 
 
 def test_a_switch_withdrawn_before_the_commit_is_never_applied(gate: GateFile):
     w0, w1, c0, _ = start_both(gate)
-    w0.offer(state(2, "green"))
-    w0.offer(state(3, "blue"))  # the registry moved back before worker 1 saw generation 2
-    assert w0.pending is None and active(w0) == "blue" and w0.snapshot.generation == 3
-    w1.offer(state(3, "blue"))
+    w0.submit(state(2, "green"))
+    w0.submit(state(3, "blue"))  # the registry moved back before worker 1 saw generation 2
+    assert w0.router.pending is None and active(w0) == "blue" and w0.router.snapshot.generation == 3
+    w1.submit(state(3, "blue"))
     assert gate.commit_if_ready([0, 1]) is None
     assert active(w0) == active(w1) == "blue"
 
 
 def test_a_commit_that_raced_the_withdrawal_is_applied_first(gate: GateFile):
     w0, w1, c0, _ = start_both(gate)
-    w0.offer(state(2, "green"))
-    w1.offer(state(2, "green"))
+    w0.submit(state(2, "green"))
+    w1.submit(state(2, "green"))
     assert gate.commit_if_ready([0, 1]) is not None
     # Worker 0 did not look at the gate since, and now reads generation 3 (back to blue): what
     # was committed is the truth; generation 3 is a new switch that must wait for worker 1.
-    w0.offer(state(3, "blue"))
-    assert active(w0) == "green" and w0.snapshot.generation == 2
-    assert w0.pending is not None and w0.pending.generation == 3
+    w0.submit(state(3, "blue"))
+    assert active(w0) == "green" and w0.router.snapshot.generation == 2
+    assert w0.router.pending is not None and w0.router.pending.generation == 3
     w1.sync()
     assert active(w1) == "green"
 
@@ -199,13 +203,13 @@ def test_a_commit_that_raced_the_withdrawal_is_applied_first(gate: GateFile):
 def test_a_dead_worker_does_not_hold_a_switch_and_its_replacement_joins(gate: GateFile):
     w0, w1, _, _ = start_both(gate)
     gate.publish(1, 0)  # supervisor: worker 1 died
-    w0.offer(state(2, "green"))
+    w0.submit(state(2, "green"))
     assert gate.commit_if_ready([0]) is not None
     w0.sync()
     assert active(w0) == "green"
     fresh, calls = worker(gate, 1)  # the replacement reads the committed target: applies at once
-    fresh.offer(state(2, "green"))
-    assert fresh.pending is None and active(fresh) == "green" and calls == [(0, 2)]
+    fresh.submit(state(2, "green"))
+    assert fresh.router.pending is None and active(fresh) == "green" and calls == [(0, 2)]
 
 
 def test_a_replacement_that_reads_an_uncommitted_switch_serves_nothing_until_commit(
@@ -214,10 +218,10 @@ def test_a_replacement_that_reads_an_uncommitted_switch_serves_nothing_until_com
     w0, _, _, _ = start_both(gate)
     gate.publish(1, 0)
     fresh, _ = worker(gate, 1)
-    fresh.offer(state(2, "green"))  # worker 0 has not read generation 2 yet
-    assert fresh.pending is not None and fresh.snapshot.generation == 0
+    fresh.submit(state(2, "green"))  # worker 0 has not read generation 2 yet
+    assert fresh.router.pending is not None and fresh.router.snapshot.generation == 0
     assert gate.commit_if_ready([0, 1]) is None
-    w0.offer(state(2, "green"))
+    w0.submit(state(2, "green"))
     assert gate.commit_if_ready([0, 1]) is not None
     fresh.sync()
     w0.sync()
@@ -225,9 +229,36 @@ def test_a_replacement_that_reads_an_uncommitted_switch_serves_nothing_until_com
 
 
 def test_without_a_gate_nothing_waits():
-    r = Router()
-    r.offer(state(1, "blue"))
-    r.offer(state(2, "green"))
-    assert r.pending is None and active(r) == "green"
+    r = Watcher(Router())
+    r.submit(state(1, "blue"))
+    r.submit(state(2, "green"))
+    assert r.router.pending is None and active(r) == "green"
     r.sync()  # harmless
-    assert isinstance(r.snapshot, Snapshot)
+    assert isinstance(r.router.snapshot, Snapshot)
+
+
+def test_the_data_path_read_applies_a_committed_switch_through_the_watcher(gate: GateFile):
+    """`Router.current()` is the one data-path call: after the supervisor's commit, the first
+    read routes with the new group, and the listeners have been told before it returns."""
+    w0, w1, c0, _ = start_both(gate)
+    w0.submit(state(2, "green"))
+    w1.submit(state(2, "green"))
+    assert w0.router.current().apps["a"].active_group == "blue"  # prepared, not committed
+    assert gate.commit_if_ready([0, 1]) is not None
+    snap = w0.router.current()  # no sync(), no poll: the read itself
+    assert snap.apps["a"].active_group == "green" and w0.router.pending is None
+    assert c0 == [(0, 1), (1, 2)]
+
+
+def test_a_refused_view_keeps_the_switch_being_prepared(gate: GateFile):
+    """The base for "keep the Active group" is the last decision (the prepared switch), so a
+    refused view does not withdraw a switch the registry already asked for."""
+    w0, w1, _, _ = start_both(gate)
+    w0.submit(state(2, "green"))
+    b1, b22, g1 = INSTANCES
+    verdict = w0.submit(state(3, "purple", b1, b22, g1, inst("p1", "purple", "v3", False)))
+    assert "purple has 0/1 passing" in verdict.problems["a"]
+    assert w0.router.pending is not None and w0.router.pending.apps["a"].active_group == "green"
+    w1.submit(state(2, "green"))
+    assert gate.commit_if_ready([0, 1]) is not None
+    assert active(w0) == "blue" and w0.router.current().apps["a"].active_group == "green"

@@ -9,6 +9,7 @@ classification of failures (unreachable, timeout, ACL denied, garbage) for statu
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import ssl
 import time
@@ -20,8 +21,14 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
+log = logging.getLogger("zerodown.discovery.consul")
+
 BURST = 5  # requests a watch may make back to back before the rate limit applies
-ERROR_KINDS = ("unreachable", "timeout", "tls", "acl_denied", "http_error", "garbage")
+# "internal": the answer could not be used because of a bug on our side (a traceback is logged);
+# the watch goes on, like for any other failed call.
+ERROR_KINDS = (
+    "unreachable", "timeout", "tls", "acl_denied", "http_error", "garbage", "internal",
+)  # fmt: skip
 
 
 class ConsulError(Exception):
@@ -80,9 +87,11 @@ class ConsulClient:
         if self._session is not None:
             await self._session.close()
 
-    def _params(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+    def _params(self, path: str, extra: dict[str, str] | None = None) -> dict[str, str]:
         p = dict(extra or {})
-        if self.datacenter:
+        # Agent endpoints are the local agent's own (they take no dc); every other call names
+        # the datacenter, so a proxy can follow a datacenter other than its agent's.
+        if self.datacenter and not path.startswith("/v1/agent/"):
             p["dc"] = self.datacenter
         return p
 
@@ -97,7 +106,7 @@ class ConsulClient:
         url = self.addr + path
         t = aiohttp.ClientTimeout(total=timeout, sock_connect=self.connect_timeout)
         try:
-            async with self.session().get(url, params=self._params(params), timeout=t) as r:
+            async with self.session().get(url, params=self._params(path, params), timeout=t) as r:
                 data = await r.read()
                 return self._answer(r.status, r.headers, data, path)
         except TimeoutError:
@@ -141,7 +150,7 @@ class ConsulClient:
         data = orjson.dumps(body) if body is not None else None
         try:
             async with self.session().put(
-                self.addr + path, data=data, params=self._params(), timeout=t
+                self.addr + path, data=data, params=self._params(path), timeout=t
             ) as r:
                 text = await r.read()
                 if r.status == 403:
@@ -263,7 +272,7 @@ class Watch:
                 )
                 # Parsing happens in on_answer; a body it cannot use counts as a garbage answer.
                 if answer.index != self.stats.index or not self._blocking_ok:
-                    self.on_answer(self, answer)
+                    self._deliver(answer)
             except ConsulError as exc:
                 st = self.stats
                 st.errors += 1
@@ -274,6 +283,17 @@ class Watch:
                 await self._sleep(self.backoff(st.consecutive_errors))
                 continue
             self._accept(answer)
+
+    def _deliver(self, answer: Answer) -> None:
+        try:
+            self.on_answer(self, answer)
+        except ConsulError:
+            raise
+        except Exception as exc:  # never let a bug end the watch: count it, back off, go on
+            log.exception("Consul watch %s: the answer could not be used", self.name)
+            raise ConsulError(
+                "internal", f"{self.name}: the answer could not be used ({exc!r})"
+            ) from None
 
     def _accept(self, answer: Answer) -> None:
         st = self.stats

@@ -17,11 +17,12 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
+from ..contract.consul import PROXY_META_ADMIN, PROXY_SERVICE
 from .consul_client import ConsulClient, ConsulError, quote_path
 
 log = logging.getLogger("zerodown.discovery.consul")
 
-SERVICE_NAME = "zerodown-proxy"
+SERVICE_NAME = PROXY_SERVICE
 
 
 def service_id_for(admin_addr: str, host: str | None = None) -> str:
@@ -65,7 +66,7 @@ class SelfRegistration:
         self._ports_known.set()
 
     def body(self) -> dict[str, Any]:
-        meta = {"admin": self.admin_addr, "name": self.proxy_name, "pid": str(os.getpid())}
+        meta = {PROXY_META_ADMIN: self.admin_addr, "name": self.proxy_name, "pid": str(os.getpid())}
         if self.ports.get("hsms"):
             meta["hsms_port"] = str(self.ports["hsms"])
         return {

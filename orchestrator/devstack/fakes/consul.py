@@ -21,6 +21,7 @@ Endpoints: GET /v1/health/service/<name> (passing, tag, index, wait, dc), GET/PU
 /v1/agent/check/pass|warn|fail|update/<id>, GET /v1/status/leader. ACL: X-Consul-Token header,
 `token=` or `Authorization: Bearer`.
     c.requests  # [(method, path_qs), ...]
+    c.federate(other)  # (extra) answer `dc=<other.datacenter>` requests from `other`
     c.stop()
 
 Semantics kept from the real agent: a blocking query (`index` > 0) returns as soon as the index
@@ -45,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
+import aiohttp
 import orjson
 from aiohttp import web
 
@@ -142,6 +144,7 @@ class FakeConsul:
         self.hang = False
         self.hanging = 0  # blocking queries currently held by `hang`
         self.requests: list[tuple[str, str]] = []
+        self.federated: dict[str, FakeConsul] = {}  # datacenter -> double answering for it
         self.url = ""
         self.port = 0
         self._lock = threading.RLock()
@@ -626,8 +629,13 @@ class FakeConsul:
                 headers={"Content-Type": "application/json"},
             )
         dc = request.query.get("dc")
-        if dc and dc != self.datacenter:
-            return web.Response(status=500, text="No path to datacenter")
+        if dc and dc != self.datacenter and not path.startswith("/v1/agent/"):
+            # Agent endpoints are always the local agent's (they take no dc); everything else
+            # is forwarded to a federated datacenter, as the real agent forwards to its servers.
+            remote = self.federated.get(dc)
+            if remote is None:
+                return web.Response(status=500, text="No path to datacenter")
+            return await self._forward(request, remote)
         self._inflight[id(request)] = request
         try:
             if path.startswith("/v1/health/service/"):
@@ -643,6 +651,32 @@ class FakeConsul:
                     return _method_not_allowed(request)
                 return await self._agent(request, path[len("/v1/agent/") :])
             return web.Response(status=404, text="404 page not found\n")
+        finally:
+            self._inflight.pop(id(request), None)
+
+    def federate(self, other: FakeConsul) -> None:
+        """(extra) WAN-join another double: requests with `dc=<other.datacenter>` to this agent
+        are answered by `other` (blocking queries included), as a real agent forwards them."""
+        self.federated[other.datacenter] = other
+
+    async def _forward(self, request: web.Request, remote: FakeConsul) -> web.StreamResponse:
+        headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARDED}
+        body = await request.read()
+        self._inflight[id(request)] = request  # cut by set_down like any other request
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as s,
+                s.request(request.method, remote.url + request.path_qs, data=body or None,
+                          headers=headers, ssl=False) as r,
+            ):  # fmt: skip
+                data = await r.read()
+                out = {k: v for k, v in r.headers.items() if k.lower().startswith("x-consul-")}
+                if "Content-Type" in r.headers:
+                    out["Content-Type"] = r.headers["Content-Type"]
+                return web.Response(status=r.status, body=data, headers=out)
+        except aiohttp.ClientError:
+            return web.Response(status=500, text=f"rpc error: datacenter {remote.datacenter} "
+                                                 "is unreachable")  # fmt: skip
         finally:
             self._inflight.pop(id(request), None)
 
@@ -943,6 +977,8 @@ def _flag(q: Any, name: str) -> bool:
         return False
     return q[name].lower() not in ("false", "0")
 
+
+_FORWARDED = {"x-consul-token", "authorization", "content-type"}
 
 _CANON = {
     k.lower(): k
