@@ -83,9 +83,28 @@ class Target:
         args = ["--only-binary=:all:"]  # wheels only: the target host has no compiler to rely on
         if not self.native:
             args += ["--python-version", self.python_version, "--implementation", "cp"]
-            for tag in self.platforms:
+            for tag in expand_platforms(self.platforms):
                 args += ["--platform", tag]
         return args
+
+
+def expand_platforms(tags: tuple[str, ...]) -> list[str]:
+    """What a host of each tag's glibc accepts, as pip on that host would: manylinux_2_28_x86_64
+    also takes manylinux_2_27 ... manylinux_2_5 and the legacy manylinux2014/2010/1 names
+    (PEP 600). pip does not do this for --platform, and many wheels carry only older tags."""
+    legacy = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}
+    out: list[str] = []
+    for tag in tags:
+        m = re.fullmatch(r"manylinux_2_(\d+)_(\w+)", tag)
+        if not m:
+            out.append(tag)
+            continue
+        glibc, arch = int(m[1]), m[2]
+        for minor in range(glibc, 4, -1):
+            out.append(f"manylinux_2_{minor}_{arch}")
+            if minor in legacy:
+                out.append(f"{legacy[minor]}_{arch}")
+    return list(dict.fromkeys(out))
 
 
 def make_target(python_version: str | None, platforms: list[str]) -> Target:
@@ -123,7 +142,8 @@ def fetch(pip: list[str], lock: Path, target: Target, dest: Path, cache: Path) -
            "--find-links", str(cache), *target.pip_args()]  # fmt: skip
     if run([*cmd, "--no-index"], "offline download", check=False).returncode != 0:
         run(cmd, f"downloading the wheels of {lock.name} for {target.python_tag} "
-                 f"{target.platform_name} (is the package index reachable?)")  # fmt: skip
+                 f"{target.platform_name} (the index is unreachable, or a locked version has "
+                 "no wheel for this target)")  # fmt: skip
     for f in dest.iterdir():
         if f.suffix == ".whl" and not (cache / f.name).exists():
             shutil.copyfile(f, cache / f.name)

@@ -55,8 +55,8 @@ found=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])') \
 
 # The bundle arrived whole (pip checks the wheels again against requirements.lock).
 if command -v sha256sum >/dev/null 2>&1; then
-    (cd "$here" && sha256sum --check --quiet --strict SHA256SUMS) \
-        || die "SHA256SUMS does not match the files of $here: the bundle is damaged or was changed"
+    sums=$(cd "$here" && sha256sum -c SHA256SUMS 2>&1) \
+        || die "SHA256SUMS does not match the files of $here: the bundle is damaged or was changed ($(echo "$sums" | grep -v ': OK$' | head -3 | tr '\n' ' '))"
 fi
 
 mkdir -p "$prefix/lib" "$prefix/bin"
@@ -65,15 +65,21 @@ if [ -e "$prefix/bin/zerodown" ] && [ ! -L "$prefix/bin/zerodown" ]; then
     die "$prefix/bin/zerodown exists and is not this installer's symlink; move it away first"
 fi
 dest="$prefix/lib/zerodown-$VERSION"
-if [ -e "$dest" ]; then
-    [ "$force" = 1 ] || die "$dest exists (zerodown $VERSION is installed); --force reinstalls it"
-    rm -rf "$dest"
-fi
-
 created=""
-cleanup() { [ -z "$created" ] || rm -rf "$created"; }
+replaced=""
+# On any failure: remove what this run made, put back what --force moved aside.
+cleanup() {
+    [ -z "$created" ] || rm -rf "$created"
+    [ -z "$replaced" ] || mv -T "$replaced" "$dest"
+}
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+if [ -e "$dest" ]; then
+    [ "$force" = 1 ] || die "$dest exists (zerodown $VERSION is installed); --force reinstalls it"
+    rm -rf "$dest.replaced"
+    mv -T "$dest" "$dest.replaced"
+    replaced="$dest.replaced"
+fi
 
 # Only the bundle: no index, no host pip configuration or variables, no cache.
 for var in $(env | sed -n 's/^\(PIP_[A-Za-z0-9_]*\)=.*/\1/p'); do unset "$var"; done
@@ -83,9 +89,9 @@ created=$dest
 "$python" -m venv "$dest"
 "$dest/bin/python" -m pip install --quiet --no-index --find-links "$here/wheelhouse" \
     --only-binary=:all: --require-hashes -r "$here/requirements.lock" \
-    || die "pip could not install the bundle's wheels into $dest (nothing was changed in $prefix)"
+    || die "pip could not install the bundle's wheels into $dest ($prefix is left as it was)"
 "$dest/bin/zerodown" --version >/dev/null \
-    || die "$dest/bin/zerodown --version failed after the install (nothing was changed in $prefix)"
+    || die "$dest/bin/zerodown --version failed after the install ($prefix is left as it was)"
 
 share="$dest/share/zerodown"
 mkdir -p "$share/systemd"
@@ -95,6 +101,10 @@ for unit in "$here"/systemd/*; do
     sed "s|@PREFIX@|$prefix|g" "$unit" > "$share/systemd/$(basename "$unit")"
 done
 created=""
+if [ -n "$replaced" ]; then
+    rm -rf "$replaced"
+    replaced=""
+fi
 
 # Switch current to the new version in one rename, so PREFIX/bin/zerodown is never missing.
 rm -f "$prefix/.current.new"

@@ -33,9 +33,9 @@ OFFLINE_ENV = {"PIP_NO_INDEX": "1", "PIP_INDEX_URL": f"{DEAD}/simple", "HTTP_PRO
                "NO_PROXY": "", "no_proxy": "", "PIP_RETRIES": "0", "PIP_TIMEOUT": "5"}  # fmt: skip
 
 
-def build(out: Path) -> Path:
+def build(out: Path, *args: str) -> Path:
     r = subprocess.run([sys.executable, str(ROOT / "deploy" / "bundle" / "build_bundle.py"),
-                        "--out", str(out)],
+                        "--out", str(out), *args],
                        capture_output=True, text=True, timeout=900)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     archive = Path(r.stdout.split()[0])
@@ -64,6 +64,32 @@ def install(tree: Path, prefix: Path, *args: str) -> subprocess.CompletedProcess
     return subprocess.run(["sh", str(tree / "install.sh"), "--prefix", str(prefix), *args],
                           capture_output=True, text=True, timeout=300,
                           env=clean_env(**OFFLINE_ENV), cwd=prefix.parent)  # fmt: skip
+
+
+def other_python() -> tuple[str, str] | None:
+    """(interpreter, "3.N") of a CPython >= 3.11 other than this one, on PATH or from pyenv."""
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    candidates = [shutil.which(f"python3.{n}") for n in range(11, 16)]
+    if shutil.which("pyenv"):
+        root = subprocess.run(["pyenv", "root"], capture_output=True, text=True).stdout.strip()
+        candidates += sorted(str(p) for p in Path(root).glob("versions/3.1[1-9]*/bin/python3"))
+    for cand in filter(None, candidates):
+        r = subprocess.run([cand, "-c", "import sys, venv, ensurepip; "
+                            "print('%d.%d' % sys.version_info[:2], sys.implementation.name)"],
+                           capture_output=True, text=True)  # fmt: skip
+        found = r.stdout.split()
+        if r.returncode == 0 and found[1] == "cpython" and found[0] != here:
+            return cand, found[0]
+    return None
+
+
+def drop_wheel(tree: Path, name: str) -> None:
+    """A bundle that lost one wheel but whose SHA256SUMS agrees: only pip can notice."""
+    (wheel,) = (tree / "wheelhouse").glob(f"{name}-*.whl")
+    wheel.unlink()
+    sums = tree / "SHA256SUMS"
+    sums.write_text("".join(line for line in sums.read_text().splitlines(keepends=True)
+                            if wheel.name not in line))  # fmt: skip
 
 
 def python_for_bundle() -> str:
@@ -118,20 +144,24 @@ def test_bundle_installs_offline_and_runs_version_and_a_demo(bundle, tmp_path):
     assert (share / "nomad" / "drimeap.nomad.hcl").exists()
     assert (share / "examples" / "proxy.toml").exists()
 
-    # A second install of the same version refuses (the running one is not pulled away).
+    # A second install of the same version refuses (the running one is not pulled away) ...
     again = install(tree, prefix, "--python", python_for_bundle())
     assert again.returncode == 1 and "--force" in again.stderr
+    # ... and a forced one that fails puts the installed version back as it was.
+    drop_wheel(tree, "yarl")
+    forced = install(tree, prefix, "--python", python_for_bundle(), "--force")
+    assert forced.returncode == 1 and "left as it was" in forced.stderr
+    v2 = subprocess.run([str(zd), "version"], capture_output=True, text=True, timeout=60,
+                        env=clean_env(), cwd=tmp_path)  # fmt: skip
+    assert v2.returncode == 0 and v2.stdout == v.stdout, v2.stderr
+    assert not list((prefix / "lib").glob("*.replaced"))
 
 
 def test_install_with_a_wheel_missing_fails_loudly_and_changes_nothing(bundle, tmp_path):
     """The control for the test above: with no index and the network refused, a missing wheel
     cannot come from anywhere, so pip must fail, and the prefix stays as it was."""
     tree = unpack(bundle, tmp_path / "unpacked")
-    (yarl,) = (tree / "wheelhouse").glob("yarl-*.whl")
-    yarl.unlink()
-    sums = tree / "SHA256SUMS"
-    sums.write_text("".join(line for line in sums.read_text().splitlines(keepends=True)
-                            if yarl.name not in line))  # fmt: skip
+    drop_wheel(tree, "yarl")
     prefix = tmp_path / "zerodown"
     prefix.mkdir()
     r = install(tree, prefix, "--python", python_for_bundle())
@@ -189,3 +219,29 @@ def test_bundle_is_reproducible_and_holds_only_the_locked_runtime_wheels(bundle,
         tops = {n.split("/")[0] for n in z.namelist()}
     assert "benchmarks" not in tops and "tests" not in tops
     assert {"zerodown_proxy", "orchestrator"} <= tops
+
+
+def test_a_bundle_for_another_python_installs_and_imports_there(tmp_path):
+    """--python-version / --platform: wheels for a Python this build does not run on."""
+    other = other_python()
+    if other is None:
+        pytest.skip("no second CPython >= 3.11 (PATH or pyenv) to install a cross-target bundle")
+    python, version = other
+    arch = os.uname().machine
+    archive = build(tmp_path / "dist", "--python-version", version,
+                    "--platform", f"manylinux_2_17_{arch}")  # fmt: skip
+    tag = "cp" + version.replace(".", "")
+    assert archive.name == f"zerodown-bundle-{VERSION}-{tag}-linux_{arch}.tar.gz"
+    tree = unpack(archive, tmp_path / "unpacked")
+    assert all(tag in w.name or "-none-any" in w.name for w in (tree / "wheelhouse").iterdir())
+    prefix = tmp_path / "zerodown"
+    r = install(tree, prefix, "--python", python)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # The compiled wheels load on that interpreter, and so does the proxy's server module.
+    imp = subprocess.run([str(prefix / "current" / "bin" / "python"), "-c",
+                          "import uvloop, httptools, orjson, aiohttp, secsgem, "
+                          "zerodown_proxy.server, orchestrator.cli; import sys; "
+                          "print('%d.%d' % sys.version_info[:2])"],
+                         capture_output=True, text=True, timeout=60, env=clean_env(),
+                         cwd=tmp_path)  # fmt: skip
+    assert imp.returncode == 0 and imp.stdout.strip() == version, imp.stdout + imp.stderr
