@@ -4,12 +4,16 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench sysdeps clean
+# The venv installs exactly the locked files (pip checks every hash); `make lock` re-resolves.
+LOCKS := requirements-build.lock requirements.lock requirements-dev.lock
 
-$(STAMP): pyproject.toml
+.PHONY: venv demo test lint bench sysdeps clean bundle lock lock-upgrade
+
+$(STAMP): pyproject.toml $(LOCKS)
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/pip install -q --require-hashes -r requirements-build.lock
+	$(BIN)/pip install -q --require-hashes -r requirements-dev.lock
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -32,6 +36,33 @@ sysdeps:
 
 bench: $(STAMP) sysdeps
 	$(BIN)/zerodown bench all
+
+# Offline install for closed networks: dist/zerodown-bundle-<version>-<python>-<platform>.tar.gz
+# (README, "Offline install"). Needs only $(PY) and the package index, not the dev venv.
+# BUNDLE_ARGS: --dev (test and bench extras too), --python-version X.Y --platform TAG (another
+# target than $(PY) on this machine), --out DIR.
+bundle:
+	$(PY) deploy/bundle/build_bundle.py $(BUNDLE_ARGS)
+
+# Lock files with hashes, resolved against the package index only (no local pip configuration,
+# find-links or extra index), with a pinned pip-tools in its own venv. `make lock` keeps
+# existing pins and adds what pyproject.toml asks for; `make lock-upgrade` moves every pin to
+# the newest release its range allows.
+LOCK_TOOLS := pip==26.3 pip-tools==7.6.2
+LOCK_VENV := .cache/lock-tools
+COMPILE = env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null \
+	$(LOCK_VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
+	--no-emit-index-url --no-emit-find-links $(LOCK_ARGS)
+
+lock:
+	test -x $(LOCK_VENV)/bin/pip-compile || $(PY) -m venv $(LOCK_VENV)
+	PIP_CONFIG_FILE=/dev/null $(LOCK_VENV)/bin/pip install -q $(LOCK_TOOLS)
+	$(COMPILE) -o requirements-build.lock requirements-build.in
+	$(COMPILE) -o requirements.lock pyproject.toml
+	$(COMPILE) --extra test --extra bench -c requirements.lock -o requirements-dev.lock pyproject.toml
+
+lock-upgrade:
+	$(MAKE) lock LOCK_ARGS=--upgrade
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

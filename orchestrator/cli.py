@@ -140,11 +140,44 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run(args)
 
 
+# -- version and healthcheck ------------------------------------------------------------------
+
+
+class _VersionAction(argparse.Action):
+    """`zerodown --version`: reads the package metadata only when asked."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print version, Python and platform")
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        cmd_version(argparse.Namespace())
+        parser.exit(0)
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    from zerodown_proxy.buildinfo import build_info
+
+    print(build_info().describe())
+    return 0
+
+
+def cmd_healthcheck(args: argparse.Namespace) -> int:
+    from .healthcheck import run
+
+    health = run(args.admin, args.config, args.timeout)
+    if not health.ok:
+        _err(f"healthcheck: {health.message}")
+        return 1
+    print(health.message)
+    return 0
+
+
 # -- parser -----------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zerodown", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action=_VersionAction)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def release_opts(sp: argparse.ArgumentParser) -> None:
@@ -238,6 +271,21 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError as exc:
         sp.set_defaults(unavailable=f"benchmarks are unavailable: {exc}")
     sp.set_defaults(fn=cmd_bench)
+
+    sp = sub.add_parser("version", help="print version, Python and platform")
+    sp.set_defaults(fn=cmd_version)
+
+    sp = sub.add_parser("healthcheck", help="exit 0 if the local proxy is up and routing, else 1")
+    sp.add_argument("--admin", default=None, metavar="ADDR",
+                    help="the proxy's admin address (default: [proxy] admin_listen of --config, "
+                         "$ZERODOWN_ADMIN_LISTEN, or 127.0.0.1:8081)")  # fmt: skip
+    sp.add_argument(
+        "--config", default=None, help="the proxy's TOML config, to find its admin address"
+    )
+    sp.add_argument(
+        "--timeout", type=float, default=3.0, help="seconds to wait for /health (default 3)"
+    )
+    sp.set_defaults(fn=cmd_healthcheck)
     return p
 
 
