@@ -19,7 +19,7 @@ def zd(state: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProc
     for var in ("ZERODOWN_BACKEND", "CONSUL_HTTP_ADDR", "NOMAD_ADDR"):
         env.pop(var, None)
     return subprocess.run(
-        [sys.executable, "-m", "orchestrator", *args, "--state-dir", str(state)],
+        [sys.executable, "-m", "orchestrator", args[0], "--state-dir", str(state), *args[1:]],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -78,8 +78,22 @@ def test_release_cycle_and_status_schema(stack: Path):
     assert r.returncode == 0, r.stderr
     assert status(stack)["active"]["group"] == "blue"
     history = [orjson.loads(x) for x in (stack / "history.jsonl").read_text().splitlines()]
-    assert [h["action"] for h in history] == ["deploy", "switch", "switch"]
-    assert history[1]["from"] == "blue" and history[1]["to"] == "green"
+    assert [(h["action"], h["result"]) for h in history] == [
+        ("deploy", "ok"),
+        ("switch", "ok"),
+        ("rollback", "ok"),  # recorded as what it was, not as a plain switch
+    ]
+    assert (history[0]["version"], history[0]["group"], history[0]["from_version"]) == (
+        "v2", "green", "v1",
+    )  # fmt: skip
+    assert (history[1]["from"], history[1]["to"]) == ("blue", "green")
+    assert (history[1]["from_version"], history[1]["to_version"]) == ("v1", "v2")
+    assert (history[2]["from"], history[2]["to"], history[2]["to_version"]) == (
+        "green", "blue", "v1",
+    )  # fmt: skip
+    for h in history:
+        assert h["user"] and h["host"] and h["pid"] and h["time"] and h["backend"] == "local"
+    assert not (stack / "release.lock").read_bytes()  # released: nobody holds it
 
 
 def test_refusals_say_why_and_exit_1(stack: Path):
@@ -134,3 +148,94 @@ def test_down_stops_everything(stack: Path):
     wait_until(gone, 10, "all stack processes to exit")
     r = zd(stack, "down")
     assert r.returncode == 1 and "nothing to stop" in r.stderr
+
+
+def history(state: Path) -> list[dict]:
+    path = state / "history.jsonl"
+    return [orjson.loads(x) for x in path.read_bytes().splitlines()] if path.exists() else []
+
+
+def test_refusals_and_failures_are_audited(stack: Path):
+    assert zd(stack, "switch", "--to", "blue").returncode == 1
+    assert zd(stack, "rollback").returncode == 1
+    pid = orjson.loads((stack / "stack.json").read_bytes())["instances"]["drimeap-green-1"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    assert zd(stack, "switch").returncode == 1
+    entries = history(stack)
+    assert [(e["action"], e["result"]) for e in entries] == [
+        ("switch", "refused"),
+        ("rollback", "refused"),
+        ("switch", "refused"),
+    ]
+    assert entries[0]["reason"] == "group blue is already Active for drimeap; nothing to switch"
+    assert entries[1]["reason"].startswith("nothing to roll back to")
+    assert "Standby group green has 1/2 passing instances" in entries[2]["reason"]
+    assert (entries[2]["from"], entries[2]["to"]) == ("blue", "green")
+
+    # The proxy is gone: the switch writes the registry, then no proxy confirms it -> failed
+    # (something changed), not refused.
+    info = orjson.loads((stack / "stack.json").read_bytes())
+    os.kill(info["proxy"]["pid"], signal.SIGKILL)
+    r = zd(stack, "deploy", "v2")
+    assert r.returncode == 1
+    last = history(stack)[-1]
+    assert (last["action"], last["result"], last["version"]) == ("deploy", "failed", "v2")
+    assert last["reason"] == one_line(r.stderr).removeprefix("zerodown: ")
+
+
+def one_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("zerodown: ")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+BAD_VERSIONS = [
+    ("", "it is empty"),
+    ("--help", "it starts with '-'"),  # `deploy -- --help`
+    ("-crash", "it starts with '-'"),
+    ("v2\nrm -rf", "it contains '\\n'"),
+    ("../v2", "it starts with '.'"),
+    ("v2/evil", "it contains '/'"),
+    ("v 2", "it contains ' '"),
+    ("v" * 65, "it is 65 characters long"),
+]
+
+
+@pytest.mark.parametrize(("version", "why"), BAD_VERSIONS[:4])
+def test_invalid_versions_are_refused_and_change_nothing(stack: Path, version: str, why: str):
+    before = orjson.loads((stack / "stack.json").read_bytes())["instances"]
+    registry_before = (stack / "registry.json").read_bytes()
+    r = zd(stack, "deploy", "--", version)
+    assert r.returncode == 1, r.stderr
+    line = one_line(r.stderr)
+    assert line.startswith(f"zerodown: version {version!r} is not valid ({why}): a version is ")
+    assert line.endswith("; not deploying.")
+    assert orjson.loads((stack / "stack.json").read_bytes())["instances"] == before
+    assert (stack / "registry.json").read_bytes() == registry_before
+    for inst in before.values():
+        os.kill(inst["pid"], 0)  # still running: nothing was stopped
+    (entry,) = history(stack)
+    assert (entry["action"], entry["result"], entry["version"]) == ("deploy", "refused", version)
+    st = status(stack)
+    assert st["standby"]["version"] == "v1" and st["standby"]["healthy"] == 2
+
+
+def test_version_rule_unit():
+    from orchestrator.versions import MAX_LENGTH, check_version, problem
+
+    for version, why in BAD_VERSIONS:
+        assert problem(version) == why, version
+    for good in ("v2", "2.4.1", "2026.11-rc1", "build_7", "V" * MAX_LENGTH):
+        assert problem(good) is None and check_version(good) == good
+    r = zd(Path("/nonexistent"), "deploy")  # no version at all: argparse's usage error
+    assert r.returncode == 2
+
+
+def test_proxy_config_holding_the_admin_token_is_private(stack: Path):
+    info = orjson.loads((stack / "stack.json").read_bytes())
+    assert info["token"] in (stack / "proxy.toml").read_text()
+    for name in ("proxy.toml", "stack.json", "history.jsonl", "release.lock"):
+        path = stack / name
+        if path.exists():
+            assert path.stat().st_mode & 0o777 == 0o600, name
+    assert (stack / "proxy.toml").stat().st_mode & 0o777 == 0o600
