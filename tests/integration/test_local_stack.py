@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -239,3 +241,124 @@ def test_proxy_config_holding_the_admin_token_is_private(stack: Path):
         if path.exists():
             assert path.stat().st_mode & 0o777 == 0o600, name
     assert (stack / "proxy.toml").stat().st_mode & 0o777 == 0o600
+
+
+# -- the release lock -------------------------------------------------------------------------
+
+
+class LaggingProxy:
+    """A second proxy in the registry that reports a generation only LAG s after the registry
+    file showed it (a proxy that is slow to catch up): every switch then takes about LAG s,
+    long enough that two commands started together always overlap."""
+
+    LAG = 1.0
+
+    def __init__(self, registry_path: Path) -> None:
+        import http.server
+        import threading
+        import time
+
+        seen: dict[int, float] = {}
+        lag = self.LAG
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                gen = orjson.loads(registry_path.read_bytes())["generation"]
+                now = time.monotonic()
+                seen.setdefault(gen, now)
+                shown = max((g for g, t in seen.items() if now - t >= lag), default=0)
+                body = orjson.dumps({"generation": shown})
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def lagging(stack: Path):
+    from orchestrator import registry
+
+    proxy = LaggingProxy(stack / "registry.json")
+    registry.update(
+        stack / "registry.json",
+        lambda r: r["proxies"].append({"name": "lagging", "admin": f"127.0.0.1:{proxy.port}"}),
+    )
+    yield proxy
+    proxy.close()
+
+
+def popen(state: Path, *args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for var in ("ZERODOWN_BACKEND", "CONSUL_HTTP_ADDR", "NOMAD_ADDR"):
+        env.pop(var, None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", args[0], "--state-dir", str(state), *args[1:]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+BUSY = re.compile(
+    r"^zerodown: another release command is running \((switch|deploy|rollback), pid (\d+) on "
+    r"host (\S+), since \d\d:\d\d:\d\d\); not (switching|deploying|rolling back)\.$"
+)
+
+
+def test_two_switches_started_together_one_runs_the_other_refuses(stack: Path, lagging):
+    """Regression: two `zerodown switch` started at the same instant both reported success and
+    cancelled each other. Now the second refuses at once, naming the one that runs."""
+    active = "blue"
+    for n in range(5):
+        procs = [popen(stack, "switch"), popen(stack, "switch")]
+        outs = [p.communicate(timeout=90) for p in procs]
+        codes = sorted(p.returncode for p in procs)
+        assert codes == [0, 1], (n, outs)
+        (winner,) = [p for p in procs if p.returncode == 0]
+        (loser,) = [(p, e) for p, (_, e) in zip(procs, outs, strict=True) if p.returncode == 1]
+        m = BUSY.match(one_line(loser[1]))
+        assert m, loser[1]
+        assert m.group(1) == "switch" and int(m.group(2)) == winner.pid
+        assert m.group(3) == socket.gethostname() and m.group(4) == "switching"
+        active = "green" if active == "blue" else "blue"
+        assert status(stack)["active"]["group"] == active, n
+    entries = history(stack)
+    assert len(entries) == 10
+    for n in range(5):
+        pair = sorted((e["result"], e["pid"]) for e in entries[2 * n : 2 * n + 2])
+        assert [r for r, _ in pair] == ["ok", "refused"]
+    refused = [e for e in entries if e["result"] == "refused"]
+    assert all(e["holder"]["action"] == "switch" and e["holder"]["pid"] for e in refused)
+
+
+def test_a_holder_killed_with_sigkill_frees_the_lock_and_is_reported(stack: Path, lagging):
+    p = popen(stack, "switch")
+    lock = stack / "release.lock"
+    wait_until(lambda: lock.exists() and lock.read_bytes(), 30, "the switch to take the lock")
+    holder = orjson.loads(lock.read_bytes())
+    assert holder["pid"] == p.pid and holder["action"] == "switch"
+    r = zd(stack, "deploy", "v2")
+    assert r.returncode == 1
+    assert BUSY.match(one_line(r.stderr)).group(2) == str(p.pid)
+    p.kill()  # SIGKILL while it holds the lock: the kernel drops the flock
+    p.communicate(timeout=30)
+    r = zd(stack, "switch")  # whether or not the killed one had flipped, this one runs
+    assert r.returncode == 0, r.stderr
+    assert f"the previous release command (switch, pid {p.pid} on host" in r.stderr
+    assert "another release command is running" not in r.stderr
+    last = history(stack)[-1]
+    assert last["previous_holder_died"]["pid"] == p.pid
