@@ -20,7 +20,6 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -103,13 +102,13 @@ async def release_action(
     try:
         await lock.acquire(action, verb, progress)
     except LockBusy as exc:
-        holder = asdict(exc.holder) if exc.holder is not None else None
+        holder = exc.holder.to_dict() if exc.holder is not None else None
         await write({**entry, "result": "refused", "reason": str(exc), "holder": holder})
         raise
     try:
         previous = getattr(lock, "previous", None)
         if previous is not None:
-            entry["previous_holder_died"] = asdict(previous)
+            entry["previous_holder_died"] = previous.to_dict()
         yield entry
     except Refused as exc:
         await write({**_public(entry), "result": _failed(entry), "reason": str(exc)})

@@ -36,9 +36,11 @@ import getpass
 import os
 import socket
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import orjson
@@ -125,6 +127,9 @@ class Holder:
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
     def to_json(self) -> bytes:
         return orjson.dumps(asdict(self))
@@ -373,3 +378,23 @@ class ReleaseLock(Protocol):
     async def confirm(self, verb: str) -> None: ...
 
     async def release(self) -> None: ...
+
+
+@asynccontextmanager
+async def held(
+    lock: ReleaseLock,
+    action: str,
+    verb: str,
+    progress: Progress,
+    on_busy: Callable[[LockBusy], Awaitable[None]],
+) -> AsyncIterator[ReleaseLock]:
+    """Hold `lock` for the block; a refusal to take it goes to `on_busy` (the audit) first."""
+    try:
+        await lock.acquire(action, verb, progress)
+    except LockBusy as exc:
+        await on_busy(exc)
+        raise
+    try:
+        yield lock
+    finally:
+        await lock.release()

@@ -12,16 +12,16 @@ group chosen by the Consul KV key `zerodown/<app>/active` (DESIGN.md, "Data mode
   the version it ran then and is healthy.
 Every deploy and switch (refused ones too) is appended to `zerodown/<app>/history/<ns>` in
 Consul and to the local history.jsonl.
+deploy, switch and rollback hold the release lock, a Consul session lock on
+`zerodown/<app>/lock`, for their whole run (release_lock.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import getpass
 import os
 import re
-import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -32,7 +32,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from . import jobspec
+from . import audit, jobspec
 from .backend import (
     AppStatus,
     GroupStatus,
@@ -43,6 +43,8 @@ from .backend import (
 )
 from .hashicorp_api import ApiError, ConsulApi, NomadApi, env_settings
 from .probes import probe_http, proxy_statuses, wait_proxies
+from .release_lock import ConsulReleaseLock, LockBusy, held
+from .versions import check_version
 
 _ALLOC_IN_ID = re.compile(
     r"_nomad-task-([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})"
@@ -65,6 +67,7 @@ class Settings:
     deploy_timeout: float = 300.0
     proxy_timeout: float = 10.0
     smoke_timeout: float = 10.0
+    lock_ttl: float = ConsulReleaseLock.TTL  # the release lock's Consul session TTL
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +187,7 @@ class NomadConsulBackend:
 
     def __init__(self, settings: Settings) -> None:
         self.s = settings
+        self._held: ConsulReleaseLock | None = None
 
     @classmethod
     def from_env(cls, args: argparse.Namespace) -> NomadConsulBackend:
@@ -225,28 +229,39 @@ class NomadConsulBackend:
     async def _audit(
         self, consul: ConsulApi, app: str, entry: dict[str, Any], progress: Progress
     ) -> None:
-        ns = time.time_ns()
-        record = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns / 1e9)) + "Z",
-            "time_ns": ns,
-            "user": _user(),
-            "host": socket.gethostname(),
-            "backend": self.name,
-            "app": app,
-            **entry,
-        }
+        record = audit.record(self.name, app, entry)
+        ns = record["time_ns"]
         data = orjson.dumps(record)
         if self.s.audit_log is not None:
-            try:
-                self.s.audit_log.parent.mkdir(parents=True, exist_ok=True)
-                with open(self.s.audit_log, "ab") as f:
-                    f.write(data + b"\n")
-            except OSError as exc:
-                progress(f"warning: could not append to the audit log {self.s.audit_log}: {exc}")
+            audit.append_local(self.s.audit_log, record, progress)
         try:
             await consul.kv_put(self._key(app, f"history/{ns}"), data)
         except Refused as exc:
             progress(f"warning: audit entry not written to Consul: {exc}")
+
+    @asynccontextmanager
+    async def _locked(
+        self, consul: ConsulApi, app: str, entry: dict[str, Any], verb: str, progress: Progress
+    ) -> AsyncIterator[None]:
+        """The release lock for the whole action; a refusal to take it is audited."""
+
+        async def busy(exc: LockBusy) -> None:
+            holder = exc.holder.to_dict() if exc.holder is not None else None
+            await self._audit(consul, app, {**entry, "result": "refused", "reason": str(exc),
+                                            "holder": holder}, progress)  # fmt: skip
+
+        lock = ConsulReleaseLock(consul, self._key(app, "lock"), self.s.lock_ttl)
+        async with held(lock, entry["action"], verb, progress, busy):
+            self._held = lock
+            try:
+                yield
+            finally:
+                self._held = None
+
+    async def _confirm(self, verb: str) -> None:
+        """Right before a write: still holding the release lock?"""
+        if self._held is not None:
+            await self._held.confirm(verb)
 
     async def _active(
         self, consul: ConsulApi, app: str, instances: list[Instance]
@@ -345,15 +360,17 @@ class NomadConsulBackend:
         job_id = self._job_id(app)
         async with self._clients() as (session, nomad, consul):
             entry: dict[str, Any] = {"action": "deploy", "version": version, "image": image}
-            try:
-                msg = await self._deploy(session, nomad, consul, app, job_id, version, image,
-                                         progress, entry)  # fmt: skip
-            except Refused as exc:
-                entry.setdefault("result", "failed" if entry.get("registered") else "refused")
-                await self._audit(consul, app, {**entry, "reason": str(exc)}, progress)
-                raise
-            await self._audit(consul, app, {**entry, "result": "ok"}, progress)
-            return msg
+            async with self._locked(consul, app, entry, "deploying", progress):
+                try:
+                    check_version(version)
+                    msg = await self._deploy(session, nomad, consul, app, job_id, version, image,
+                                             progress, entry)  # fmt: skip
+                except Refused as exc:
+                    entry.setdefault("result", "failed" if entry.get("registered") else "refused")
+                    await self._audit(consul, app, {**entry, "reason": str(exc)}, progress)
+                    raise
+                await self._audit(consul, app, {**entry, "result": "ok"}, progress)
+                return msg
 
     async def _deploy(
         self,
@@ -417,6 +434,7 @@ class NomadConsulBackend:
                     f"{app} was switched while deploying (Active {active} -> {again}); "
                     "nothing was registered; re-run deploy to target the new Standby"
                 )
+            await self._confirm("deploying")
             try:
                 reg = await nomad.register(new_job, read_index)
             except ApiError as exc:
@@ -559,8 +577,9 @@ class NomadConsulBackend:
     async def switch(self, app: str, to_group: str | None, progress: Progress) -> SwitchOutcome:
         async with self._clients() as (session, nomad, consul):
             entry: dict[str, Any] = {"action": "switch"}
-            return await self._switch_audited(session, nomad, consul, app, to_group, progress,
-                                              entry)  # fmt: skip
+            async with self._locked(consul, app, entry, "switching", progress):
+                return await self._switch_audited(session, nomad, consul, app, to_group,
+                                                  progress, entry)  # fmt: skip
 
     async def _switch_audited(
         self,
@@ -642,6 +661,7 @@ class NomadConsulBackend:
         to_version = versions[0]
         entry.update({"from_version": from_version, "to_version": to_version})
         key = self._key(app, "active")
+        await self._confirm("switching")
         if not await consul.kv_put(key, target, cas=read_index):
             raise Refused(
                 f"someone else switched {app} (Consul key {key} changed since it was read at "
@@ -681,33 +701,31 @@ class NomadConsulBackend:
     async def rollback(self, app: str, progress: Progress) -> SwitchOutcome:
         async with self._clients() as (session, nomad, consul):
             entry: dict[str, Any] = {"action": "rollback"}
-            try:
-                got = await consul.kv_get(self._key(app, "previous"))
-                if got is None:
-                    raise Refused(f"nothing to roll back to: no switch of {app} is recorded "
-                                  f"({self._key(app, 'previous')} is absent)")  # fmt: skip
+            async with self._locked(consul, app, entry, "rolling back", progress):
                 try:
-                    prev = orjson.loads(got[0])
-                    group, version = str(prev["group"]), prev.get("version")
-                except (orjson.JSONDecodeError, KeyError, TypeError):
-                    raise Refused(f"{self._key(app, 'previous')} is not valid JSON; "
-                                  "use `zerodown switch --to GROUP`") from None  # fmt: skip
-                now = {i.version for i in await self._registered(consul, app) if i.group == group}
-                if version and now and now != {version}:
-                    raise Refused(
-                        f"group {group} now runs {', '.join(sorted(now))}, not {version} as "
-                        f"when it was Active; use `zerodown switch --to {group}` if that is meant"
-                    )
-            except Refused as exc:
-                await self._audit(consul, app, {**entry, "result": "refused", "reason": str(exc)},
-                                  progress)  # fmt: skip
-                raise
-            progress(f"rolling back {app} to {group} ({version})")
-            return await self._switch_audited(session, nomad, consul, app, group, progress, entry)
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return os.environ.get("USER") or str(os.getuid())
+                    got = await consul.kv_get(self._key(app, "previous"))
+                    if got is None:
+                        raise Refused(f"nothing to roll back to: no switch of {app} is recorded "
+                                      f"({self._key(app, 'previous')} is absent)")  # fmt: skip
+                    try:
+                        prev = orjson.loads(got[0])
+                        group, version = str(prev["group"]), prev.get("version")
+                    except (orjson.JSONDecodeError, KeyError, TypeError):
+                        raise Refused(f"{self._key(app, 'previous')} is not valid JSON; "
+                                      "use `zerodown switch --to GROUP`") from None  # fmt: skip
+                    now = {
+                        i.version for i in await self._registered(consul, app) if i.group == group
+                    }
+                    if version and now and now != {version}:
+                        raise Refused(
+                            f"group {group} now runs {', '.join(sorted(now))}, not {version} as "
+                            f"when it was Active; use `zerodown switch --to {group}` if that is meant"
+                        )
+                except Refused as exc:
+                    await self._audit(consul, app, {**entry, "result": "refused", "reason": str(exc)},
+                                      progress)  # fmt: skip
+                    raise
+                progress(f"rolling back {app} to {group} ({version})")
+                return await self._switch_audited(
+                    session, nomad, consul, app, group, progress, entry
+                )

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
+from orchestrator import jobspec
 from orchestrator.backend import Refused
 from orchestrator.devstack.fakes.consul import FakeConsul
 from orchestrator.hashicorp_api import ConsulApi, NomadApi
@@ -231,17 +232,35 @@ def test_plan_that_would_touch_the_active_group_is_refused(
     assert "would also change group blue" in entry["reason"]
 
 
-def test_deploy_of_a_version_that_crashes_fails_and_nomad_reverts_standby(
-    nomad_stack: NomadStack, tmp_path: Path
+async def test_deploy_of_a_version_that_crashes_fails_and_nomad_reverts_standby(
+    nomad_stack: NomadStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stack = nomad_stack
     blue_pids = stack.pids("blue")
-    # "-crash" makes the sample app's own argument parser exit 2 at start: a release whose
-    # instances die on start-up.
-    r = run_cli(stack, tmp_path, "deploy", "--", "-crash")
-    assert r.returncode == 1, r.stdout
-    line = one_line(r.stderr)
-    assert "Nomad deployment" in line and "of -crash to group green failed" in line, line
+    real_with_version = jobspec.with_version
+
+    def crashing_release(job: dict[str, Any], group: str, version: str, image: Any) -> dict:
+        # A release whose instances die on start-up: this build's sample app rejects its own
+        # command line (argparse exits 2) before it listens.
+        new = real_with_version(job, group, version, image)
+        for tg in new["TaskGroups"]:
+            if tg["Name"] == group:
+                tg["Tasks"][0]["Config"]["args"].append("--no-such-option")
+        return new
+
+    monkeypatch.setattr(jobspec, "with_version", crashing_release)
+    backend = NomadConsulBackend(
+        Settings(
+            nomad_addr=stack.nomad.url,
+            consul_addr=stack.consul.url,
+            audit_log=tmp_path / "history.jsonl",
+        )  # fmt: skip
+    )
+    with pytest.raises(Refused) as exc:
+        await backend.deploy("drimeap", "v9-crash", None, lambda m: None)
+    monkeypatch.setattr(jobspec, "with_version", real_with_version)
+    line = str(exc.value)
+    assert "Nomad deployment" in line and "of v9-crash to group green failed" in line, line
     assert "Failed due to unhealthy allocations - rolling back to job version 0" in line
     assert "the Active group was not touched" in line
     assert stack.pids("blue") == blue_pids
@@ -250,7 +269,7 @@ def test_deploy_of_a_version_that_crashes_fails_and_nomad_reverts_standby(
     assert green_versions(stack) == {"v1"} and len(stack.pids("green")) == 2
     assert stack.pids("blue") == blue_pids
     (entry,) = history(stack)
-    assert (entry["action"], entry["result"], entry["version"]) == ("deploy", "failed", "-crash")
+    assert (entry["action"], entry["result"], entry["version"]) == ("deploy", "failed", "v9-crash")
 
     r = run_cli(stack, tmp_path, "deploy", "v2", "--image", "drimeap:v2")
     assert r.returncode == 1
