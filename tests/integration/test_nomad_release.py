@@ -4,7 +4,9 @@ double, with real `zerodown proxy` processes using the Consul discovery provider
 
 from __future__ import annotations
 
+import base64
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -461,3 +463,205 @@ async def test_switch_does_not_wait_for_a_proxy_whose_check_is_critical(
     out = await backend.switch("drimeap", None, said.append)
     assert out.to_group == "green" and out.proxies == 0
     assert any("zerodown-proxy-crashed" in m and "not waiting" in m for m in said), said
+
+
+# -- the release lock (a Consul session lock) ---------------------------------------------------
+
+LOCK = "zerodown/drimeap/lock"
+BUSY = re.compile(
+    r"^zerodown: another release command is running \((switch|deploy|rollback), pid (\d+) on "
+    r"host (\S+), since \d\d:\d\d:\d\d\); not (switching|deploying|rolling back)\.$"
+)
+
+
+class LaggingProxy:
+    """A registered zerodown-proxy that reports the Active key's ModifyIndex only LAG s after
+    it changed (a proxy slow to catch up): a switch then takes about LAG s."""
+
+    LAG = 1.0
+
+    def __init__(self, consul: FakeConsul) -> None:
+        import http.server
+        import threading
+        import time
+
+        seen: dict[int, float] = {}
+        lag = self.LAG
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                now = time.monotonic()
+                seen.setdefault(consul.kv_get(KEY)[1], now)
+                shown = max((g for g, t in seen.items() if now - t >= lag), default=0)
+                body = orjson.dumps({"generation": shown})
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        port = self.server.server_address[1]
+        consul.register("zerodown-proxy-lagging", "zerodown-proxy", "127.0.0.1", port,
+                        meta={"admin": f"127.0.0.1:{port}"}, check_status="passing")  # fmt: skip
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def popen_cli(stack: NomadStack, tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", args[0], "--backend", "nomad", *args[1:]],
+        env=stack.env(ZERODOWN_STATE_DIR=str(tmp_path / "state")),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_two_switches_started_together_one_runs_the_other_refuses_nomad(
+    nomad_stack: NomadStack, tmp_path: Path
+) -> None:
+    stack = nomad_stack
+    lagging = LaggingProxy(stack.consul)
+    try:
+        active = "blue"
+        for n in range(3):
+            procs = [popen_cli(stack, tmp_path, "switch"), popen_cli(stack, tmp_path, "switch")]
+            outs = [p.communicate(timeout=120) for p in procs]
+            assert sorted(p.returncode for p in procs) == [0, 1], (n, outs)
+            (winner,) = [p for p in procs if p.returncode == 0]
+            (err,) = [e for p, (_, e) in zip(procs, outs, strict=True) if p.returncode == 1]
+            m = BUSY.match(one_line(err))
+            assert m, err
+            assert (m.group(1), int(m.group(2)), m.group(4)) == ("switch", winner.pid, "switching")
+            active = "green" if active == "blue" else "blue"
+            assert stack.consul.kv_get(KEY)[0] == active
+            entry = orjson.loads(base64.b64decode(kv_entry(stack, LOCK)["Value"]))
+            assert "Session" not in kv_entry(stack, LOCK)  # released at the end
+            assert entry["pid"] == winner.pid
+        assert stack.consul.sessions.by_id == {}  # every session destroyed
+    finally:
+        lagging.close()
+    results = sorted((e["action"], e["result"]) for e in history(stack))
+    assert results == [("switch", "ok")] * 3 + [("switch", "refused")] * 3
+    refused = [e for e in history(stack) if e["result"] == "refused"]
+    assert all(e["holder"]["action"] == "switch" and "another release" in e["reason"]
+               for e in refused)  # fmt: skip
+
+
+def kv_entry(stack: NomadStack, key: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{stack.consul.url}/v1/kv/{key}", timeout=5) as r:
+        return orjson.loads(r.read())[0]
+
+
+def hold_lock(stack: NomadStack, holder: dict[str, Any], ttl: str = "10s") -> str:
+    """Someone else's session holding the release lock, as another zerodown would leave it."""
+
+    def put(path: str, body: bytes) -> Any:
+        req = urllib.request.Request(stack.consul.url + path, data=body, method="PUT")
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return orjson.loads(r.read())
+
+    sid = put("/v1/session/create", orjson.dumps({"TTL": ttl, "LockDelay": "0s"}))["ID"]
+    assert put(f"/v1/kv/{LOCK}?acquire={sid}", orjson.dumps(holder)) is True
+    return sid
+
+
+def _holder(**kw: Any) -> dict[str, Any]:
+    from orchestrator.release_lock import Holder
+
+    return {**Holder.me("deploy").to_dict(), **kw}
+
+
+def test_a_lock_held_elsewhere_refuses_until_its_session_ttl_frees_it(
+    nomad_stack: NomadStack, tmp_path: Path
+) -> None:
+    stack = nomad_stack
+    stack.consul.sessions.ttl_min = 0.2  # Consul's session_ttl_min, lowered for the test
+    # A deploy running on another machine: this host cannot tell whether it is alive.
+    hold_lock(stack, _holder(host="fab-ops-1", pid=4242, boot_id="another-machine"), ttl="1s")
+    before = stack.consul.kv_get(KEY)
+    r = run_cli(stack, tmp_path, "switch")
+    assert r.returncode == 1
+    line = one_line(r.stderr)
+    assert BUSY.match(line) and "(deploy, pid 4242 on host fab-ops-1, since " in line, line
+    assert stack.consul.kv_get(KEY) == before
+    # It stops renewing (crashed): Consul invalidates the session after 2 x TTL.
+    wait_until(lambda: "Session" not in kv_entry(stack, LOCK), 10, "the session to expire")
+    r = run_cli(stack, tmp_path, "switch")
+    assert r.returncode == 0, r.stderr
+    assert stack.consul.kv_get(KEY)[0] == "green"
+
+
+def test_a_lock_whose_holder_died_on_this_host_is_taken_over_at_once(
+    nomad_stack: NomadStack, tmp_path: Path
+) -> None:
+    stack = nomad_stack
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    sid = hold_lock(stack, _holder(pid=dead.pid), ttl="3600s")  # would block for two hours
+    r = run_cli(stack, tmp_path, "switch")
+    assert r.returncode == 0, r.stderr
+    assert f"held by a command that is no longer running (deploy, pid {dead.pid} on host" in (
+        r.stderr
+    )
+    assert sid not in stack.consul.sessions.by_id
+    assert stack.consul.kv_get(KEY)[0] == "green"
+
+    # A holder that is alive here (this test process) is never taken over.
+    hold_lock(stack, _holder(), ttl="3600s")
+    r = run_cli(stack, tmp_path, "switch")
+    assert r.returncode == 1 and f"(deploy, pid {os.getpid()} on host" in one_line(r.stderr)
+
+
+async def test_a_switch_that_lost_its_lock_does_not_write(
+    nomad_stack: NomadStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Frozen past its session's TTL (here: the session destroyed under it), a switch finds
+    out right before its write and refuses; the Active key is not touched."""
+    from orchestrator import release_nomad
+
+    stack = nomad_stack
+    real_probe = release_nomad.probe_http
+
+    async def probe_then_lose_the_session(*args: Any, **kw: Any) -> str:
+        with stack.consul._lock:
+            for sid in list(stack.consul.sessions.by_id):
+                stack.consul.sessions.invalidate(sid)
+        return await real_probe(*args, **kw)
+
+    monkeypatch.setattr(release_nomad, "probe_http", probe_then_lose_the_session)
+    backend = NomadConsulBackend(
+        Settings(
+            nomad_addr=stack.nomad.url,
+            consul_addr=stack.consul.url,
+            audit_log=tmp_path / "history.jsonl",
+        )  # fmt: skip
+    )
+    before = stack.consul.kv_get(KEY)
+    with pytest.raises(Refused, match=r"^lost the release lock zerodown/drimeap/lock \("):
+        await backend.switch("drimeap", None, lambda m: None)
+    assert stack.consul.kv_get(KEY) == before
+    (entry,) = history(stack)
+    assert (entry["action"], entry["result"]) == ("switch", "refused")
+
+
+def test_invalid_version_is_refused_before_nomad_is_touched(
+    nomad_stack: NomadStack, tmp_path: Path
+) -> None:
+    stack = nomad_stack
+    job = stack.nomad.job("drimeap")
+    for version in ("", "--help", "v2\nx", "a/b"):
+        r = run_cli(stack, tmp_path, "deploy", "--", version)
+        assert r.returncode == 1, r.stderr
+        assert one_line(r.stderr).startswith(f"zerodown: version {version!r} is not valid (")
+    assert stack.nomad.job("drimeap")["JobModifyIndex"] == job["JobModifyIndex"]
+    assert not any(m == "POST" for m, _ in stack.nomad.requests)
+    assert [(e["action"], e["result"]) for e in history(stack)] == [("deploy", "refused")] * 4
