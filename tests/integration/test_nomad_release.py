@@ -266,7 +266,7 @@ async def test_deploy_of_a_version_that_crashes_fails_and_nomad_reverts_standby(
     assert "Failed due to unhealthy allocations - rolling back to job version 0" in line
     assert "the Active group was not touched" in line
     assert stack.pids("blue") == blue_pids
-    dep = stack.nomad.wait_deployment("drimeap", 30)  # Nomad's auto-revert of green
+    dep = stack.nomad.wait_deployment("drimeap", 90)  # Nomad's auto-revert of green
     assert dep["Status"] == "successful" and dep["JobVersion"] == 2
     assert green_versions(stack) == {"v1"} and len(stack.pids("green")) == 2
     assert stack.pids("blue") == blue_pids
