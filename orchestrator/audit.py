@@ -14,6 +14,7 @@ makes a release fail: a record that cannot be written is reported as a warning.
 
 from __future__ import annotations
 
+import base64
 import getpass
 import os
 import socket
@@ -83,6 +84,38 @@ def read_local(path: Path) -> list[Entry]:
         if isinstance(rec, dict):
             out.append(rec)
     return out
+
+
+def from_kv(entries: list[dict[str, Any]]) -> list[Entry]:
+    """Records from a Consul KV listing of `<prefix>/<app>/history/` (values base64 JSON)."""
+    out = []
+    for e in entries:
+        try:
+            rec = orjson.loads(base64.b64decode(e.get("Value") or b""))
+        except (orjson.JSONDecodeError, ValueError):
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return sorted(out, key=lambda r: r.get("time_ns") or 0)
+
+
+def describe(rec: Entry) -> str:
+    """One line for `zerodown history`."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime((rec.get("time_ns") or 0) / 1e9))
+    what = str(rec.get("action", "?"))
+    if rec.get("action") == "deploy":
+        what += f" {rec.get('version', '?')}"
+        if rec.get("group"):
+            what += f" to {rec['group']}"
+    elif rec.get("from") or rec.get("to"):
+        versions = ""
+        if rec.get("from_version") or rec.get("to_version"):
+            versions = f" ({rec.get('from_version') or '?'} -> {rec.get('to_version') or '?'})"
+        what += f" {rec.get('from') or '?'} -> {rec.get('to') or '?'}{versions}"
+    line = f"{when}  {rec.get('user', '?')}@{rec.get('host', '?')}  {what}  {rec.get('result')}"
+    if rec.get("reason"):
+        line += f": {rec['reason']}"
+    return line
 
 
 @asynccontextmanager

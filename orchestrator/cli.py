@@ -116,6 +116,15 @@ async def _rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _history(args: argparse.Namespace) -> int:
+    from . import audit
+
+    records = await make_backend(args).history(args.app)
+    for rec in records[-args.last :] if args.last else records:
+        print(orjson.dumps(rec).decode() if args.json else audit.describe(rec))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .devstack.demo import run_demo
 
@@ -209,6 +218,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sp = sub.add_parser("rollback", help="switch back to the previous group")
     release_opts(sp)
     sp.set_defaults(afn=_rollback)
+
+    sp = sub.add_parser("history", help="the audit trail of deploy/switch/rollback")
+    release_opts(sp)
+    sp.add_argument("--json", action="store_true", help="one JSON record per line")
+    sp.add_argument("--last", type=int, default=0, help="only the last N records")
+    sp.set_defaults(afn=_history)
 
     sp = sub.add_parser("demo", help="local stack + load + deploy + switch + summary")
     sp.add_argument("--http-listen", default="127.0.0.1:8080")

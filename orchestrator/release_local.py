@@ -71,6 +71,11 @@ class LocalBackend:
         async with audit.release_action(lock, write, action, verb, progress) as entry:
             yield entry
 
+    async def history(self, app: str) -> list[dict[str, Any]]:
+        """The audit trail (history.jsonl), oldest first."""
+        return [e for e in audit.read_local(self.paths.root / "history.jsonl")
+                if e.get("app") == app]  # fmt: skip
+
     async def _probe_all(
         self, session: aiohttp.ClientSession, instances: list[dict[str, Any]]
     ) -> list[str]:

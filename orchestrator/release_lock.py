@@ -386,13 +386,14 @@ async def held(
     action: str,
     verb: str,
     progress: Progress,
-    on_busy: Callable[[LockBusy], Awaitable[None]],
+    on_refused: Callable[[Refused], Awaitable[None]],
 ) -> AsyncIterator[ReleaseLock]:
-    """Hold `lock` for the block; a refusal to take it goes to `on_busy` (the audit) first."""
+    """Hold `lock` for the block. Not getting it (held by another command, or the lock's store
+    unreachable) goes to `on_refused` (the audit) first."""
     try:
         await lock.acquire(action, verb, progress)
-    except LockBusy as exc:
-        await on_busy(exc)
+    except Refused as exc:
+        await on_refused(exc)
         raise
     try:
         yield lock

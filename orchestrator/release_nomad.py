@@ -245,10 +245,10 @@ class NomadConsulBackend:
     ) -> AsyncIterator[None]:
         """The release lock for the whole action; a refusal to take it is audited."""
 
-        async def busy(exc: LockBusy) -> None:
-            holder = exc.holder.to_dict() if exc.holder is not None else None
+        async def busy(exc: Refused) -> None:
+            holder = exc.holder if isinstance(exc, LockBusy) else None
             await self._audit(consul, app, {**entry, "result": "refused", "reason": str(exc),
-                                            "holder": holder}, progress)  # fmt: skip
+                              "holder": holder.to_dict() if holder else None}, progress)  # fmt: skip
 
         lock = ConsulReleaseLock(consul, self._key(app, "lock"), self.s.lock_ttl)
         async with held(lock, entry["action"], verb, progress, busy):
@@ -318,6 +318,12 @@ class NomadConsulBackend:
                 f"has {', '.join(groups)}"
             )
         return others[0]
+
+    async def history(self, app: str) -> list[dict[str, Any]]:
+        """The audit trail every operator's commands left in Consul, oldest first."""
+        async with self._clients() as (_session, _nomad, consul):
+            entries = await consul.kv_list(self._key(app, "history/"))
+        return audit.from_kv(entries)
 
     # -- status -------------------------------------------------------------------------------
 

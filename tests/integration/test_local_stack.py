@@ -362,3 +362,19 @@ def test_a_holder_killed_with_sigkill_frees_the_lock_and_is_reported(stack: Path
     assert "another release command is running" not in r.stderr
     last = history(stack)[-1]
     assert last["previous_holder_died"]["pid"] == p.pid
+
+
+def test_history_command_shows_the_trail(stack: Path):
+    assert zd(stack, "switch", "--to", "blue").returncode == 1
+    assert zd(stack, "switch").returncode == 0
+    r = zd(stack, "history")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2
+    assert "switch blue -> blue" in lines[0] and lines[0].endswith(
+        "refused: group blue is already Active for drimeap; nothing to switch"
+    )
+    assert "switch blue -> green (v1 -> v1)  ok" in lines[1]
+    r = zd(stack, "history", "--json", "--last", "1")
+    (rec,) = [orjson.loads(x) for x in r.stdout.splitlines()]
+    assert (rec["action"], rec["result"], rec["to"]) == ("switch", "ok", "green")

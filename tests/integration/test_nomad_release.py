@@ -193,6 +193,11 @@ def test_release_cycle_deploy_switch_rollback_with_three_proxies(
         orjson.loads(x) for x in (tmp_path / "state" / "history.jsonl").read_bytes().splitlines()
     ]
     assert [e["time_ns"] for e in local] == [e["time_ns"] for e in entries]
+    r = run_cli(stack, tmp_path, "history", "--json")  # `zerodown history` reads Consul's trail
+    assert r.returncode == 0, r.stderr
+    assert [orjson.loads(x)["time_ns"] for x in r.stdout.splitlines()] == [
+        e["time_ns"] for e in entries
+    ]
 
     # green was Active on v2; once it is redeployed, "rollback" would not restore v2: refused.
     r = run_cli(stack, tmp_path, "deploy", "v3", "--admin-token", TOKEN)
