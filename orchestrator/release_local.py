@@ -62,6 +62,8 @@ class LocalBackend:
         self, app: str, action: str, verb: str, progress: Progress
     ) -> AsyncIterator[dict[str, Any]]:
         """Hold the release lock for the whole action and audit how it ended."""
+        if not self.paths.root.is_dir():  # no stack: nothing to lock or audit, create nothing
+            raise Refused(f"no local stack in {self.paths.root}: start one with 'zerodown up'")
         history = self.paths.root / "history.jsonl"
 
         async def write(entry: dict[str, Any]) -> None:

@@ -71,8 +71,11 @@ def _start_ticks(pid: int) -> int | None:
     stat = _read(f"/proc/{pid}/stat")
     if not stat:
         return None
+    fields = stat.rpartition(")")[2].split()  # after "(comm)": field 3 (state) onwards
+    if not fields or fields[0] in ("Z", "X"):  # exited, only not reaped yet
+        return None
     try:
-        return int(stat.rpartition(")")[2].split()[19])  # field 22, after "(comm)"
+        return int(fields[19])  # field 22: starttime
     except (IndexError, ValueError):
         return None
 
