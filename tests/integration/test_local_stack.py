@@ -246,12 +246,13 @@ def test_proxy_config_holding_the_admin_token_is_private(stack: Path):
 # -- the release lock -------------------------------------------------------------------------
 
 
-class LaggingProxy:
-    """A second proxy in the registry that reports a generation only LAG s after the registry
-    file showed it (a proxy that is slow to catch up): every switch then takes about LAG s,
-    long enough that two commands started together always overlap."""
+class HeldProxy:
+    """A second proxy in the registry that does not report a new generation until the test lets
+    it (`release()`), or MAX_HOLD s after the registry showed it (under the switch's 10 s
+    proxy timeout): a switch stays in its final wait, holding the release lock, as long as the
+    test needs."""
 
-    LAG = 1.0
+    MAX_HOLD = 8.0
 
     def __init__(self, registry_path: Path) -> None:
         import http.server
@@ -259,14 +260,18 @@ class LaggingProxy:
         import time
 
         seen: dict[int, float] = {}
-        lag = self.LAG
+        self.released = threading.Event()
+        released, hold = self.released, self.MAX_HOLD
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 gen = orjson.loads(registry_path.read_bytes())["generation"]
                 now = time.monotonic()
                 seen.setdefault(gen, now)
-                shown = max((g for g, t in seen.items() if now - t >= lag), default=0)
+                if released.is_set():
+                    shown = gen
+                else:
+                    shown = max((g for g, t in seen.items() if now - t >= hold), default=0)
                 body = orjson.dumps({"generation": shown})
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -282,22 +287,32 @@ class LaggingProxy:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
+    def release(self) -> None:
+        self.released.set()
+
+    def hold(self) -> None:
+        self.released.clear()
+
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
 
 
 @pytest.fixture
-def lagging(stack: Path):
+def held(stack: Path):
     from orchestrator import registry
 
-    proxy = LaggingProxy(stack / "registry.json")
+    proxy = HeldProxy(stack / "registry.json")
     registry.update(
         stack / "registry.json",
-        lambda r: r["proxies"].append({"name": "lagging", "admin": f"127.0.0.1:{proxy.port}"}),
+        lambda r: r["proxies"].append({"name": "held", "admin": f"127.0.0.1:{proxy.port}"}),
     )
     yield proxy
     proxy.close()
+
+
+def first_exit(procs: list[subprocess.Popen[str]], timeout: float = 60) -> None:
+    wait_until(lambda: any(p.poll() is not None for p in procs), timeout, "a command to end")
 
 
 def popen(state: Path, *args: str) -> subprocess.Popen[str]:
@@ -319,12 +334,15 @@ BUSY = re.compile(
 )
 
 
-def test_two_switches_started_together_one_runs_the_other_refuses(stack: Path, lagging):
+def test_two_switches_started_together_one_runs_the_other_refuses(stack: Path, held):
     """Regression: two `zerodown switch` started at the same instant both reported success and
     cancelled each other. Now the second refuses at once, naming the one that runs."""
     active = "blue"
     for n in range(5):
+        held.hold()
         procs = [popen(stack, "switch"), popen(stack, "switch")]
+        first_exit(procs)  # the one refused; the other waits for the held proxy, lock held
+        held.release()
         outs = [p.communicate(timeout=90) for p in procs]
         codes = sorted(p.returncode for p in procs)
         assert codes == [0, 1], (n, outs)
@@ -345,7 +363,7 @@ def test_two_switches_started_together_one_runs_the_other_refuses(stack: Path, l
     assert all(e["holder"]["action"] == "switch" and e["holder"]["pid"] for e in refused)
 
 
-def test_a_holder_killed_with_sigkill_frees_the_lock_and_is_reported(stack: Path, lagging):
+def test_a_holder_killed_with_sigkill_frees_the_lock_and_is_reported(stack: Path, held):
     p = popen(stack, "switch")
     lock = stack / "release.lock"
     wait_until(lambda: lock.exists() and lock.read_bytes(), 30, "the switch to take the lock")
@@ -356,6 +374,7 @@ def test_a_holder_killed_with_sigkill_frees_the_lock_and_is_reported(stack: Path
     assert BUSY.match(one_line(r.stderr)).group(2) == str(p.pid)
     p.kill()  # SIGKILL while it holds the lock: the kernel drops the flock
     p.communicate(timeout=30)
+    held.release()
     r = zd(stack, "switch")  # whether or not the killed one had flipped, this one runs
     assert r.returncode == 0, r.stderr
     assert f"the previous release command (switch, pid {p.pid} on host" in r.stderr

@@ -479,11 +479,12 @@ BUSY = re.compile(
 )
 
 
-class LaggingProxy:
-    """A registered zerodown-proxy that reports the Active key's ModifyIndex only LAG s after
-    it changed (a proxy slow to catch up): a switch then takes about LAG s."""
+class HeldProxy:
+    """A registered zerodown-proxy that does not report a new ModifyIndex of the Active key
+    until the test lets it (`release()`), or MAX_HOLD s after it changed (under the switch's
+    10 s proxy timeout): a switch stays in its last wait, holding the lock, as long as needed."""
 
-    LAG = 1.0
+    MAX_HOLD = 8.0
 
     def __init__(self, consul: FakeConsul) -> None:
         import http.server
@@ -491,13 +492,18 @@ class LaggingProxy:
         import time
 
         seen: dict[int, float] = {}
-        lag = self.LAG
+        self.released = threading.Event()
+        released, hold = self.released, self.MAX_HOLD
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 now = time.monotonic()
-                seen.setdefault(consul.kv_get(KEY)[1], now)
-                shown = max((g for g, t in seen.items() if now - t >= lag), default=0)
+                gen = consul.kv_get(KEY)[1]
+                seen.setdefault(gen, now)
+                if released.is_set():
+                    shown = gen
+                else:
+                    shown = max((g for g, t in seen.items() if now - t >= hold), default=0)
                 body = orjson.dumps({"generation": shown})
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -511,7 +517,7 @@ class LaggingProxy:
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         port = self.server.server_address[1]
-        consul.register("zerodown-proxy-lagging", "zerodown-proxy", "127.0.0.1", port,
+        consul.register("zerodown-proxy-held", "zerodown-proxy", "127.0.0.1", port,
                         meta={"admin": f"127.0.0.1:{port}"}, check_status="passing")  # fmt: skip
 
     def close(self) -> None:
@@ -534,11 +540,17 @@ def test_two_switches_started_together_one_runs_the_other_refuses_nomad(
     nomad_stack: NomadStack, tmp_path: Path
 ) -> None:
     stack = nomad_stack
-    lagging = LaggingProxy(stack.consul)
+    held = HeldProxy(stack.consul)
     try:
         active = "blue"
         for n in range(3):
+            held.released.clear()
             procs = [popen_cli(stack, tmp_path, "switch"), popen_cli(stack, tmp_path, "switch")]
+            # The refused one ends at once; the other waits for the held proxy, lock held.
+            wait_until(
+                lambda ps=procs: any(p.poll() is not None for p in ps), 60, "a switch to end"
+            )
+            held.released.set()
             outs = [p.communicate(timeout=120) for p in procs]
             assert sorted(p.returncode for p in procs) == [0, 1], (n, outs)
             (winner,) = [p for p in procs if p.returncode == 0]
@@ -553,7 +565,7 @@ def test_two_switches_started_together_one_runs_the_other_refuses_nomad(
             assert entry["pid"] == winner.pid
         assert stack.consul.sessions.by_id == {}  # every session destroyed
     finally:
-        lagging.close()
+        held.close()
     results = sorted((e["action"], e["result"]) for e in history(stack))
     assert results == [("switch", "ok")] * 3 + [("switch", "refused")] * 3
     refused = [e for e in history(stack) if e["result"] == "refused"]
