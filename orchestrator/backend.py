@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from zerodown_proxy.contract.status import (
     STATUS_SCHEMA,
@@ -62,3 +62,5 @@ class Backend(Protocol):
     async def switch(self, app: str, to_group: str | None, progress: Progress) -> SwitchOutcome: ...
 
     async def rollback(self, app: str, progress: Progress) -> SwitchOutcome: ...
+
+    async def history(self, app: str) -> list[dict[str, Any]]: ...

@@ -116,6 +116,15 @@ async def _rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _history(args: argparse.Namespace) -> int:
+    from . import audit
+
+    records = await make_backend(args).history(args.app)
+    for rec in records[-args.last :] if args.last else records:
+        print(orjson.dumps(rec).decode() if args.json else audit.describe(rec))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .devstack.demo import run_demo
 
@@ -175,9 +184,18 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
 # -- parser -----------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line. The options of the heavy commands (hsms-sim: secsgem; bench:
+    numpy and the load generator) are only imported when `command` is that one (None: all):
+    every instance the local stack and the Nomad jobs start is `zerodown sample-app`, and must
+    not pay a second of imports it never uses (on a loaded machine that is what made instances
+    miss their health deadline)."""
     p = argparse.ArgumentParser(prog="zerodown", description=__doc__.splitlines()[0])
     p.add_argument("--version", action=_VersionAction)
+
+    def wanted(name: str) -> bool:
+        return command is None or command == name
+
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def release_opts(sp: argparse.ArgumentParser) -> None:
@@ -238,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     release_opts(sp)
     sp.set_defaults(afn=_rollback)
 
+    sp = sub.add_parser("history", help="the audit trail of deploy/switch/rollback")
+    release_opts(sp)
+    sp.add_argument("--json", action="store_true", help="one JSON record per line")
+    sp.add_argument("--last", type=int, default=0, help="only the last N records")
+    sp.set_defaults(afn=_history)
+
     sp = sub.add_parser("demo", help="local stack + load + deploy + switch + summary")
     sp.add_argument("--http-listen", default="127.0.0.1:8080")
     sp.add_argument("--hsms-listen", default="127.0.0.1:5000")
@@ -256,18 +280,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("hsms-sim", help="equipment simulator (HSMS active side)")
     try:
-        from .devstack.hsms_sim import add_arguments as sim_args
+        if wanted("hsms-sim"):
+            from .devstack.hsms_sim import add_arguments as sim_args
 
-        sim_args(sp)
+            sim_args(sp)
     except ImportError as exc:  # the simulator needs secsgem; say so instead of a traceback
         sp.set_defaults(unavailable=f"hsms-sim is unavailable: {exc}")
     sp.set_defaults(fn=cmd_hsms_sim)
 
     sp = sub.add_parser("bench", help="benchmarks (see benchmarks/README.md)")
     try:
-        from benchmarks.cli import add_arguments as bench_args
+        if wanted("bench"):
+            from benchmarks.cli import add_arguments as bench_args
 
-        bench_args(sp)
+            bench_args(sp)
     except ImportError as exc:
         sp.set_defaults(unavailable=f"benchmarks are unavailable: {exc}")
     sp.set_defaults(fn=cmd_bench)
@@ -290,7 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     if getattr(args, "unavailable", None):
         _err(args.unavailable)
         return 1

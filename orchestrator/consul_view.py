@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import getpass
 import os
-import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from zerodown_proxy.contract.consul import (
 )
 from zerodown_proxy.contract.model import Instance
 
+from . import audit
 from .backend import InstanceStatus, Progress, Refused
 from .hashicorp_api import ApiError, ConsulApi
 
@@ -94,24 +93,11 @@ class ConsulView:
     ) -> None:
         """Append a release action (refused and failed ones too) to the audit trail: the local
         history.jsonl and `<key_prefix>/<app>/history/<ns>` in Consul."""
-        ns = time.time_ns()
-        record = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns / 1e9)) + "Z",
-            "time_ns": ns,
-            "user": _user(),
-            "host": socket.gethostname(),
-            "backend": backend,
-            "app": app,
-            **entry,
-        }
+        record = audit.record(backend, app, entry)
+        ns = record["time_ns"]
         data = orjson.dumps(record)
         if local_log is not None:
-            try:
-                local_log.parent.mkdir(parents=True, exist_ok=True)
-                with open(local_log, "ab") as f:
-                    f.write(data + b"\n")
-            except OSError as exc:
-                progress(f"warning: could not append to the audit log {local_log}: {exc}")
+            audit.append_local(local_log, record, progress)
         try:
             await self.consul.kv_put(self.keys.history(app, ns), data)
         except Refused as exc:

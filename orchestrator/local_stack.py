@@ -3,7 +3,9 @@
 Everything lives under a state directory (default ./.zerodown):
     registry.json   the routing state the proxy watches
     stack.json      pids and ports of the processes, and the admin token (mode 0600)
-    proxy.toml      the proxy's configuration
+    proxy.toml      the proxy's configuration, with the admin token (mode 0600)
+    release.lock    the release lock (deploy, switch, rollback; see release_lock.py)
+    history.jsonl   the audit trail of release actions (audit.py)
     logs/           one log file per process
 """
 
@@ -78,11 +80,21 @@ def load_stack(paths: StackPaths) -> dict[str, Any]:
         raise Refused(f"no local stack in {paths.root}: start one with 'zerodown up'") from None
 
 
+def write_private(path: Path, text: str | bytes) -> None:
+    """Write a file only its owner can read (it holds the admin token), atomically: the
+    temporary file is created 0600, so the token is never readable by others, not even for a
+    moment, and an older 0644 file is replaced, not rewritten in place."""
+    data = text.encode() if isinstance(text, str) else text
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(fd, 0o600)  # O_CREAT's mode applies to a new file only (and after the umask)
+        f.write(data)
+    os.replace(tmp, path)
+
+
 def save_stack(paths: StackPaths, stack: dict[str, Any]) -> None:
-    tmp = paths.stack.with_suffix(".tmp")
-    tmp.write_bytes(orjson.dumps(stack, option=orjson.OPT_INDENT_2))
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, paths.stack)
+    write_private(paths.stack, orjson.dumps(stack, option=orjson.OPT_INDENT_2))
 
 
 def spawn(paths: StackPaths, name: str, args: list[str]) -> subprocess.Popen[bytes]:
@@ -217,7 +229,8 @@ def up(
             reg["proxies"] = []
 
         registry.update(paths.registry, init)
-        paths.proxy_config.write_text(
+        write_private(
+            paths.proxy_config,
             "\n".join(
                 [
                     "[proxy]",
@@ -239,7 +252,7 @@ def up(
                     f'file = "{paths.registry}"',
                     "",
                 ]
-            )
+            ),
         )
         proc = spawn(paths, "proxy", ["proxy", "--config", str(paths.proxy_config)])
         stack["proxy"] = {"pid": proc.pid}

@@ -21,6 +21,7 @@ from zerodown_proxy.contract.consul import DEFAULT_KEY_PREFIX
 
 from .backend import Refused
 from .hashicorp_api import consul_section, env_settings
+from .release_lock import ConsulReleaseLock
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +40,7 @@ class Settings:
     deploy_timeout: float = 300.0
     proxy_timeout: float = 10.0
     smoke_timeout: float = 10.0
+    lock_ttl: float = ConsulReleaseLock.TTL  # the release lock's Consul session TTL
 
 
 def settings_from(args: argparse.Namespace) -> Settings:

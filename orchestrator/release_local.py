@@ -1,18 +1,22 @@
 """Release backend for the local stack: deploy restarts Standby processes, switch rewrites the
-registry file's Active pointer (under a lock), and both wait on the proxy's admin API."""
+registry file's Active pointer (under a lock), and both wait on the proxy's admin API.
+
+deploy, switch and rollback each hold the release lock (`<state dir>/release.lock`, see
+release_lock.py) for their whole run, and each is recorded in `history.jsonl` however it ends
+(audit.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import getpass
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 
-from . import registry
+from . import audit, registry
 from .backend import (
     AppStatus,
     GroupStatus,
@@ -23,6 +27,8 @@ from .backend import (
 )
 from .local_stack import StackPaths, load_stack, save_stack, start_instance, stop_pid
 from .probes import probe_http, proxy_statuses, wait_proxies
+from .release_lock import FileReleaseLock
+from .versions import check_version
 
 
 class LocalBackend:
@@ -51,10 +57,26 @@ class LocalBackend:
     def _proxies(reg: dict[str, Any]) -> list[tuple[str, str]]:
         return [(p["name"], p["admin"]) for p in reg.get("proxies", [])]
 
-    def _audit(self, entry: dict[str, Any]) -> None:
-        entry = {"ts": time.time(), "user": getpass.getuser(), **entry}
-        with open(self.paths.root / "history.jsonl", "ab") as f:
-            f.write(orjson.dumps(entry) + b"\n")
+    @asynccontextmanager
+    async def _release(
+        self, app: str, action: str, verb: str, progress: Progress
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Hold the release lock for the whole action and audit how it ended."""
+        if not self.paths.root.is_dir():  # no stack: nothing to lock or audit, create nothing
+            raise Refused(f"no local stack in {self.paths.root}: start one with 'zerodown up'")
+        history = self.paths.root / "history.jsonl"
+
+        async def write(entry: dict[str, Any]) -> None:
+            audit.append_local(history, audit.record(self.name, app, entry), progress)
+
+        lock = FileReleaseLock(self.paths.root / "release.lock")
+        async with audit.release_action(lock, write, action, verb, progress) as entry:
+            yield entry
+
+    async def history(self, app: str) -> list[dict[str, Any]]:
+        """The audit trail (history.jsonl), oldest first."""
+        return [e for e in audit.read_local(self.paths.root / "history.jsonl")
+                if e.get("app") == app]  # fmt: skip
 
     async def _probe_all(
         self, session: aiohttp.ClientSession, instances: list[dict[str, Any]]
@@ -104,6 +126,14 @@ class LocalBackend:
         )
 
     async def deploy(self, app: str, version: str, image: str | None, progress: Progress) -> str:
+        async with self._release(app, "deploy", "deploying", progress) as entry:
+            entry["version"] = version
+            return await self._deploy(app, version, image, progress, entry)
+
+    async def _deploy(
+        self, app: str, version: str, image: str | None, progress: Progress, entry: dict[str, Any]
+    ) -> str:
+        check_version(version)
         if image:
             raise Refused(
                 "--image applies to the Nomad backend; the local stack runs the sample app"
@@ -115,6 +145,8 @@ class LocalBackend:
         if standby is None:
             raise Refused(f"app {app} has no Standby group to deploy to")
         targets = [i for i in a["instances"] if i["group"] == standby]
+        entry.update(group=standby, active=active,
+                     from_version=",".join(sorted({i["version"] for i in targets})) or None)  # fmt: skip
         progress(f"deploying {version} to Standby group {standby} ({len(targets)} instances); "
                  f"Active group {active} is not touched")  # fmt: skip
         hsms = any(i.get("hsms_port") for i in targets)
@@ -127,6 +159,7 @@ class LocalBackend:
                     if i["id"] == iid:
                         i.update(fields)
 
+            entry["changed"] = True  # from here on a refusal leaves the Standby group changed
             registry.update(self.paths.registry, lambda r, iid=iid: mark(r, iid, healthy=False))
             old = stack["instances"].get(iid)
             if old:
@@ -159,8 +192,6 @@ class LocalBackend:
         async with aiohttp.ClientSession() as session:
             await wait_proxies(session, self._proxies(reg), reg["generation"], self.proxy_timeout)
             await self._smoke(session, stack, version, progress)
-        self._audit({"action": "deploy", "app": app, "group": standby, "version": version,
-                     "result": "ok"})  # fmt: skip
         return f"{version} is on Standby group {standby}, healthy; Active group {active} untouched"
 
     async def _smoke(
@@ -193,10 +224,26 @@ class LocalBackend:
         progress(f"smoke test through the proxy's Standby preview: 4/4 answered {version}")
 
     async def switch(self, app: str, to_group: str | None, progress: Progress) -> SwitchOutcome:
+        async with self._release(app, "switch", "switching", progress) as entry:
+            return await self._switch(app, to_group, progress, entry)
+
+    async def rollback(self, app: str, progress: Progress) -> SwitchOutcome:
+        async with self._release(app, "rollback", "rolling back", progress) as entry:
+            reg = registry.read(self.paths.registry)
+            previous = self._app(reg, app).get("previous")
+            if not previous:
+                raise Refused(f"nothing to roll back to: no switch has been recorded for {app}")
+            progress(f"rolling back {app} to {previous}")
+            return await self._switch(app, previous, progress, entry)
+
+    async def _switch(
+        self, app: str, to_group: str | None, progress: Progress, entry: dict[str, Any]
+    ) -> SwitchOutcome:
         reg = registry.read(self.paths.registry)
         a = self._app(reg, app)
         active, standby = self._groups(a)
         target = to_group or standby
+        entry.update({"from": active, "to": target})
         groups = {i["group"] for i in a["instances"]}
         if target not in groups:
             raise Refused(f"app {app} has no group {target} (groups: {', '.join(sorted(groups))})")
@@ -221,6 +268,7 @@ class LocalBackend:
             from_version = ",".join(sorted({i["version"] for i in a["instances"]
                                               if i["group"] == active}))  # fmt: skip
             to_version = ",".join(sorted({i["version"] for i in targets}))
+            entry.update(from_version=from_version, to_version=to_version)
             expected_gen = reg["generation"]
 
             def flip(r: dict[str, Any]) -> None:
@@ -235,25 +283,14 @@ class LocalBackend:
 
             new = registry.update(self.paths.registry, flip)
             written = time.perf_counter()
+            entry.update(changed=True, generation=new["generation"])
             proxies = self._proxies(new)
             try:
                 await wait_proxies(session, proxies, new["generation"], self.proxy_timeout)
             finally:
                 took = time.perf_counter() - written
-        self._audit({"action": "switch", "app": app, "from": active, "to": target,
-                     "from_version": from_version, "to_version": to_version,
-                     "generation": new["generation"], "result": "ok",
-                     "propagation_ms": round(took * 1000, 2)})  # fmt: skip
+        entry.update(propagation_ms=round(took * 1000, 2), proxies=len(proxies))
         progress(f"switched {app}: {active} ({from_version}) -> {target} ({to_version}), "
                  f"generation {new['generation']}")  # fmt: skip
         return SwitchOutcome(app, active, target, from_version, to_version, new["generation"],
                              took, len(proxies))  # fmt: skip
-
-    async def rollback(self, app: str, progress: Progress) -> SwitchOutcome:
-        reg = registry.read(self.paths.registry)
-        a = self._app(reg, app)
-        previous = a.get("previous")
-        if not previous:
-            raise Refused(f"nothing to roll back to: no switch has been recorded for {app}")
-        progress(f"rolling back {app} to {previous}")
-        return await self.switch(app, previous, progress)

@@ -18,6 +18,8 @@ switch writes the key the proxies watch, in their datacenter (`dc=` on every Con
   runs the version it ran then and is healthy.
 Every deploy and switch (refused ones too) is appended to `<key_prefix>/<app>/history/<ns>` in
 Consul and to the local history.jsonl.
+deploy, switch and rollback hold the release lock, a Consul session lock on
+`<key_prefix>/<app>/lock`, for their whole run (release_lock.py).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import orjson
 from zerodown_proxy.contract.consul import PROXY_SERVICE, Keys
 from zerodown_proxy.contract.model import Instance
 
-from . import jobspec
+from . import audit, jobspec
 from .backend import (
     AppStatus,
     GroupStatus,
@@ -49,6 +51,8 @@ from .hashicorp_api import ApiError, ConsulApi, NomadApi
 from .nomad_rollout import follow, smoke
 from .nomad_settings import Settings, settings_from
 from .probes import probe_http, proxy_statuses, wait_proxies
+from .release_lock import ConsulReleaseLock, LockBusy, held
+from .versions import check_version
 
 
 class NomadConsulBackend:
@@ -57,6 +61,7 @@ class NomadConsulBackend:
     def __init__(self, settings: Settings) -> None:
         self.s = settings
         self.keys = Keys(settings.key_prefix)
+        self._held: ConsulReleaseLock | None = None
 
     @classmethod
     def from_env(cls, args: argparse.Namespace) -> NomadConsulBackend:
@@ -84,6 +89,36 @@ class NomadConsulBackend:
         self, consul: ConsulApi, app: str, entry: dict[str, Any], progress: Progress
     ) -> None:
         await self._view(consul).audit(self.name, app, entry, self.s.audit_log, progress)
+
+    @asynccontextmanager
+    async def _locked(
+        self, consul: ConsulApi, app: str, entry: dict[str, Any], verb: str, progress: Progress
+    ) -> AsyncIterator[None]:
+        """The release lock for the whole action; a refusal to take it is audited."""
+
+        async def busy(exc: Refused) -> None:
+            holder = exc.holder if isinstance(exc, LockBusy) else None
+            await self._audit(consul, app, {**entry, "result": "refused", "reason": str(exc),
+                              "holder": holder.to_dict() if holder else None}, progress)  # fmt: skip
+
+        lock = ConsulReleaseLock(consul, self.keys.lock(app), self.s.lock_ttl)
+        async with held(lock, entry["action"], verb, progress, busy):
+            self._held = lock
+            try:
+                yield
+            finally:
+                self._held = None
+
+    async def _confirm(self, verb: str) -> None:
+        """Right before a write: still holding the release lock?"""
+        if self._held is not None:
+            await self._held.confirm(verb)
+
+    async def history(self, app: str) -> list[dict[str, Any]]:
+        """The audit trail every operator's commands left in Consul, oldest first."""
+        async with self._clients() as (_session, _nomad, consul):
+            entries = await consul.kv_list(self.keys.history_prefix(app))
+        return audit.from_kv(entries)
 
     async def _active(
         self, consul: ConsulApi, app: str, instances: list[Instance]
@@ -153,15 +188,17 @@ class NomadConsulBackend:
         job_id = self._job_id(app)
         async with self._clients() as (session, nomad, consul):
             entry: dict[str, Any] = {"action": "deploy", "version": version, "image": image}
-            try:
-                msg = await self._deploy(session, nomad, consul, app, job_id, version, image,
-                                         progress, entry)  # fmt: skip
-            except Refused as exc:
-                entry.setdefault("result", "failed" if entry.get("registered") else "refused")
-                await self._audit(consul, app, {**entry, "reason": str(exc)}, progress)
-                raise
-            await self._audit(consul, app, {**entry, "result": "ok"}, progress)
-            return msg
+            async with self._locked(consul, app, entry, "deploying", progress):
+                try:
+                    check_version(version)
+                    msg = await self._deploy(session, nomad, consul, app, job_id, version, image,
+                                             progress, entry)  # fmt: skip
+                except Refused as exc:
+                    entry.setdefault("result", "failed" if entry.get("registered") else "refused")
+                    await self._audit(consul, app, {**entry, "reason": str(exc)}, progress)
+                    raise
+                await self._audit(consul, app, {**entry, "result": "ok"}, progress)
+                return msg
 
     async def _deploy(
         self,
@@ -225,6 +262,7 @@ class NomadConsulBackend:
                     f"{app} was switched while deploying (Active {active} -> {again}); "
                     "nothing was registered; re-run deploy to target the new Standby"
                 )
+            await self._confirm("deploying")
             try:
                 reg = await nomad.register(new_job, read_index)
             except ApiError as exc:
@@ -250,8 +288,9 @@ class NomadConsulBackend:
     async def switch(self, app: str, to_group: str | None, progress: Progress) -> SwitchOutcome:
         async with self._clients() as (session, nomad, consul):
             entry: dict[str, Any] = {"action": "switch"}
-            return await self._switch_audited(session, nomad, consul, app, to_group, progress,
-                                              entry)  # fmt: skip
+            async with self._locked(consul, app, entry, "switching", progress):
+                return await self._switch_audited(session, nomad, consul, app, to_group,
+                                                  progress, entry)  # fmt: skip
 
     async def _switch_audited(
         self,
@@ -331,6 +370,7 @@ class NomadConsulBackend:
         to_version = versions[0]
         entry.update({"from_version": from_version, "to_version": to_version})
         key = self.keys.active(app)
+        await self._confirm("switching")
         if not await consul.kv_put(key, target, cas=read_index):
             raise Refused(
                 f"someone else switched {app} (Consul key {key} changed since it was read at "
@@ -370,26 +410,31 @@ class NomadConsulBackend:
     async def rollback(self, app: str, progress: Progress) -> SwitchOutcome:
         async with self._clients() as (session, nomad, consul):
             entry: dict[str, Any] = {"action": "rollback"}
-            try:
-                got = await consul.kv_get(self.keys.previous(app))
-                if got is None:
-                    raise Refused(f"nothing to roll back to: no switch of {app} is recorded "
-                                  f"({self.keys.previous(app)} is absent)")  # fmt: skip
+            async with self._locked(consul, app, entry, "rolling back", progress):
                 try:
-                    prev = orjson.loads(got[0])
-                    group, version = str(prev["group"]), prev.get("version")
-                except (orjson.JSONDecodeError, KeyError, TypeError):
-                    raise Refused(f"{self.keys.previous(app)} is not valid JSON; "
-                                  "use `zerodown switch --to GROUP`") from None  # fmt: skip
-                now = {i.version for i in await self._registered(consul, app) if i.group == group}
-                if version and now and now != {version}:
-                    raise Refused(
-                        f"group {group} now runs {', '.join(sorted(now))}, not {version} as "
-                        f"when it was Active; use `zerodown switch --to {group}` if that is meant"
-                    )
-            except Refused as exc:
-                await self._audit(consul, app, {**entry, "result": "refused", "reason": str(exc)},
-                                  progress)  # fmt: skip
-                raise
-            progress(f"rolling back {app} to {group} ({version})")
-            return await self._switch_audited(session, nomad, consul, app, group, progress, entry)
+                    got = await consul.kv_get(self.keys.previous(app))
+                    if got is None:
+                        raise Refused(f"nothing to roll back to: no switch of {app} is recorded "
+                                      f"({self.keys.previous(app)} is absent)")  # fmt: skip
+                    try:
+                        prev = orjson.loads(got[0])
+                        group, version = str(prev["group"]), prev.get("version")
+                    except (orjson.JSONDecodeError, KeyError, TypeError):
+                        raise Refused(f"{self.keys.previous(app)} is not valid JSON; "
+                                      "use `zerodown switch --to GROUP`") from None  # fmt: skip
+                    now = {
+                        i.version for i in await self._registered(consul, app) if i.group == group
+                    }
+                    if version and now and now != {version}:
+                        raise Refused(
+                            f"group {group} now runs {', '.join(sorted(now))}, not {version} as "
+                            f"when it was Active; use `zerodown switch --to {group}` if that is meant"
+                        )
+                except Refused as exc:
+                    await self._audit(consul, app, {**entry, "result": "refused", "reason": str(exc)},
+                                      progress)  # fmt: skip
+                    raise
+                progress(f"rolling back {app} to {group} ({version})")
+                return await self._switch_audited(
+                    session, nomad, consul, app, group, progress, entry
+                )

@@ -77,7 +77,9 @@ def nomad_stack(tmp_path: Path) -> Iterator[NomadStack]:
     try:
         nomad.start()
         nomad.register_job(raw_exec_job())
-        dep = nomad.wait_deployment("drimeap", 60)
+        # Bounded by the deployment's own deadlines (HealthyDeadline 30 s per allocation):
+        # waiting less than that would fail a deployment that is only slow.
+        dep = nomad.wait_deployment("drimeap", 90)
         assert dep["Status"] == "successful", dep
         consul.kv_set("zerodown/drimeap/active", "blue")
         yield NomadStack(consul, nomad)

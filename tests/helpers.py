@@ -11,11 +11,11 @@ from typing import Any
 
 import orjson
 
-from orchestrator.devstack.children import ChildFailed, ProxyProc, SampleApp, wait_until
+from orchestrator.devstack.children import Child, ChildFailed, ProxyProc, SampleApp, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
-__all__ = ["ChildFailed", "ProxyProc", "SampleApp", "wait_until"]
+__all__ = ["Child", "ChildFailed", "ProxyProc", "SampleApp", "wait_until"]
 
 
 async def async_wait_until(

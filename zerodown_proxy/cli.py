@@ -11,6 +11,20 @@ import argparse
 import sys
 from typing import Any
 
+# Every flag that overrides a configuration key: (flag, section, key). One table for the
+# parser, the overrides and the multi-worker supervisor, which forwards each one given to its
+# workers (supervisor.worker_argv), so a worker always runs with its supervisor's settings.
+OVERRIDES: tuple[tuple[str, str, str], ...] = (
+    ("--http-listen", "proxy", "http_listen"),
+    ("--hsms-listen", "proxy", "hsms_listen"),
+    ("--admin-listen", "proxy", "admin_listen"),
+    ("--workers", "proxy", "workers"),
+    ("--name", "proxy", "name"),
+    ("--registry", "discovery", "file"),
+    ("--discovery", "discovery", "provider"),
+    ("--no-register", "consul", "register_self"),  # a switch: register_self = false
+)
+
 
 def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--config", default=None, help="TOML config file")
@@ -23,7 +37,21 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--workers", type=int, default=None, help="override [proxy] workers")
     sp.add_argument("--name", default=None, help="override [proxy] name")
     sp.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
-    sp.add_argument("--no-register", action="store_true", help=argparse.SUPPRESS)
+    sp.add_argument("--no-register", action="store_true", help="do not register in Consul")
+    # Set by the multi-worker supervisor on its workers only.
+    sp.add_argument("--supervisor-admin", default=None, help=argparse.SUPPRESS)
+    sp.add_argument("--supervisor-pid", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The configuration keys the flags override (None: not given)."""
+    out: dict[str, dict[str, Any]] = {}
+    for flag, section, key in OVERRIDES:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if flag == "--no-register":
+            value = False if value else None
+        out.setdefault(section, {})[key] = value
+    return out
 
 
 def run_proxy(args: argparse.Namespace) -> int:
@@ -31,24 +59,22 @@ def run_proxy(args: argparse.Namespace) -> int:
     from .jsonlog import setup_logging
     from .server import run
 
-    overrides: dict[str, dict[str, Any]] = {
-        "proxy": {
-            "http_listen": args.http_listen,
-            "hsms_listen": args.hsms_listen,
-            "admin_listen": args.admin_listen,
-            "workers": args.workers,
-            "name": args.name,
-        },
-        "discovery": {"file": args.registry, "provider": args.discovery},
-        "consul": {"register_self": False if args.no_register else None},
-    }
+    overrides = overrides_from(args)
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as exc:
         print(f"zerodown proxy: {exc}", file=sys.stderr, flush=True)
         return 2
     setup_logging(cfg.proxy.log_level)
-    return run(cfg, args.ready_file, reuse_port=args.reuse_port, config_path=args.config)
+    return run(
+        cfg,
+        args.ready_file,
+        reuse_port=args.reuse_port,
+        config_path=args.config,
+        overrides=overrides,
+        supervisor_admin=args.supervisor_admin,
+        supervisor_pid=args.supervisor_pid,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,9 +27,14 @@ log = logging.getLogger("zerodown.proxy")
 
 
 class ProxyServer:
-    def __init__(self, cfg: Config, reuse_port: bool = False) -> None:
+    def __init__(
+        self, cfg: Config, reuse_port: bool = False, supervisor_admin: str | None = None
+    ) -> None:
         self.cfg = cfg
         self.reuse_port = reuse_port
+        # A multi-worker supervisor's admin address (it speaks for the whole proxy: this is
+        # what the worker registers in Consul); None when running alone.
+        self.supervisor_admin = supervisor_admin
         # Multi-worker mode: the supervisor's switch gate makes every worker switch at once.
         self.gate = WorkerGate.from_env() if reuse_port else None
         self.router = Router()
@@ -52,8 +57,7 @@ class ProxyServer:
             watcher=self.watcher,
         )  # fmt: skip
         await self.admin.start(admin_host, admin_port)
-        # In multi-worker mode the supervisor's admin API speaks for the whole proxy.
-        admin_addr = os.environ.get("ZERODOWN_SUPERVISOR_ADMIN", f"{admin_host}:{self.admin.port}")
+        admin_addr = self.supervisor_admin or f"{admin_host}:{self.admin.port}"
 
         if cfg.discovery.provider == "consul":
             from .discovery.consul import ConsulProvider
@@ -116,8 +120,13 @@ class ProxyServer:
         self.stopped.set()
 
 
-async def serve(cfg: Config, ready_file: str | None = None, reuse_port: bool = False) -> int:
-    server = ProxyServer(cfg, reuse_port)
+async def serve(
+    cfg: Config,
+    ready_file: str | None = None,
+    reuse_port: bool = False,
+    supervisor_admin: str | None = None,
+) -> int:
+    server = ProxyServer(cfg, reuse_port, supervisor_admin)
     ports = await server.start()
     if ready_file:
         tmp = Path(ready_file + ".tmp")
@@ -137,11 +146,20 @@ def run(
     ready_file: str | None = None,
     reuse_port: bool = False,
     config_path: str | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    supervisor_admin: str | None = None,
+    supervisor_pid: int | None = None,
 ) -> int:
-    if cfg.proxy.workers > 1:
+    if supervisor_pid is not None:  # a worker: it must not outlive its supervisor
+        from .supervised import die_with_supervisor
+
+        if not die_with_supervisor(supervisor_pid):
+            log.error("supervisor (pid %d) is gone; not starting", supervisor_pid)
+            return 1
+    elif cfg.proxy.workers > 1:
         from .supervisor import run_supervisor
 
-        return run_supervisor(cfg, config_path, ready_file)
+        return run_supervisor(cfg, config_path, ready_file, overrides)
     import uvloop
 
-    return uvloop.run(serve(cfg, ready_file, reuse_port))
+    return uvloop.run(serve(cfg, ready_file, reuse_port, supervisor_admin))

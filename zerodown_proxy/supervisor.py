@@ -15,6 +15,22 @@ unix datagram socket; the supervisor commits when every live worker has prepared
 that holds a switch back for more than SWITCH_REPORT_AFTER is named in /v1/status (`switch`).
 A worker that dies stops counting at once; its replacement counts from its start (it joins at the
 committed target, or holds switches back until it has read the registry).
+
+Workers get their supervisor's configuration: the same --config, and every flag the supervisor
+was given (cli.OVERRIDES, forwarded by worker_argv), apart from the ones it sets per worker
+(listen addresses, name, --workers 1). The supervisor's admin address reaches them as
+--supervisor-admin (what a worker registers in Consul), its pid as --supervisor-pid.
+
+No orphans, whatever happens to the supervisor (Linux only, as SO_REUSEPORT load balancing is):
+- SIGTERM/SIGINT are handled from the first moment of run(), so stopping a supervisor that is
+  still starting (registry missing, Consul down, a worker slow to start) stops its workers;
+- each worker asks the kernel, with prctl(PR_SET_PDEATHSIG, SIGTERM), to be sent SIGTERM when
+  its supervisor dies, SIGKILL included, and then shuts down gracefully like any SIGTERM. Chosen
+  over a pipe the worker would watch because the kernel does it with no code on the worker's
+  data path and no descriptor to keep out of other children. The signal follows the death of
+  the *thread* that forked the worker: the supervisor spawns from its event loop thread, the
+  main one. A worker whose supervisor died before prctl took effect sees a new parent pid and
+  does not start.
 """
 
 from __future__ import annotations
@@ -37,6 +53,8 @@ import orjson
 from aiohttp import web
 
 from .config import Config, parse_addr
+from .supervised import worker_argv
+from .supervisor_merge import merge_hsms, merge_metrics
 from .switch_gate import GATE_ENV, INDEX_ENV, NOTIFY_ENV, GateFile, waiting_for
 
 log = logging.getLogger("zerodown.workers")
@@ -56,43 +74,19 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return s
 
 
-def merge_metrics(texts: list[str]) -> str:
-    """Merge Prometheus text from several workers: one HELP/TYPE per family, samples labelled
-    with the worker index, families kept contiguous."""
-    families: dict[str, tuple[list[str], list[str]]] = {}
-    for index, text in enumerate(texts):
-        current: list[str] | None = None
-        for line in text.splitlines():
-            if not line:
-                continue
-            if line.startswith("# HELP ") or line.startswith("# TYPE "):
-                name = line.split(" ", 3)[2]
-                meta, samples = families.setdefault(name, ([], []))
-                if line not in meta:
-                    meta.append(line)
-                current = samples
-                continue
-            if current is None:
-                continue
-            name, _, rest = line.partition(" ")
-            if "{" in name:
-                base, _, labels = name.partition("{")
-                name = f'{base}{{worker="{index}",{labels}'
-            else:
-                name = f'{name}{{worker="{index}"}}'
-            current.append(f"{name} {rest}")
-    out: list[str] = []
-    for meta, samples in families.values():
-        out.extend(meta)
-        out.extend(samples)
-    return "\n".join(out) + "\n"
-
-
 class Supervisor:
-    def __init__(self, cfg: Config, config_path: str | None, ready_file: str | None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        config_path: str | None,
+        ready_file: str | None,
+        overrides: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.config_path = config_path
         self.ready_file = ready_file
+        self.forwarded = worker_argv(overrides)
+        self.admin_addr = ""  # host:port of this supervisor's admin API, once it listens
         self.n = cfg.proxy.workers
         self.run_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"zerodown-{os.getpid()}"
         self.procs: list[asyncio.subprocess.Process | None] = [None] * self.n
@@ -109,6 +103,9 @@ class Supervisor:
         self.notify_name = f"zerodown-gate-{os.getpid()}-{secrets.token_hex(4)}"
         self.waiting_since: float | None = None
         self.waiting: list[int] = []
+        self._checker: asyncio.Task[None] | None = None
+        self._notify: socket.socket | None = None
+        self._runner: web.AppRunner | None = None
 
     def reserve(self) -> dict[str, int]:
         ports = {}
@@ -129,11 +126,13 @@ class Supervisor:
         args = [sys.executable, "-m", "zerodown_proxy", "--reuse-port", "--workers", "1"]
         if self.config_path:
             args += ["--config", self.config_path]
+        args += self.forwarded
+        args += ["--supervisor-admin", self.admin_addr, "--supervisor-pid", str(os.getpid())]
         args += ["--http-listen", self.listen["http"], "--admin-listen", "127.0.0.1:0"]
         if "hsms" in self.listen:
             args += ["--hsms-listen", self.listen["hsms"]]
         args += ["--name", f"{self.cfg.proxy.name or socket.gethostname()}-w{index}"]
-        if index > 0:
+        if index > 0 and "--no-register" not in self.forwarded:
             args.append("--no-register")  # one registration (the supervisor's admin) is enough
         args += ["--ready-file", str(ready)]
         env = dict(os.environ)
@@ -331,61 +330,92 @@ class Supervisor:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def run(self) -> int:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        ports = self.reserve()
         loop = asyncio.get_running_loop()
-        checker = None
-        notify = None
+        stop = asyncio.Event()
+        # First of all: a SIGTERM at any moment, even while workers are still starting, must
+        # stop them with us rather than kill us and leave them holding the ports.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        startup = loop.create_task(self._start())
+        stopped = loop.create_task(stop.wait())
+        code = 0
+        try:
+            await asyncio.wait({startup, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if startup.done():
+                code = startup.result()
+                if code == 0:
+                    await stopped
+            else:
+                log.info("stopping while starting: stopping the workers started so far")
+                startup.cancel()
+                await asyncio.gather(startup, return_exceptions=True)
+        finally:
+            stopped.cancel()
+            await self._shutdown(loop)
+        return code
+
+    async def _start(self) -> int:
+        """Ports, gate, admin API, workers, first commit, ready file. 0 when serving."""
+        loop = asyncio.get_running_loop()
+        try:
+            ports = self.reserve()
+        except OSError as exc:
+            log.error("cannot bind the proxy's ports: %s", exc)
+            return 1
         if self.gated:
             self.gate = GateFile.create(self.run_dir / "switch-gate", self.n)
-            notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            notify = self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             notify.bind("\0" + self.notify_name)
             notify.setblocking(False)
             loop.add_reader(notify.fileno(), self._nudged, notify)
-            checker = loop.create_task(self._check_gate_forever())
+            self._checker = loop.create_task(self._check_gate_forever())
         self.session = aiohttp.ClientSession()
         app = web.Application()
         app.router.add_get("/v1/status", self.status)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_post("/v1/reload", self.reload)
-        runner = web.AppRunner(app, access_log=None)
+        runner = self._runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         host, port = parse_addr(self.cfg.proxy.admin_listen, "127.0.0.1")
         site = web.TCPSite(runner, host, port, reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            log.error("cannot bind the admin API on %s: %s", self.cfg.proxy.admin_listen, exc)
+            return 1
         ports["admin"] = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        os.environ["ZERODOWN_SUPERVISOR_ADMIN"] = f"{host}:{ports['admin']}"
-        code = 0
+        self.admin_addr = (
+            f"[{host}]:{ports['admin']}" if ":" in host else f"{host}:{ports['admin']}"
+        )
         try:
             await asyncio.gather(*(self.spawn(i) for i in range(self.n)))
         except RuntimeError as exc:
             log.error("%s", exc)
-            code = 1
-        if code == 0:
-            await self._first_commit()
-            ports["pid"] = os.getpid()
-            if self.ready_file:
-                tmp = Path(self.ready_file + ".tmp")
-                tmp.write_bytes(orjson.dumps(ports))
-                os.replace(tmp, self.ready_file)
-            log.info("supervising %d workers", self.n, extra={"fields": {"ports": ports}})
-            stop = asyncio.Event()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, stop.set)
-            await stop.wait()
+            return 1
+        await self._first_commit()
+        ports["pid"] = os.getpid()
+        if self.ready_file:
+            tmp = Path(self.ready_file + ".tmp")
+            tmp.write_bytes(orjson.dumps(ports))
+            os.replace(tmp, self.ready_file)
+        log.info("supervising %d workers", self.n, extra={"fields": {"ports": ports}})
+        return 0
+
+    async def _shutdown(self, loop: asyncio.AbstractEventLoop) -> None:
         await self.stop()
-        await runner.cleanup()
-        if checker is not None:
-            checker.cancel()
-        if notify is not None:
-            loop.remove_reader(notify.fileno())
-            notify.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._checker is not None:
+            self._checker.cancel()
+        if self._notify is not None:
+            loop.remove_reader(self._notify.fileno())
+            self._notify.close()
         if self.gate is not None:
             self.gate.close()
         # The run dir (ready files, the gate) belongs to this supervisor alone: leave nothing.
         shutil.rmtree(self.run_dir, ignore_errors=True)
-        return code
 
     async def stop(self) -> None:
         self.stopping = True
@@ -400,30 +430,22 @@ class Supervisor:
                 await asyncio.wait_for(p.wait(), grace)
             except TimeoutError:
                 p.kill()
+                await p.wait()
         if self.session is not None:
             await self.session.close()
         for s in self.reserved:
             s.close()
 
 
-def merge_hsms(parts: list[dict[str, Any] | None]) -> dict[str, Any] | None:
-    """One `hsms` status section for the whole proxy: every worker's tool sessions (each marked
-    with its worker index), counters summed."""
-    present = [(i, p) for i, p in enumerate(parts) if p]
-    if not present:
-        return None
-    sessions = [{**s, "worker": i} for i, p in present for s in p.get("sessions", ())]
-    sessions.sort(key=lambda s: s.get("connected_at") or 0)
-    return {
-        "port": present[0][1].get("port"),
-        "tool_sessions": sum(p.get("tool_sessions", 0) for _, p in present),
-        "handovers": sum(p.get("handovers", 0) for _, p in present),
-        "failovers": sum(p.get("failovers", 0) for _, p in present),
-        "sessions": sessions,
-    }
-
-
-def run_supervisor(cfg: Config, config_path: str | None, ready_file: str | None) -> int:
+def run_supervisor(
+    cfg: Config,
+    config_path: str | None,
+    ready_file: str | None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> int:
     import uvloop
 
-    return uvloop.run(Supervisor(cfg, config_path, ready_file).run())
+    return uvloop.run(Supervisor(cfg, config_path, ready_file, overrides).run())
+
+
+__all__ = ["Supervisor", "merge_hsms", "merge_metrics", "run_supervisor"]

@@ -93,7 +93,7 @@ def test_job_plan_register_deployment_allocations_versions_match_recordings(
     assert keys(dep["TaskGroups"]["green"]) == keys(
         BY_INDEX[5]["response"]["body"]["TaskGroups"]["green"]
     )
-    done = nomad_stack.nomad.wait_deployment("drimeap", 30)
+    done = nomad_stack.nomad.wait_deployment("drimeap", 90)  # bounded by its own deadlines
     assert done["Status"] == "successful"
     assert done["StatusDescription"] == BY_INDEX[6]["response"]["body"]["StatusDescription"]
 

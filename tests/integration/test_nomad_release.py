@@ -4,7 +4,9 @@ double, with real `zerodown proxy` processes using the Consul discovery provider
 
 from __future__ import annotations
 
+import base64
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from typing import Any
 import orjson
 import pytest
 
+from orchestrator import jobspec
 from orchestrator.backend import Refused
 from orchestrator.devstack.fakes.consul import FakeConsul
 from orchestrator.hashicorp_api import ConsulApi, NomadApi
@@ -190,6 +193,11 @@ def test_release_cycle_deploy_switch_rollback_with_three_proxies(
         orjson.loads(x) for x in (tmp_path / "state" / "history.jsonl").read_bytes().splitlines()
     ]
     assert [e["time_ns"] for e in local] == [e["time_ns"] for e in entries]
+    r = run_cli(stack, tmp_path, "history", "--json")  # `zerodown history` reads Consul's trail
+    assert r.returncode == 0, r.stderr
+    assert [orjson.loads(x)["time_ns"] for x in r.stdout.splitlines()] == [
+        e["time_ns"] for e in entries
+    ]
 
     # green was Active on v2; once it is redeployed, "rollback" would not restore v2: refused.
     r = run_cli(stack, tmp_path, "deploy", "v3", "--admin-token", TOKEN)
@@ -231,26 +239,44 @@ def test_plan_that_would_touch_the_active_group_is_refused(
     assert "would also change group blue" in entry["reason"]
 
 
-def test_deploy_of_a_version_that_crashes_fails_and_nomad_reverts_standby(
-    nomad_stack: NomadStack, tmp_path: Path
+async def test_deploy_of_a_version_that_crashes_fails_and_nomad_reverts_standby(
+    nomad_stack: NomadStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stack = nomad_stack
     blue_pids = stack.pids("blue")
-    # "-crash" makes the sample app's own argument parser exit 2 at start: a release whose
-    # instances die on start-up.
-    r = run_cli(stack, tmp_path, "deploy", "--", "-crash")
-    assert r.returncode == 1, r.stdout
-    line = one_line(r.stderr)
-    assert "Nomad deployment" in line and "of -crash to group green failed" in line, line
+    real_with_version = jobspec.with_version
+
+    def crashing_release(job: dict[str, Any], group: str, version: str, image: Any) -> dict:
+        # A release whose instances die on start-up: this build's sample app rejects its own
+        # command line (argparse exits 2) before it listens.
+        new = real_with_version(job, group, version, image)
+        for tg in new["TaskGroups"]:
+            if tg["Name"] == group:
+                tg["Tasks"][0]["Config"]["args"].append("--no-such-option")
+        return new
+
+    monkeypatch.setattr(jobspec, "with_version", crashing_release)
+    backend = NomadConsulBackend(
+        Settings(
+            nomad_addr=stack.nomad.url,
+            consul_addr=stack.consul.url,
+            audit_log=tmp_path / "history.jsonl",
+        )  # fmt: skip
+    )
+    with pytest.raises(Refused) as exc:
+        await backend.deploy("drimeap", "v9-crash", None, lambda m: None)
+    monkeypatch.setattr(jobspec, "with_version", real_with_version)
+    line = str(exc.value)
+    assert "Nomad deployment" in line and "of v9-crash to group green failed" in line, line
     assert "Failed due to unhealthy allocations - rolling back to job version 0" in line
     assert "the Active group was not touched" in line
     assert stack.pids("blue") == blue_pids
-    dep = stack.nomad.wait_deployment("drimeap", 30)  # Nomad's auto-revert of green
+    dep = stack.nomad.wait_deployment("drimeap", 90)  # Nomad's auto-revert of green
     assert dep["Status"] == "successful" and dep["JobVersion"] == 2
     assert green_versions(stack) == {"v1"} and len(stack.pids("green")) == 2
     assert stack.pids("blue") == blue_pids
     (entry,) = history(stack)
-    assert (entry["action"], entry["result"], entry["version"]) == ("deploy", "failed", "-crash")
+    assert (entry["action"], entry["result"], entry["version"]) == ("deploy", "failed", "v9-crash")
 
     r = run_cli(stack, tmp_path, "deploy", "v2", "--image", "drimeap:v2")
     assert r.returncode == 1
@@ -523,3 +549,217 @@ def test_prefix_and_datacenter_are_the_proxies_own_end_to_end(
             assert len(orjson.loads(resp.read())) == 2  # the audit trail under the prefix too
     finally:
         proxy.terminate()
+
+
+# -- the release lock (a Consul session lock) ---------------------------------------------------
+
+LOCK = "zerodown/drimeap/lock"
+BUSY = re.compile(
+    r"^zerodown: another release command is running \((switch|deploy|rollback), pid (\d+) on "
+    r"host (\S+), since \d\d:\d\d:\d\d\); not (switching|deploying|rolling back)\.$"
+)
+
+
+class HeldProxy:
+    """A registered zerodown-proxy that does not report a new ModifyIndex of the Active key
+    until the test lets it (`release()`), or MAX_HOLD s after it changed (under the switch's
+    10 s proxy timeout): a switch stays in its last wait, holding the lock, as long as needed."""
+
+    MAX_HOLD = 8.0
+
+    def __init__(self, consul: FakeConsul) -> None:
+        import http.server
+        import threading
+        import time
+
+        seen: dict[int, float] = {}
+        self.released = threading.Event()
+        released, hold = self.released, self.MAX_HOLD
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                now = time.monotonic()
+                gen = consul.kv_get(KEY)[1]
+                seen.setdefault(gen, now)
+                if released.is_set():
+                    shown = gen
+                else:
+                    shown = max((g for g, t in seen.items() if now - t >= hold), default=0)
+                body = orjson.dumps({"generation": shown})
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        port = self.server.server_address[1]
+        consul.register("zerodown-proxy-held", "zerodown-proxy", "127.0.0.1", port,
+                        meta={"admin": f"127.0.0.1:{port}"}, check_status="passing")  # fmt: skip
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def popen_cli(stack: NomadStack, tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", args[0], "--backend", "nomad", *args[1:]],
+        env=stack.env(ZERODOWN_STATE_DIR=str(tmp_path / "state")),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_two_switches_started_together_one_runs_the_other_refuses_nomad(
+    nomad_stack: NomadStack, tmp_path: Path
+) -> None:
+    stack = nomad_stack
+    held = HeldProxy(stack.consul)
+    try:
+        active = "blue"
+        for n in range(3):
+            held.released.clear()
+            procs = [popen_cli(stack, tmp_path, "switch"), popen_cli(stack, tmp_path, "switch")]
+            # The refused one ends at once; the other waits for the held proxy, lock held.
+            wait_until(
+                lambda ps=procs: any(p.poll() is not None for p in ps), 60, "a switch to end"
+            )
+            held.released.set()
+            outs = [p.communicate(timeout=120) for p in procs]
+            assert sorted(p.returncode for p in procs) == [0, 1], (n, outs)
+            (winner,) = [p for p in procs if p.returncode == 0]
+            (err,) = [e for p, (_, e) in zip(procs, outs, strict=True) if p.returncode == 1]
+            m = BUSY.match(one_line(err))
+            assert m, err
+            assert (m.group(1), int(m.group(2)), m.group(4)) == ("switch", winner.pid, "switching")
+            active = "green" if active == "blue" else "blue"
+            assert stack.consul.kv_get(KEY)[0] == active
+            entry = orjson.loads(base64.b64decode(kv_entry(stack, LOCK)["Value"]))
+            assert "Session" not in kv_entry(stack, LOCK)  # released at the end
+            assert entry["pid"] == winner.pid
+        assert stack.consul.sessions.by_id == {}  # every session destroyed
+    finally:
+        held.close()
+    results = sorted((e["action"], e["result"]) for e in history(stack))
+    assert results == [("switch", "ok")] * 3 + [("switch", "refused")] * 3
+    refused = [e for e in history(stack) if e["result"] == "refused"]
+    assert all(e["holder"]["action"] == "switch" and "another release" in e["reason"]
+               for e in refused)  # fmt: skip
+
+
+def kv_entry(stack: NomadStack, key: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{stack.consul.url}/v1/kv/{key}", timeout=5) as r:
+        return orjson.loads(r.read())[0]
+
+
+def hold_lock(stack: NomadStack, holder: dict[str, Any], ttl: str = "10s") -> str:
+    """Someone else's session holding the release lock, as another zerodown would leave it."""
+
+    def put(path: str, body: bytes) -> Any:
+        req = urllib.request.Request(stack.consul.url + path, data=body, method="PUT")
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return orjson.loads(r.read())
+
+    sid = put("/v1/session/create", orjson.dumps({"TTL": ttl, "LockDelay": "0s"}))["ID"]
+    assert put(f"/v1/kv/{LOCK}?acquire={sid}", orjson.dumps(holder)) is True
+    return sid
+
+
+def _holder(**kw: Any) -> dict[str, Any]:
+    from orchestrator.release_lock import Holder
+
+    return {**Holder.me("deploy").to_dict(), **kw}
+
+
+def test_a_lock_held_elsewhere_refuses_until_its_session_ttl_frees_it(
+    nomad_stack: NomadStack, tmp_path: Path
+) -> None:
+    stack = nomad_stack
+    stack.consul.sessions.ttl_min = 0.2  # Consul's session_ttl_min, lowered for the test
+    # A deploy running on another machine: this host cannot tell whether it is alive.
+    hold_lock(stack, _holder(host="fab-ops-1", pid=4242, boot_id="another-machine"), ttl="1s")
+    before = stack.consul.kv_get(KEY)
+    r = run_cli(stack, tmp_path, "switch")
+    assert r.returncode == 1
+    line = one_line(r.stderr)
+    assert BUSY.match(line) and "(deploy, pid 4242 on host fab-ops-1, since " in line, line
+    assert stack.consul.kv_get(KEY) == before
+    # It stops renewing (crashed): Consul invalidates the session after 2 x TTL.
+    wait_until(lambda: "Session" not in kv_entry(stack, LOCK), 10, "the session to expire")
+    r = run_cli(stack, tmp_path, "switch")
+    assert r.returncode == 0, r.stderr
+    assert stack.consul.kv_get(KEY)[0] == "green"
+
+
+def test_a_lock_whose_holder_died_on_this_host_is_taken_over_at_once(
+    nomad_stack: NomadStack, tmp_path: Path
+) -> None:
+    stack = nomad_stack
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    sid = hold_lock(stack, _holder(pid=dead.pid), ttl="3600s")  # would block for two hours
+    r = run_cli(stack, tmp_path, "switch")
+    assert r.returncode == 0, r.stderr
+    assert f"held by a command that is no longer running (deploy, pid {dead.pid} on host" in (
+        r.stderr
+    )
+    assert sid not in stack.consul.sessions.by_id
+    assert stack.consul.kv_get(KEY)[0] == "green"
+
+    # A holder that is alive here (this test process) is never taken over.
+    hold_lock(stack, _holder(), ttl="3600s")
+    r = run_cli(stack, tmp_path, "switch")
+    assert r.returncode == 1 and f"(deploy, pid {os.getpid()} on host" in one_line(r.stderr)
+
+
+async def test_a_switch_that_lost_its_lock_does_not_write(
+    nomad_stack: NomadStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Frozen past its session's TTL (here: the session destroyed under it), a switch finds
+    out right before its write and refuses; the Active key is not touched."""
+    from orchestrator import release_nomad
+
+    stack = nomad_stack
+    real_probe = release_nomad.probe_http
+
+    async def probe_then_lose_the_session(*args: Any, **kw: Any) -> str:
+        with stack.consul._lock:
+            for sid in list(stack.consul.sessions.by_id):
+                stack.consul.sessions.invalidate(sid)
+        return await real_probe(*args, **kw)
+
+    monkeypatch.setattr(release_nomad, "probe_http", probe_then_lose_the_session)
+    backend = NomadConsulBackend(
+        Settings(
+            nomad_addr=stack.nomad.url,
+            consul_addr=stack.consul.url,
+            audit_log=tmp_path / "history.jsonl",
+        )  # fmt: skip
+    )
+    before = stack.consul.kv_get(KEY)
+    with pytest.raises(Refused, match=r"^lost the release lock zerodown/drimeap/lock \("):
+        await backend.switch("drimeap", None, lambda m: None)
+    assert stack.consul.kv_get(KEY) == before
+    (entry,) = history(stack)
+    assert (entry["action"], entry["result"]) == ("switch", "refused")
+
+
+def test_invalid_version_is_refused_before_nomad_is_touched(
+    nomad_stack: NomadStack, tmp_path: Path
+) -> None:
+    stack = nomad_stack
+    job = stack.nomad.job("drimeap")
+    for version in ("", "--help", "v2\nx", "a/b"):
+        r = run_cli(stack, tmp_path, "deploy", "--", version)
+        assert r.returncode == 1, r.stderr
+        assert one_line(r.stderr).startswith(f"zerodown: version {version!r} is not valid (")
+    assert stack.nomad.job("drimeap")["JobModifyIndex"] == job["JobModifyIndex"]
+    assert not any(m == "POST" for m, _ in stack.nomad.requests)
+    assert [(e["action"], e["result"]) for e in history(stack)] == [("deploy", "refused")] * 4

@@ -5,16 +5,21 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import aiohttp
+import orjson
 import pytest
 
 from orchestrator.backend import Refused
 from orchestrator.probes import wait_proxies
 from zerodown_proxy.supervisor import merge_hsms, merge_metrics
 
-from ..helpers import async_wait_until, instance, registry, wait_until, write_registry
+from ..helpers import ROOT, Child, async_wait_until, instance, registry, wait_until, write_registry
 from ..hsmspeers import RawHost, RawTool
 
 
@@ -336,3 +341,210 @@ async def test_a_worker_that_does_not_prepare_holds_the_switch_and_is_named(
     assert [w["generation"] for w in st["workers"]] == [2, 2]
     assert "blocked" not in st["switch"] and st["switch"]["waiting_for"] == []
     assert proxy.terminate() == 0
+
+
+# -- the supervisor's flags, signals and death ------------------------------------------------
+
+
+def _config(tmp_path: Path, extra: str = "") -> Path:
+    """A config without [discovery]: the flags under test must say which provider/registry."""
+    cfg = tmp_path / "workers.toml"
+    cfg.write_text(
+        "\n".join(
+            [
+                "[proxy]",
+                'http_listen = "127.0.0.1:0"',
+                'admin_listen = "127.0.0.1:0"',
+                'admin_token = "test-token"',
+                "shutdown_grace = 2.0",
+                "[hsms]",
+                "enabled = false",
+                extra,
+                "",
+            ]
+        )
+    )
+    return cfg
+
+
+def _children(pid: int) -> set[int]:
+    out: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out.update(int(x) for x in (task / "children").read_text().split())
+        except OSError:
+            pass
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; only its parent has not reaped it yet
+
+
+def _reap_strays(pids: set[int]) -> None:
+    for pid in pids:  # only on failure: orphans of the code under test must not outlive it
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _version(port: int) -> tuple[int, str | None]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
+            return r.status, r.headers.get("X-Backend-Version")
+    except urllib.error.HTTPError as exc:
+        return exc.code, None
+
+
+def test_discovery_and_no_register_flags_reach_every_worker(tmp_path, consul, sample_app):
+    """Regression: `zerodown proxy --workers 2 --discovery consul` served 503, the workers fell
+    back to the file provider. Every flag the supervisor got is now forwarded."""
+    blue = sample_app("blue-1", "v1")
+    consul.register("drimeap-blue-1", "drimeap", "127.0.0.1", blue.port,
+                    tags=["zerodown-group=blue", "zerodown-version=v1"])  # fmt: skip
+    consul.kv_set("zerodown/drimeap/active", "blue")
+    cfg = _config(tmp_path, f'[consul]\naddr = "{consul.url}"\nwait = 1.0\ncheck_ttl = 1.0')
+    proc = Child(["--config", str(cfg), "--workers", "2", "--discovery", "consul"],
+                 tmp_path, "sup", module="zerodown_proxy")  # fmt: skip
+    try:
+        st = wait_until(lambda: (s := _status(proc))["generation"] > 0 and s, 20, "routing")
+        assert [w["generation"] > 0 for w in st["workers"]] == [True, True]
+        for _ in range(20):  # new connections: both workers answer
+            assert _version(proc.ports["http"]) == (200, "v1")
+        # One registration for the whole proxy, with the supervisor's admin address.
+        reg = wait_until(lambda: consul.services("zerodown-proxy"), 10, "the proxy registered")
+        assert len(reg) == 1
+        assert reg[0]["Service"]["Meta"]["admin"] == f"127.0.0.1:{proc.ports['admin']}"
+    finally:
+        assert proc.terminate() == 0
+    wait_until(lambda: not consul.services("zerodown-proxy"), 10, "the proxy deregistered")
+
+    proc = Child(["--config", str(cfg), "--workers", "2", "--discovery", "consul",
+                  "--no-register"], tmp_path, "sup2", module="zerodown_proxy")  # fmt: skip
+    try:
+        wait_until(lambda: _status(proc)["generation"] > 0, 20, "routing")
+        assert _version(proc.ports["http"]) == (200, "v1")
+        assert consul.services("zerodown-proxy") == []  # --no-register reached every worker
+    finally:
+        assert proc.terminate() == 0
+
+
+def test_registry_flag_reaches_every_worker(tmp_path, sample_app):
+    app = sample_app("blue-1", "v1")
+    reg = tmp_path / "elsewhere.json"
+    write_registry(reg, registry(1, "blue", [instance("blue-1", "blue", "v1", app.port)]))
+    cfg = _config(tmp_path, '[discovery]\nfile = "/nonexistent/registry.json"')
+    proc = Child(["--config", str(cfg), "--workers", "2", "--registry", str(reg)],
+                 tmp_path, "sup", module="zerodown_proxy")  # fmt: skip
+    try:
+        st = _status(proc)
+        assert [w["generation"] for w in st["workers"]] == [1, 1]
+        assert _version(proc.ports["http"]) == (200, "v1")
+    finally:
+        assert proc.terminate() == 0
+
+
+def _status(proc: Child) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{proc.ports['admin']}/v1/status", timeout=10
+    ) as r:
+        return orjson.loads(r.read())
+
+
+@pytest.mark.parametrize("why", ["registry missing", "consul down"])
+def test_sigterm_while_starting_stops_the_workers(tmp_path, why):
+    """Regression: SIGTERM before the first commit (the registry missing, Consul down) killed
+    the supervisor and left both workers running, holding the ports."""
+    if why == "registry missing":
+        cfg = _config(tmp_path, f'[discovery]\nfile = "{tmp_path / "missing.json"}"')
+    else:
+        cfg = _config(tmp_path, '[discovery]\nprovider = "consul"\n[consul]\n'
+                                'addr = "http://127.0.0.1:9"\nbackoff_max = 0.2')  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    sup = subprocess.Popen(
+        [sys.executable, "-m", "zerodown_proxy", "--config", str(cfg), "--workers", "2"],
+        env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    workers: set[int] = set()
+    try:
+        # Both workers started (and listening: they hold the ports) but nothing is committed.
+        workers = wait_until(
+            lambda: len(w := _children(sup.pid)) == 2 and w, 30, "two workers to be started"
+        )
+        wait_until(lambda: all(_listening(pid) for pid in workers), 30, "the workers to listen")
+        assert sup.poll() is None
+        sup.send_signal(signal.SIGTERM)
+        assert sup.wait(30) == 0
+        wait_until(lambda: not any(_alive(p) for p in workers), 15, "the workers to exit")
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+        _reap_strays(workers)
+
+
+def _listening(pid: int) -> bool:
+    """Does process `pid` hold a listening TCP socket?"""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").glob("*"):
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            parts = line.split()
+            if parts[3] == "0A" and parts[9] in inodes:  # 0A: LISTEN
+                return True
+    return False
+
+
+def test_workers_exit_when_the_supervisor_is_killed(tmp_path, sample_app):
+    """Regression: SIGKILL of the supervisor always orphaned its workers. The kernel now
+    SIGTERMs each worker when its supervisor dies (PR_SET_PDEATHSIG)."""
+    app = sample_app("b", "v1")
+    reg = tmp_path / "registry.json"
+    write_registry(reg, registry(1, "blue", [instance("b", "blue", "v1", app.port)]))
+    cfg = _config(tmp_path, f'[discovery]\nfile = "{reg}"')
+    proc = Child(["--config", str(cfg), "--workers", "2"], tmp_path, "sup",
+                 module="zerodown_proxy")  # fmt: skip
+    workers = {w["pid"] for w in _status(proc)["workers"]}
+    try:
+        assert len(workers) == 2 and all(_alive(p) for p in workers)
+        proc.kill()  # SIGKILL: no handler runs
+        wait_until(lambda: not any(_alive(p) for p in workers), 20, "the workers to exit")
+        # The ports are free again: a new proxy can bind them.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", proc.ports["http"]))
+    finally:
+        proc.terminate()
+        _reap_strays(workers)
+
+
+def test_worker_argv_forwards_every_override_flag():
+    import argparse
+
+    from zerodown_proxy.cli import OVERRIDES, add_arguments, overrides_from
+    from zerodown_proxy.supervised import worker_argv
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--discovery", "consul", "--registry", "r.json", "--no-register",
+                         "--workers", "3", "--name", "edge", "--http-listen", ":1"])  # fmt: skip
+    argv = worker_argv(overrides_from(args))
+    assert argv == ["--registry", "r.json", "--discovery", "consul", "--no-register"]
+    # Every flag that overrides a key is either forwarded or set by the supervisor per worker.
+    forwarded_or_set = {f for f, _, _ in OVERRIDES}
+    assert {"--discovery", "--registry", "--no-register"} <= forwarded_or_set
+    reparsed = p.parse_args(argv)
+    assert overrides_from(reparsed)["discovery"] == {"file": "r.json", "provider": "consul"}
+    assert overrides_from(reparsed)["consul"] == {"register_self": False}

@@ -106,7 +106,7 @@ class Agents:
             for svc in tg["Services"]:
                 svc["Name"] = svc["Name"].replace("drimeap", self.app)
                 for chk in svc["Checks"]:
-                    chk["Interval"] = 500_000_000
+                    chk["Interval"] = 1_000_000_000  # Nomad refuses < 1 s
             for task in tg["Tasks"]:
                 task["Config"]["command"] = sys.executable
                 task["Config"]["args"] = ["-m", "orchestrator", *task["Config"]["args"]]

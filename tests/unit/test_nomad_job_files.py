@@ -116,3 +116,88 @@ def test_hcl_and_json_agree(name: str, driver: str) -> None:
         else:
             hcl_args = re.search(r"args = \[(.*?)\]", body, re.S).group(1)
             assert re.findall(r'"([^"]*)"', hcl_args) == task["Config"]["args"]
+
+
+# -- blue and green are the same group under two names ------------------------------------------
+# Blue/green assumes the two groups are interchangeable: a switch moves all traffic from one to
+# the other. These tests compare them field by field; only the name and the group tag differ.
+
+
+def _as_group(obj: object, name: str) -> object:
+    """`obj` (a task group or part of it) with its own name replaced by a placeholder."""
+    if isinstance(obj, dict):
+        return {k: _as_group(v, name) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_as_group(v, name) for v in obj]
+    if obj == name:
+        return "<group>"
+    if obj == f"zerodown-group={name}":
+        return "zerodown-group=<group>"
+    return obj
+
+
+def _differences(a: object, b: object, path: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _differences(a.get(k), b.get(k), f"{path}.{k}")
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [
+            d
+            for i, (x, y) in enumerate(zip(a, b, strict=True))
+            for d in _differences(x, y, f"{path}[{i}]")
+        ]
+    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+
+
+@pytest.mark.parametrize(("name", "driver"), FORMS)
+def test_json_groups_are_identical_but_for_their_name(name: str, driver: str) -> None:
+    job = json.loads((DIR / f"{name}.json").read_text())["Job"]
+    blue, green = (_as_group(tg, tg["Name"]) for tg in job["TaskGroups"])
+    assert _differences(blue, green) == []
+
+
+@pytest.mark.parametrize(("name", "driver"), FORMS)
+def test_hcl_groups_are_identical_but_for_their_name(name: str, driver: str) -> None:
+    groups = _hcl_groups((DIR / f"{name}.nomad.hcl").read_text())
+
+    def normal(body: str, group: str) -> list[str]:
+        lines = [ln.split("#", 1)[0].strip() for ln in body.splitlines()]
+        return [ln.replace(f"zerodown-group={group}", "zerodown-group=<group>")
+                for ln in lines if ln]  # fmt: skip
+
+    (b, bbody), (g, gbody) = groups.items()
+    assert normal(bbody, b) == normal(gbody, g)
+
+
+def test_group_comparison_catches_a_difference() -> None:
+    job = json.loads((DIR / "drimeap.json").read_text())["Job"]
+    job["TaskGroups"][1]["Services"][0]["Checks"][0]["Interval"] = 3_000_000_000
+    blue, green = (_as_group(tg, tg["Name"]) for tg in job["TaskGroups"])
+    assert _differences(blue, green) == [
+        ".Services[0].Checks[0].Interval: 2000000000 != 3000000000"
+    ]
+
+
+@pytest.mark.parametrize(("name", "driver"), FORMS)
+def test_hcl_and_json_agree_on_checks_update_and_resources(name: str, driver: str) -> None:
+    hcl = (DIR / f"{name}.nomad.hcl").read_text()
+    job = json.loads((DIR / f"{name}.json").read_text())["Job"]
+    for tg in job["TaskGroups"]:
+        body = _hcl_groups(hcl)[tg["Name"]]
+        intervals = [_seconds(x) for x in re.findall(r'interval\s*=\s*"([^"]+)"', body)]
+        timeouts = [_seconds(x) for x in re.findall(r'(?<!\w)timeout\s*=\s*"([^"]+)"', body)]
+        checks = [c for s in tg["Services"] for c in s["Checks"]]
+        assert intervals == [c["Interval"] for c in checks]
+        assert timeouts == [c["Timeout"] for c in checks]
+        assert all(c["Interval"] >= NS for c in checks)  # Nomad refuses checks under 1 s
+        u = tg["Update"]
+        assert int(re.search(r"canary\s*=\s*(\d+)", body).group(1)) == u["Canary"]
+        assert re.search(r'health_check\s*=\s*"(\w+)"', body).group(1) == u["HealthCheck"]
+        assert (
+            re.search(r"auto_promote\s*=\s*(\w+)", body).group(1) == str(u["AutoPromote"]).lower()
+        )
+        res = tg["Tasks"][0]["Resources"]
+        assert int(re.search(r"cpu\s*=\s*(\d+)", body).group(1)) == res["CPU"]
+        assert int(re.search(r"memory\s*=\s*(\d+)", body).group(1)) == res["MemoryMB"]

@@ -85,6 +85,10 @@ class Keys:
     def history_prefix(self, app: str) -> str:
         return self._key(app, "history") + "/"
 
+    def lock(self, app: str) -> str:
+        """The release lock (a Consul session lock held by deploy, switch and rollback)."""
+        return self._key(app, "lock")
+
 
 class ConsulDataError(ValueError):
     """A Consul answer does not have the documented shape (treated as a garbage answer)."""

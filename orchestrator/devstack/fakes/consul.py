@@ -18,7 +18,8 @@ Contract (shared with other helpers; see CONSUL_DOUBLE.md)::
 Endpoints: GET /v1/health/service/<name> (passing, tag, index, wait, dc), GET/PUT/DELETE
 /v1/kv/<key> (raw, recurse, keys, index, wait, cas, flags, dc), PUT /v1/agent/service/register,
 /v1/agent/service/deregister/<id>, /v1/agent/service/maintenance/<id> (enable, reason),
-/v1/agent/check/pass|warn|fail|update/<id>, GET /v1/status/leader. ACL: X-Consul-Token header,
+/v1/agent/check/pass|warn|fail|update/<id>, GET /v1/status/leader, and sessions with KV locks
+(/v1/session/create|renew|destroy|info|list, `?acquire=` / `?release=`: consul_sessions.py). ACL: X-Consul-Token header,
 `token=` or `Authorization: Bearer`.
     c.requests  # [(method, path_qs), ...]
     c.federate(other)  # (extra) answer `dc=<other.datacenter>` requests from `other`
@@ -49,6 +50,8 @@ from urllib.parse import unquote
 import aiohttp
 import orjson
 from aiohttp import web
+
+from .consul_sessions import Sessions
 
 STATUSES = ("passing", "warning", "critical")
 DEFAULT_WAIT = 300.0  # Consul: 5 minutes when `index` is given without `wait`
@@ -117,6 +120,8 @@ class _KV:
     flags: int
     create_index: int
     modify_index: int
+    lock_index: int = 0  # sessions: how many times the key was acquired
+    session: str | None = None  # sessions: the session holding it
 
 
 @dataclass(slots=True)
@@ -135,6 +140,7 @@ class FakeConsul:
         datacenter: str = "dc1",
         leader: str = "127.0.0.1:8300",
         ssl_context: ssl.SSLContext | None = None,
+        session_ttl_min: float = 10.0,
     ) -> None:
         self.datacenter = datacenter
         self.ssl_context = ssl_context  # serve HTTPS (url becomes https://...)
@@ -163,6 +169,8 @@ class FakeConsul:
         self._site: web.TCPSite | None = None
         self._reaper: asyncio.Task[None] | None = None
         self._inflight: dict[int, web.Request] = {}
+        # Sessions and KV locks (consul_sessions.py); session_ttl_min is Consul's own setting.
+        self.sessions = Sessions(self, ttl_min=session_ttl_min)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -447,6 +455,8 @@ class FakeConsul:
         idx = self._bump()
         old = self._kv.get(key)
         self._kv[key] = _KV(key, value, flags, old.create_index if old else idx, idx)
+        if old is not None:  # a plain write keeps the lock (Consul does not check it)
+            self._kv[key].lock_index, self._kv[key].session = old.lock_index, old.session
         self._kv_index = idx
         return idx
 
@@ -488,6 +498,8 @@ class FakeConsul:
             self._service_index.clear()
             self._kv.clear()
             self._nodes.clear()
+            self.sessions.by_id.clear()
+            self.sessions.lock_delay_until.clear()
             self._index, self._kv_index, self._services_table = 10, 1, 1
         self._wake()
 
@@ -598,6 +610,7 @@ class FakeConsul:
                     ):
                         self._deregister(svc.id)
                         changed = True
+                changed = self.sessions.expire(now) or changed
             if changed:
                 self._wake()
 
@@ -646,6 +659,8 @@ class FakeConsul:
                 )
             if path.startswith("/v1/kv/"):
                 return await self._kv_endpoint(request, unquote(path[len("/v1/kv/") :]))
+            if path.startswith("/v1/session/"):
+                return await self.sessions.endpoint(request, unquote(path[len("/v1/session/") :]))
             if path.startswith("/v1/agent/"):
                 if request.method != "PUT":
                     return _method_not_allowed(request)
@@ -754,14 +769,17 @@ class FakeConsul:
         return self._json(orjson.dumps(body), headers)
 
     def _kv_json(self, e: _KV) -> dict[str, Any]:
-        return {
-            "LockIndex": 0,
+        out = {
+            "LockIndex": e.lock_index,
             "Key": e.key,
             "Flags": e.flags,
             "Value": base64.b64encode(e.value).decode() if e.value else None,
             "CreateIndex": e.create_index,
             "ModifyIndex": e.modify_index,
         }
+        if e.session is not None:  # Consul: "Session" only while the key is held
+            out["Session"] = e.session
+        return out
 
     async def _kv_endpoint(self, request: web.Request, key: str) -> web.StreamResponse:
         q = request.query
@@ -812,6 +830,17 @@ class FakeConsul:
                 return web.Response(status=400, text="Invalid flags or cas index")
             if not key:
                 return web.Response(status=400, text="Missing key name")
+            lock_op = "acquire" if "acquire" in q else "release" if "release" in q else None
+            if lock_op is not None:
+                with self._lock:
+                    got = self.sessions.kv_lock(key, value, flags, lock_op, q[lock_op])
+                if isinstance(got, str):
+                    return web.Response(status=500, text=got)
+                if got:
+                    self._wake()
+                return self._json(
+                    b"true" if got else b"false", {"Content-Type": "application/json"}
+                )
             with self._lock:
                 e = self._kv.get(key)
                 ok = (

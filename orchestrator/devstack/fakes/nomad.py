@@ -19,6 +19,10 @@ succeeds when every group has its DesiredTotal healthy, and fails when a task ex
 HealthyDeadline passes (then AutoRevert registers the last stable version). Groups that did not
 change keep their processes (in-place update: only the job version of the allocation moves).
 
+Jobs are validated as the real agent does where a job of ours can go wrong (check intervals and
+timeouts of at least 1 s: nomad_validate.py); dynamic ports come from Nomad's own range,
+20000..32000, outside the kernel's ephemeral ports.
+
 Test-only knobs: `check_interval` (how often checks run, instead of the job's 2 s) and
 `kill_timeout_cap`.
 """
@@ -28,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import os
+import random
 import re
 import signal
 import socket
@@ -43,7 +48,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from . import nomad_diff
+from . import nomad_diff, nomad_validate
 
 NS = 1_000_000_000
 _VAR = re.compile(r"\$\{([^}]+)\}")
@@ -58,10 +63,31 @@ def _rfc3339(ns: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{frac:09d}Z"
 
 
+# Nomad's client hands out dynamic ports from min_dynamic_port..max_dynamic_port (20000..32000
+# by default), *outside* the kernel's ephemeral range (32768..60999 on Linux). That matters: the
+# task binds its port seconds after it was chosen (Python start-up, longer on a loaded machine),
+# and a port taken from the ephemeral range meanwhile went to some client connection or bind(0)
+# elsewhere, so the task failed to start and the allocation turned unhealthy.
+MIN_DYNAMIC_PORT, MAX_DYNAMIC_PORT = 20000, 32000
+_handed_out: dict[int, None] = {}  # ports this process gave out, oldest first (any FakeNomad)
+_rng = random.SystemRandom()
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for _ in range(200):
+        port = _rng.randint(MIN_DYNAMIC_PORT, MAX_DYNAMIC_PORT)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use right now
+        _handed_out[port] = None
+        while len(_handed_out) > 4000:  # long runs: forget the oldest, they are long gone
+            del _handed_out[next(iter(_handed_out))]
+        return port
+    raise RuntimeError(f"no free port in {MIN_DYNAMIC_PORT}..{MAX_DYNAMIC_PORT}")
 
 
 def _event(kind: str, message: str = "", display: str = "", **extra: Any) -> dict[str, Any]:
@@ -326,7 +352,11 @@ class FakeNomad:
     # -- test-facing API (thread-safe) --------------------------------------------------------
 
     def register_job(self, job: dict[str, Any]) -> dict[str, Any]:
-        """Register like POST /v1/jobs without EnforceIndex; returns the API answer."""
+        """Register like POST /v1/jobs without EnforceIndex; returns the API answer. A job
+        Nomad would refuse raises ValueError with Nomad's text."""
+        invalid = nomad_validate.validate_job(job)
+        if invalid is not None:
+            raise ValueError(invalid)
         return self._call(self._register(job, None))
 
     def edit_job(self, job_id: str, edit: Any) -> dict[str, Any]:
@@ -1010,6 +1040,9 @@ class FakeNomad:
         body, err = await self._read_job_body(request)
         if body is None:
             return self._text(400, err)
+        invalid = nomad_validate.validate_job(body["Job"])
+        if invalid is not None:  # Nomad answers a job that fails validation with a 500
+            return self._text(500, invalid)
         if path_id is not None and body["Job"]["ID"] != path_id:
             return self._text(400, "Job ID does not match name")
         enforce = int(body.get("JobModifyIndex") or 0) if body.get("EnforceIndex") else None
@@ -1043,6 +1076,9 @@ class FakeNomad:
         body, err = await self._read_job_body(request)
         if body is None:
             return self._text(400, err)
+        invalid = nomad_validate.validate_job(body["Job"])
+        if invalid is not None:  # Nomad answers a job that fails validation with a 500
+            return self._text(500, invalid)
         if body["Job"]["ID"] != job_id:
             return self._text(400, "Job ID does not match")
         job = canonicalize(body["Job"])
