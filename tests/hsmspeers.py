@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import urllib.request
 from dataclasses import dataclass, field
 
 from zerodown_proxy.hsms import codec
@@ -26,6 +27,24 @@ async def read_frame(reader: asyncio.StreamReader) -> Frame | None:
     except (asyncio.IncompleteReadError, ConnectionError):
         return None
     return Frame(sid, b2, b3, pt, st, system, body)
+
+
+def metric(proxy, name: str, labels: str = "") -> float:  # type: ignore[no-untyped-def]
+    """Sum of a series on the proxy's /metrics (those whose labels contain `labels`)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{proxy.admin}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and (len(line) == len(name) or line[len(name)] in " {"):
+            if labels in line:
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def rss(pid: int) -> int:
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss
 
 
 def s6f11_body(dataid: int, ceid: int = 1000) -> bytes:

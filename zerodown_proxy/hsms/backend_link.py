@@ -155,5 +155,3 @@ class BackendLink(Link):
                 self.run(actions)
                 return
         self.run(self.session.separate("session handed over"))
-        if self.transport is not None and not self.closed:
-            self.transport.close()

@@ -172,7 +172,6 @@ class BackendSessions:
             return  # still connecting: _connected closes it
         if not b.closed:
             b.run(b.session.separate(reason))
-            b.transport.close()
 
     def release(self, tool: ToolLink, reason: str) -> None:
         """The tool deselected or left: end its host transactions and close its sessions."""

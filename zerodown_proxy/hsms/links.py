@@ -90,10 +90,28 @@ class Link(asyncio.Protocol, ABC):
             elif t is Close:
                 self.on_close(a)
                 self.flush()
-                if self.transport is not None:
-                    self.transport.close()
+                self.close_transport(a.error)
             else:
                 self.on_event(a)
+
+    def close_transport(self, error: bool) -> None:
+        """Close after what is buffered was sent; but a peer that does not read would hold the
+        connection (and its failover) open for ever: on an error it is cut at once, otherwise
+        it gets T6 to take the rest."""
+        tr = self.transport
+        if tr is None or tr.is_closing():
+            return
+        if not tr.get_write_buffer_size():
+            tr.close()
+        elif error:
+            tr.abort()
+        else:
+            tr.close()
+            self.proxy.loop.call_later(self.session.t6, self._abort)
+
+    def _abort(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.abort()
 
     def _cancel(self, name: str) -> None:
         h = self.timers.pop(name, None)
