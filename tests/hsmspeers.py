@@ -82,6 +82,7 @@ class RawHost:
         self.device_id = device_id
         self.reply_delay = reply_delay
         self.received: list[int] = []  # DATAIDs of S6F11, in arrival order
+        self.primaries: list[tuple[int, int, int]] = []  # (stream, function, body bytes)
         self.ignored: list[Frame] = []  # data messages with another session id
         self.rejects: list[Frame] = []
         self.conns: list[HostConn] = []
@@ -89,6 +90,7 @@ class RawHost:
         self.sessions = 0
         self.linktests = 0
         self.answer_linktest = True  # False: a hung host (the proxy's T6 must notice)
+        self.answer_data = True  # False (with the above): reads everything, answers nothing
         self.deselects = 0
         self.separates = 0
         self._sys = 1000
@@ -141,6 +143,9 @@ class RawHost:
                         fut = conn.waiting.pop(f.system, None)
                         if fut is not None and not fut.done():
                             fut.set_result(f)
+                        continue
+                    self.primaries.append((f.stream, f.function, len(f.body)))
+                    if not self.answer_data:
                         continue
                     if self.reply_delay:
                         asyncio.ensure_future(self._answer_later(writer, f))

@@ -302,3 +302,98 @@ async def test_a_flood_of_bad_frames_is_counted_not_logged_line_by_line(edge):
     assert "reject_1" in kinds[0] and "orphan_reply" in kinds[-1]
     assert not bad.closed.is_set()
     await bad.close()
+
+
+# -- the partial-frame budget --------------------------------------------------------------------
+
+BIG = 16 * MiB  # max_message_bytes (default)
+BUDGET_CFG = EDGE_CFG + f"max_partial_bytes = {2 * (BIG + 4)}\n"  # room for two whole messages
+
+
+class Trickler:
+    """A tool that sends most of a BIG message at once, then one byte every 0.4 s (under T8)."""
+
+    def __init__(self, s: socket.socket, upfront: int) -> None:
+        self.sock = s
+        head = codec.HEADER.pack(BIG, 0, 0x87, 3, 0, 0, 7)  # S7F3 W, the length says BIG - 10
+        self.upfront = head + b"\0" * (upfront - len(head))
+        self.sent_upfront = False
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.sock_sendall(self.sock, self.upfront)
+            self.sent_upfront = True
+            for _ in range(100):  # bounded: 40 s at most
+                await asyncio.sleep(0.4)
+                await loop.sock_sendall(self.sock, b"\0")
+        except OSError:
+            pass  # separated by the proxy
+
+    async def close(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        self.sock.close()
+
+
+async def test_tools_trickling_big_messages_are_held_to_the_budget(edge):
+    start, hosts = edge
+    proxy = start(BUDGET_CFG)
+    good = await _tool(proxy.hsms)
+    before = rss(proxy.ports["pid"])
+    tricklers = [Trickler(await _raw_selected(proxy.hsms), 15 * MiB) for _ in range(12)]
+    try:
+        # Two hold reservations (the budget's room), ten wait unread: 12 x 15 MiB would be
+        # 180 MiB held (the old behaviour); now the waiting tools' bytes stay in their sockets.
+        peak = [0]
+
+        def settled() -> bool:
+            grown = rss(proxy.ports["pid"]) - before
+            peak[0] = max(peak[0], grown)
+            assert grown < 72 * MiB, f"the proxy holds {grown / MiB:.0f} MiB of partial frames"
+            b = proxy.status()["hsms"].get("partial_budget", {})
+            return sum(t.sent_upfront for t in tricklers) == 2 and b.get("waiting") == 10
+
+        await async_wait_until(settled, 20, "two tools holding the budget, ten waiting")
+        assert proxy.status()["hsms"]["partial_budget"]["reserved"] == 2 * (BIG + 4)
+        # Small messages arrive whole and need no reservation: the good tool is served.
+        assert (await good.request(6, 11, s6f11_body(1))).function == 12
+        # The holders trickle: T8 (1 s) after the others began waiting they are separated,
+        # and the next two in line get the budget.
+        closed = 'kind="budget"'
+        await async_wait_until(
+            lambda: metric(proxy, "zerodown_hsms_sessions_closed_total", closed) >= 2, 10,
+            "the two holders to be separated",
+        )  # fmt: skip
+        await async_wait_until(lambda: sum(t.sent_upfront for t in tricklers) == 4, 10,
+                               "the next two in line to be read")  # fmt: skip
+        assert peak[0] < 72 * MiB and rss(proxy.ports["pid"]) - before < 72 * MiB
+        assert (await good.request(6, 11, s6f11_body(2))).function == 12
+        assert not good.closed.is_set()
+    finally:
+        for t in tricklers:
+            await t.close()
+    await good.close()
+
+
+async def test_a_tool_waiting_for_the_budget_is_served_when_it_frees(edge):
+    start, hosts = edge
+    proxy = start(BUDGET_CFG)
+    tricklers = [Trickler(await _raw_selected(proxy.hsms), 8 * MiB) for _ in range(2)]
+    try:
+        await async_wait_until(lambda: all(t.sent_upfront for t in tricklers), 10, "two holders")
+        big = await _tool(proxy.hsms)
+        body = bytes(range(256)) * ((BIG - 10) // 256) + b"\1" * ((BIG - 10) % 256)
+        t0 = time.monotonic()
+        rsp = await big.request(7, 3, body, timeout=20)
+        # Paused until the trickling holders were cut (T8 after it began waiting), then read.
+        assert (rsp.stream, rsp.function) == (7, 4) and time.monotonic() - t0 > 0.9
+        assert (7, 3, BIG - 10) in [p for h in hosts for p in h.primaries]
+        assert metric(proxy, "zerodown_hsms_sessions_closed_total", 'kind="budget"') == 2
+        assert metric(proxy, "zerodown_hsms_partial_budget_waits_total") >= 1
+        assert not big.closed.is_set()
+        await big.close()
+    finally:
+        for t in tricklers:
+            await t.close()

@@ -33,7 +33,6 @@ def sweep(p: HsmsProxy, now: float) -> None:
             summarize(p, tool, now)
         d = tool.session.decoder
         if d.pending and not tool.flow.reasons and now - tool.last_rx > t8:
-            p.m.closed.inc(("tool", "t8"))
             tool.run(tool.session.separate(
                 f"incomplete message for longer than T8 ({t8:g}s)", error=True, kind="t8"
             ))  # fmt: skip
@@ -64,7 +63,6 @@ def sweep(p: HsmsProxy, now: float) -> None:
             if tool.closed or tool.flow.reasons & Pause.PEER:
                 continue  # held back by its backend: not the tool's doing
             held = tool.session.decoder.pending
-            p.m.closed.inc(("tool", "budget"))
             tool.run(tool.session.separate(
                 f"incomplete message ({held} of {budget.held_by(tool)} bytes) still incomplete "
                 f"T8 ({t8:g}s) after other tools began waiting for the partial-frame budget "
