@@ -397,3 +397,36 @@ async def test_a_tool_waiting_for_the_budget_is_served_when_it_frees(edge):
     finally:
         for t in tricklers:
             await t.close()
+
+
+async def test_primaries_queued_for_a_backend_pause_the_tool_above_1_mib(tmp_path, start_proxy):
+    host = RawHost("v1")
+    await host.start()
+    reg = tmp_path / "registry.json"
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))  # a port nobody listens on: every connect is refused
+    dead_port = dead.getsockname()[1]
+    write_registry(reg, registry(1, "blue", [instance("drimeap-blue-1", "blue", "v1", 1, hsms=dead_port)],
+                                 hsms_device_id=0))  # fmt: skip
+    proxy = start_proxy(reg, config=EDGE_CFG.replace("t3 = 3.0", "t3 = 20.0"))
+    try:
+        tool = await _tool(proxy.hsms)
+        body = b"\x41\x00" + b"x" * (600 * 1024)
+        calls = [asyncio.create_task(tool.request(7, 3, body, timeout=20)) for _ in range(3)]
+
+        def paused() -> list[str]:
+            (s,) = proxy.status()["hsms"]["sessions"]
+            return s["paused"]
+
+        # 1.2 MiB queued with no backend session: the tool is not read until they can go.
+        await async_wait_until(lambda: "pipeline" in paused(), 10, "the tool to be paused")
+        write_registry(reg, registry(2, "blue", [instance("drimeap-blue-1", "blue", "v1", 1,
+                                                          hsms=host.port)], hsms_device_id=0))  # fmt: skip
+        for rsp in await asyncio.gather(*calls):
+            assert (rsp.stream, rsp.function) == (7, 4)
+        assert [p for p in host.primaries if p[:2] == (7, 3)] == [(7, 3, len(body))] * 3
+        assert paused() == [] and not tool.closed.is_set()
+        await tool.close()
+    finally:
+        dead.close()
+        await host.stop()
