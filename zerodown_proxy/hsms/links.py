@@ -1,4 +1,5 @@
-"""The two kinds of HSMS connection the proxy holds, as thin asyncio Protocols over HsmsSession.
+"""The two kinds of HSMS connection the proxy holds, as thin asyncio Protocols over HsmsSession:
+what they share (`Link`, here), `ToolLink` (tool_link.py) and `BackendLink` (backend_link.py).
 
 `ToolLink` is one tool's connection (the proxy is HSMS passive). `BackendLink` is one session to
 a backend instance (the proxy is HSMS active). A tool has at most one *current* backend link,
@@ -25,6 +26,8 @@ Back-pressure (flow.py): a link stops reading its peer when
 Liveness: a backend session silent for `linktest_interval` gets a Linktest.req; no answer within
 T6 separates it and the tool fails over. A session not read because of PEER is busy, not dead, so
 its T6 waits; one not read because of BUFFER is not reading us: exactly what a hung peer does.
+A connection ended on an error with bytes still unsent is cut (a graceful close would wait for a
+peer that reads nothing, and with it the failover).
 
 No coroutine per message: `data_received` decodes headers and writes re-headed bytes directly.
 """

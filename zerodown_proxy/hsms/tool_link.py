@@ -55,7 +55,6 @@ class ToolLink(Link):
         self.warnings = LogLimiter(cfg.warn_limit, cfg.warn_interval, _now())
         # Decoder offset of the incomplete message that holds a partial-budget reservation.
         self.partial_at = -1
-        self.partial_since = 0.0
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -86,8 +85,7 @@ class ToolLink(Link):
             self.proxy.budget.release(self, _now())
         elif d.consumed != self.partial_at and not self.closed:  # a new incomplete message
             self.partial_at = d.consumed
-            self.partial_since = now = _now()
-            if not self.proxy.budget.reserve(self, d.expected, now):
+            if not self.proxy.budget.reserve(self, d.expected, _now()):
                 self.pause(Pause.LIMIT)
                 self.proxy.m.budget_waits.inc()
 
