@@ -76,8 +76,8 @@ class HsmsSection:
     t8: float = 5.0
     # Linktest.req to a backend after this much silence from it; with no Linktest.rsp within
     # T6 the session is declared dead and the tool fails over: a hung backend is found within
-    # linktest_interval + t6 (9 s by default). 0 turns it off.
-    linktest_interval: float = 4.0
+    # linktest_interval + t6 (8 s by default). 0 turns it off.
+    linktest_interval: float = 3.0
     max_message_bytes: int = 16 * 1024 * 1024
     # Bytes all tools together may hold in incomplete messages (see hsms/budget.py).
     max_partial_bytes: int = 64 * 1024 * 1024

@@ -27,6 +27,16 @@ def _received(app) -> list[int]:  # type: ignore[no-untyped-def]
         return orjson.loads(r.read())["s6f11"]
 
 
+def _backend_events(proxy) -> list[str]:  # type: ignore[no-untyped-def]
+    """The proxy's log lines about backend sessions, with their times (for failure messages)."""
+    out = []
+    for line in proxy.log_path.read_text(errors="replace").splitlines():
+        if '"hsms_backend' in line:
+            e = orjson.loads(line)
+            out.append(f"{e['ts']:.3f} {e['msg']}")
+    return out
+
+
 async def _tool(port: int) -> RawTool:
     t = RawTool(port)
     await t.connect()
@@ -55,9 +65,12 @@ async def test_a_sigstopped_backend_is_failed_over_within_10_s_with_the_default_
         t0 = time.monotonic()
         rsp = await tool.request(6, 11, s6f11_body(2), timeout=20)
         took = time.monotonic() - t0
-        # The open S6F11 is ended explicitly (S6F0) when the hung session is given up.
-        assert rsp.function == 0, rsp.describe()
-        assert took < 10.0, f"a hung backend was found only after {took:.1f} s"
+        # The open S6F11 is ended explicitly (S6F0) when the hung session is given up: by
+        # design within linktest_interval + t6 (8 s) of the last byte it sent; the 10 s bound
+        # (issue 9) leaves 2 s for a loaded machine's scheduling.
+        assert rsp.function == 0, (rsp.describe(), took, _backend_events(proxy))
+        assert took < 10.0, (f"a hung backend was found only after {took:.1f} s",
+                             _backend_events(proxy))  # fmt: skip
         # The tool never noticed anything else: same connection, next event to the live one.
         rsp = await tool.request(6, 11, s6f11_body(3), timeout=10)
         assert rsp.function == 12 and 3 in _received(alive)
