@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import urllib.request
 from dataclasses import dataclass, field
 
 from zerodown_proxy.hsms import codec
@@ -26,6 +27,24 @@ async def read_frame(reader: asyncio.StreamReader) -> Frame | None:
     except (asyncio.IncompleteReadError, ConnectionError):
         return None
     return Frame(sid, b2, b3, pt, st, system, body)
+
+
+def metric(proxy, name: str, labels: str = "") -> float:  # type: ignore[no-untyped-def]
+    """Sum of a series on the proxy's /metrics (those whose labels contain `labels`)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{proxy.admin}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and (len(line) == len(name) or line[len(name)] in " {"):
+            if labels in line:
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def rss(pid: int) -> int:
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss
 
 
 def s6f11_body(dataid: int, ceid: int = 1000) -> bytes:
@@ -63,6 +82,7 @@ class RawHost:
         self.device_id = device_id
         self.reply_delay = reply_delay
         self.received: list[int] = []  # DATAIDs of S6F11, in arrival order
+        self.primaries: list[tuple[int, int, int]] = []  # (stream, function, body bytes)
         self.ignored: list[Frame] = []  # data messages with another session id
         self.rejects: list[Frame] = []
         self.conns: list[HostConn] = []
@@ -70,6 +90,7 @@ class RawHost:
         self.sessions = 0
         self.linktests = 0
         self.answer_linktest = True  # False: a hung host (the proxy's T6 must notice)
+        self.answer_data = True  # False (with the above): reads everything, answers nothing
         self.deselects = 0
         self.separates = 0
         self._sys = 1000
@@ -122,6 +143,9 @@ class RawHost:
                         fut = conn.waiting.pop(f.system, None)
                         if fut is not None and not fut.done():
                             fut.set_result(f)
+                        continue
+                    self.primaries.append((f.stream, f.function, len(f.body)))
+                    if not self.answer_data:
                         continue
                     if self.reply_delay:
                         asyncio.ensure_future(self._answer_later(writer, f))

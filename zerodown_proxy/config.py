@@ -112,8 +112,17 @@ class HsmsSection:
     t6: float = 5.0
     t7: float = 10.0
     t8: float = 5.0
-    linktest_interval: float = 30.0
+    # Linktest.req to a backend after this much silence from it; with no Linktest.rsp within
+    # T6 the session is declared dead and the tool fails over: a hung backend is found within
+    # linktest_interval + t6 (8 s by default). 0 turns it off.
+    linktest_interval: float = 3.0
     max_message_bytes: int = 16 * 1024 * 1024
+    # Bytes all tools together may hold in incomplete messages (see hsms/budget.py).
+    max_partial_bytes: int = 64 * 1024 * 1024
+    # Per-frame warnings (bad SType, orphan reply, abort, ...) logged per tool and interval;
+    # the rest are only counted, with one summary line per interval.
+    warn_limit: int = 10
+    warn_interval: float = 10.0
     # Session id for data messages sent to backends when the registry does not give the app's
     # hsms_device_id; unset: the tool's own session id is forwarded unchanged.
     device_id: int | None = None
@@ -361,6 +370,13 @@ def _check_hsms(h: HsmsSection) -> None:
         raise ConfigError("[hsms] max_message_bytes must be at least 10 (the HSMS header)")
     if h.max_queued < 0:
         raise ConfigError("[hsms] max_queued must be 0 or more")
+    if h.max_partial_bytes < h.max_message_bytes + 4:
+        raise ConfigError(
+            f"[hsms] max_partial_bytes ({h.max_partial_bytes}) must hold at least one whole "
+            f"message: max_message_bytes + 4 = {h.max_message_bytes + 4}"
+        )
+    if h.warn_limit < 0 or h.warn_interval <= 0:
+        raise ConfigError("[hsms] warn_limit must be 0 or more and warn_interval more than 0")
     if h.device_id is not None and not 0 <= h.device_id <= 0x7FFF:
         raise ConfigError(f"[hsms] device_id must be 0..32767 (E37 session id), got {h.device_id}")
 

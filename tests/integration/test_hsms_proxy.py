@@ -16,7 +16,7 @@ import pytest
 from zerodown_proxy.hsms import codec
 
 from ..helpers import async_wait_until, instance, registry, wait_until, write_registry
-from ..hsmspeers import RawHost, RawTool, s6f11_body
+from ..hsmspeers import RawHost, RawTool, metric, s6f11_body
 
 HSMS_CFG = """[hsms]
 t3 = 3.0
@@ -53,16 +53,6 @@ SPECS = [
     ("drimeap-green-1", "green", "v2"),
     ("drimeap-green-2", "green", "v2"),
 ]
-
-
-def metric(proxy, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{proxy.admin}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and (len(line) == len(name) or line[len(name)] in " {"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 @pytest.fixture

@@ -79,6 +79,22 @@ def test_partial_frame_is_held_until_complete():
     assert d.pending == 5
 
 
+def test_the_incomplete_frame_held_is_described_by_its_offset_and_declared_size():
+    d = FrameDecoder()
+    raw = codec.data_message(0, 6, 11, True, 1, b"a" * 100)
+    assert (d.consumed, d.expected) == (0, 0)
+    d.feed(raw[:2])
+    assert d.expected == codec.FRAME_OVERHEAD  # the length field itself is not complete yet
+    d.feed(raw[2:30])
+    assert (d.consumed, d.expected) == (0, len(raw))
+    d.feed(raw[30:] + raw[:20])  # the first completes, a second one starts
+    assert (d.consumed, d.expected, d.pending) == (len(raw), len(raw), 20)
+    d.feed(raw[20:])
+    assert (d.consumed, d.expected, d.pending) == (2 * len(raw), 0, 0)
+    d.feed(raw)  # the one-whole-frame fast path counts too
+    assert d.consumed == 3 * len(raw)
+
+
 def test_too_short_length_is_an_error_value_and_stops_decoding():
     d = FrameDecoder()
     out = d.feed(b"\x00\x00\x00\x05hello" + S1F1)
@@ -117,8 +133,12 @@ def test_any_chunking_yields_the_same_frames(msgs, data):
     for c in cuts + [len(stream)]:
         got.extend(d.feed(stream[prev:c]))
         prev = c
+        # What is held is exactly the stream after the complete frames, and its declared size.
+        assert d.consumed + d.pending == c
+        if d.pending >= 4:
+            assert d.expected == 4 + struct.unpack_from(">I", stream, d.consumed)[0]
     assert got == msgs
-    assert d.pending == 0
+    assert d.pending == 0 and d.consumed == len(stream)
 
 
 @settings(max_examples=300, deadline=None)

@@ -143,18 +143,30 @@ class FrameDecoder:
     out of the receive buffer (it has to outlive it); nothing else is copied.
     """
 
-    __slots__ = ("max_message_bytes", "_buf", "failed")
+    __slots__ = ("max_message_bytes", "_buf", "failed", "consumed")
 
     def __init__(self, max_message_bytes: int = 16 * 1024 * 1024) -> None:
         # E37 counts the message length as header + body; we bound exactly that number.
         self.max_message_bytes = max(HEADER_SIZE, max_message_bytes)
         self._buf = bytearray()
         self.failed: DecodeError | None = None
+        # Bytes of the stream taken by complete frames so far: the offset at which the incomplete
+        # frame held (if any) starts, so a caller can tell one incomplete frame from the next.
+        self.consumed = 0
 
     @property
     def pending(self) -> int:
         """Bytes of an incomplete frame held (non-zero means T8 applies)."""
         return len(self._buf)
+
+    @property
+    def expected(self) -> int:
+        """Wire size (length field included) of the incomplete frame held, as its length field
+        declares it; FRAME_OVERHEAD while the length field itself is incomplete; 0 if none."""
+        buf = self._buf
+        if len(buf) >= 4:
+            return 4 + _LENGTH.unpack_from(buf)[0]
+        return FRAME_OVERHEAD if buf else 0
 
     def feed(self, data: bytes) -> list[Frame | DecodeError]:
         if self.failed is not None:
@@ -164,6 +176,7 @@ class FrameDecoder:
             # Fast path: the chunk is exactly one message (the usual case for request/reply).
             length, sid, b2, b3, pt, st, system = HEADER.unpack_from(data)
             if len(data) == length + 4 and HEADER_SIZE <= length <= self.max_message_bytes:
+                self.consumed += length + 4
                 return [Frame(sid, b2, b3, pt, st, system, data[FRAME_OVERHEAD:])]
         if buf:
             buf += data
@@ -192,6 +205,7 @@ class FrameDecoder:
                 pos = end
         finally:
             mv.release()  # a live export would forbid resizing the bytearray below
+        self.consumed += pos
         if view is buf:
             if pos:
                 del buf[:pos]
