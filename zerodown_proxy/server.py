@@ -92,7 +92,10 @@ class ProxyServer:
             from .hsms.proxy import HsmsProxy
 
             hsms_host, hsms_port = parse_addr(cfg.proxy.hsms_listen)
-            self.hsms = HsmsProxy(self.router, cfg.hsms, self.metrics)
+            # New backend sessions skip instances the proxy's own HTTP checks mark down.
+            self.hsms = HsmsProxy(
+                self.router, cfg.hsms, self.metrics, instance_down=self.checker.is_down
+            )
             await self.hsms.start(hsms_host, hsms_port, reuse_port=self.reuse_port)
             ports["hsms"] = self.hsms.port
             self.admin.parts["hsms"] = self.hsms.status
