@@ -51,7 +51,10 @@ class ProxySection:
 @dataclass(frozen=True, slots=True)
 class HttpSection:
     connect_timeout: float = 2.0
-    read_timeout: float = 60.0
+    # Request fully sent -> response head (Envoy's route timeout default); an idempotent request
+    # that hits it is retried once elsewhere within the retry budget, else 504.
+    first_byte_timeout: float = 15.0
+    read_timeout: float = 60.0  # silence between bytes of a streaming response body
     client_idle_timeout: float = 75.0
     client_header_timeout: float = 10.0
     upstream_idle_timeout: float = 30.0
@@ -64,6 +67,8 @@ class HttpSection:
     retry_body_bytes: int = 64 * 1024
     retry_budget_ratio: float = 0.2  # retries over 10 s: at most 20 % of requests ...
     retry_budget_min: int = 10  # ... plus this many
+    max_client_connections: int = 10000  # also at most half of (open-files limit - fd_reserve)
+    fd_reserve: int = 256  # file descriptors HTTP never takes (HSMS tools, admin, discovery)
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +227,7 @@ def load_config(
         raise ConfigError("[proxy] workers must be at least 1")
     if cfg.http.balance not in ("round_robin", "least_conn"):
         raise ConfigError("[http] balance must be round_robin or least_conn")
+    _check_http(cfg.http)
     if cfg.discovery.provider not in ("file", "consul"):
         raise ConfigError("[discovery] provider must be file or consul")
     for addr in (cfg.proxy.http_listen, cfg.proxy.hsms_listen, cfg.proxy.admin_listen):
@@ -230,6 +236,16 @@ def load_config(
         _check_consul(cfg.consul)
     _check_hsms(cfg.hsms)
     return cfg
+
+
+def _check_http(h: HttpSection) -> None:
+    for key in ("connect_timeout", "first_byte_timeout", "read_timeout"):
+        if getattr(h, key) <= 0:
+            raise ConfigError(f"[http] {key} must be a positive number of seconds")
+    if h.max_client_connections < 1:
+        raise ConfigError("[http] max_client_connections must be at least 1")
+    if h.fd_reserve < 0:
+        raise ConfigError("[http] fd_reserve must be 0 or more")
 
 
 def _check_hsms(h: HsmsSection) -> None:
