@@ -173,6 +173,7 @@ class ClientProtocol(asyncio.Protocol):
         "transport",
         "flow",
         "peer",
+        "peer_b",
         "parser",
         "http11",
         "current",
@@ -200,6 +201,7 @@ class ClientProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.flow = FlowControl()
         self.peer = ""
+        self.peer_b = b""
         self.parser = httptools.HttpRequestParser(self)
         self.http11 = True
         self.current: RequestCycle | None = None
@@ -237,6 +239,7 @@ class ClientProtocol(asyncio.Protocol):
         self.admitted = True
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
+        self.peer_b = self.peer.encode()
         local = transport.get_extra_info("sockname")
         self.local_host = f"{local[0]}:{local[1]}".encode() if local else b"localhost"
         if self.proxy.draining:
@@ -323,7 +326,7 @@ class ClientProtocol(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.in_head = True
-        self.head_started = time.monotonic()
+        self.head_started = self.last_activity  # set by data_received, just before parsing
         self.head_size = 0
         self._url = b""
         self._headers = []

@@ -43,7 +43,6 @@ HOP_BY_HOP = frozenset(
 # body is still forwarded would change where the message ends (or where it is routed).
 _PROTECTED = frozenset({b"host", b"content-length", b"transfer-encoding"})
 _REQUEST_SPECIAL = frozenset({b"content-length", b"transfer-encoding", b"connection", b"upgrade"})
-_RESPONSE_SPECIAL = frozenset({b"content-length", b"transfer-encoding", b"connection"})
 _MAX_LENGTH_DIGITS = 18  # fits in 63 bits: no overflow games with huge lengths
 _HOST_FORBIDDEN = frozenset(b" \t,/@\\?#")
 
@@ -87,24 +86,38 @@ def connection_tokens(headers: list[tuple[bytes, bytes]], lnames: list[bytes]) -
     return frozenset(tokens)
 
 
-_DROP_CACHE: dict[frozenset[bytes], frozenset[bytes]] = {}
+_CONNECTION_CACHE: dict[bytes, tuple[frozenset[bytes], frozenset[bytes]]] = {}
 
 
-def _drop_for(tokens: frozenset[bytes]) -> frozenset[bytes]:
-    """HOP_BY_HOP plus the fields Connection names, minus the protected ones. Nearly every
-    message says keep-alive or close, so the set per distinct token set is cached (bounded)."""
-    drop = _DROP_CACHE.get(tokens)
-    if drop is None:
-        drop = HOP_BY_HOP | (tokens - _PROTECTED)
-        if len(_DROP_CACHE) < 64:
-            _DROP_CACHE[tokens] = drop
-    return drop
+def _connection(
+    headers: list[tuple[bytes, bytes]], lnames: list[bytes]
+) -> tuple[frozenset[bytes], frozenset[bytes]]:
+    """(Connection tokens, names not forwarded): HOP_BY_HOP plus the fields Connection names,
+    minus the protected ones. Nearly every message has one `Connection: keep-alive` (or
+    close), so the answer per distinct value is cached (bounded)."""
+    if b"connection" not in lnames:
+        return frozenset(), HOP_BY_HOP
+    if lnames.count(b"connection") == 1:
+        value = headers[lnames.index(b"connection")][1]
+        hit = _CONNECTION_CACHE.get(value)
+        if hit is not None:
+            return hit
+        tokens = connection_tokens(headers, lnames)
+        hit = (tokens, HOP_BY_HOP | (tokens - _PROTECTED))
+        if len(_CONNECTION_CACHE) < 64:
+            _CONNECTION_CACHE[value] = hit
+        return hit
+    tokens = connection_tokens(headers, lnames)
+    return tokens, HOP_BY_HOP | (tokens - _PROTECTED)
 
 
 def parse_length(value: bytes) -> int | None:
     """A Content-Length value: 1*DIGIT (no sign, no list, no spaces inside), else None."""
-    value = value.strip(b" \t")
-    if not value.isdigit() or not value.isascii() or len(value) > _MAX_LENGTH_DIGITS:
+    if not value.isdigit():  # bytes.isdigit is ASCII-only
+        value = value.strip(b" \t")
+        if not value.isdigit():
+            return None
+    if len(value) > _MAX_LENGTH_DIGITS:
         return None
     return int(value)
 
@@ -121,6 +134,10 @@ def transfer_codings(headers: list[tuple[bytes, bytes]], lnames: list[bytes]) ->
 
 def _authority_ok(host: bytes) -> bool:
     return bool(host) and _HOST_FORBIDDEN.isdisjoint(host) and host.isascii()
+
+
+_GOOD_HOSTS: dict[bytes, bytes] = {}  # raw Host value -> checked, stripped (bounded cache)
+_new = tuple.__new__  # builds a NamedTuple without its Python-level __new__ (hot path)
 
 
 def _split_absolute(target: bytes) -> tuple[bytes, bytes] | Refusal:
@@ -153,14 +170,24 @@ def request_frame(
     """Decide how a request is framed and forwarded, or why it is refused (RFC 9112 3, 6, 7.6).
 
     `lnames` are the lower-cased header names, parallel to `headers`."""
+    if target[:1] == b"/" and _REQUEST_SPECIAL.isdisjoint(lnames) and lnames.count(b"host") == 1:
+        # The common case (a GET with one Host and no body), decided in a few C calls.
+        host = _GOOD_HOSTS.get(headers[lnames.index(b"host")][1])
+        if host is not None:
+            return _new(RequestFrame, (NO_BODY, 0, host, target, False, http11, HOP_BY_HOP))
     if method == b"CONNECT":
         return Refusal(405, "CONNECT is not supported: zerodown is a reverse proxy, not a tunnel")
     hosts = lnames.count(b"host")
     if hosts > 1:
         return Refusal(400, "the request has more than one Host header")
-    host = headers[lnames.index(b"host")][1].strip(b" \t") if hosts else b""
-    if host and not _authority_ok(host):
-        return Refusal(400, "the Host header is not a valid host[:port]")
+    host = b""
+    if hosts:
+        raw = headers[lnames.index(b"host")][1]
+        host = raw.strip(b" \t")
+        if host and not _authority_ok(host):
+            return Refusal(400, "the Host header is not a valid host[:port]")
+        if host and len(_GOOD_HOSTS) < 256:
+            _GOOD_HOSTS[raw] = host
     if target[:1] != b"/":
         if target == b"*" and method == b"OPTIONS":
             pass  # asterisk-form: the server as a whole (routed by Host, forwarded as is)
@@ -172,8 +199,8 @@ def request_frame(
     if not host and http11:
         return Refusal(400, "an HTTP/1.1 request needs a Host header")
 
-    if _REQUEST_SPECIAL.isdisjoint(lnames):  # the common case: a GET with no body
-        return RequestFrame(NO_BODY, 0, host, target, False, http11, HOP_BY_HOP)
+    if _REQUEST_SPECIAL.isdisjoint(lnames):  # no body
+        return _new(RequestFrame, (NO_BODY, 0, host, target, False, http11, HOP_BY_HOP))
 
     body, length = NO_BODY, 0
     n_length = lnames.count(b"content-length")
@@ -199,14 +226,14 @@ def request_frame(
         if parsed:
             body, length = LENGTH, parsed
 
-    tokens = connection_tokens(headers, lnames) if b"connection" in lnames else frozenset()
+    tokens, drop = _connection(headers, lnames)
     upgrade = b"upgrade" in tokens and b"upgrade" in lnames
     if upgrade and body != NO_BODY:
         # The backend may switch protocols right after the head, so a body could not be
         # delimited reliably: the client's next bytes would be read as whatever comes next.
         return Refusal(400, "an Upgrade request must not carry a body")
     keep_alive = b"close" not in tokens if http11 else b"keep-alive" in tokens
-    return RequestFrame(body, length, host, target, upgrade, keep_alive, _drop_for(tokens))
+    return RequestFrame(body, length, host, target, upgrade, keep_alive, drop)
 
 
 def response_frame(
@@ -218,26 +245,21 @@ def response_frame(
 ) -> ResponseFrame | Refusal:
     """Decide how a final response (status >= 200, or 101) is framed (RFC 9112 6.3), or why
     the backend's answer cannot be trusted (-> 502 and the connection closed)."""
-    if _RESPONSE_SPECIAL.isdisjoint(lnames):
-        if request_method == b"HEAD" or status in (204, 304):
-            return ResponseFrame(NO_BODY, 0, b"", http11, HOP_BY_HOP)
-        return ResponseFrame(UNTIL_CLOSE, 0, b"", False, HOP_BY_HOP)
-    tokens = connection_tokens(headers, lnames) if b"connection" in lnames else frozenset()
+    tokens, drop = _connection(headers, lnames)
     reusable = b"close" not in tokens if http11 else b"keep-alive" in tokens
-    drop = _drop_for(tokens)
     n_length = lnames.count(b"content-length")
     has_te = b"transfer-encoding" in lnames
-    if n_length > 1:
-        return Refusal(502, "the backend sent more than one Content-Length")
-    if n_length and has_te:
-        return Refusal(502, "the backend sent both Content-Length and Transfer-Encoding")
     length = 0
     if n_length:
+        if n_length > 1:
+            return Refusal(502, "the backend sent more than one Content-Length")
+        if has_te:
+            return Refusal(502, "the backend sent both Content-Length and Transfer-Encoding")
         parsed = parse_length(headers[lnames.index(b"content-length")][1])
         if parsed is None:
             return Refusal(502, "the backend sent a Content-Length that is not a number")
         length = parsed
-    if request_method == b"HEAD" or status in (204, 304) or 100 <= status < 200:
+    if request_method == b"HEAD" or status == 204 or status == 304 or status < 200:
         return ResponseFrame(NO_BODY, length, b"", reusable, drop)
     if has_te:
         codings = transfer_codings(headers, lnames)
@@ -249,7 +271,7 @@ def response_frame(
         # Not chunked last: the body runs until the backend closes (RFC 9112 6.3 rule 4b).
         return ResponseFrame(UNTIL_CLOSE, 0, others, False, drop)
     if n_length:
-        return ResponseFrame(LENGTH, length, b"", reusable, drop)
+        return _new(ResponseFrame, (LENGTH, length, b"", reusable, drop))
     return ResponseFrame(UNTIL_CLOSE, 0, b"", False, drop)
 
 
@@ -260,14 +282,17 @@ class ClientBody(NamedTuple):
     close: bool  # the body is delimited by closing the client connection
 
 
+_AS_IS = ClientBody(False, False)
+_RECHUNK = ClientBody(True, False)
+_CLOSE_DELIMITED = ClientBody(False, True)
+
+
 def client_body(frame: ResponseFrame, client_http11: bool) -> ClientBody:
     """Bodies of unknown length (chunked from the backend, or until close) are re-chunked for
     HTTP/1.1 clients, and delimited by closing the connection for HTTP/1.0 clients."""
     if frame.body == NO_BODY or frame.body == LENGTH:
-        return ClientBody(False, False)
-    if client_http11:
-        return ClientBody(True, False)
-    return ClientBody(False, True)
+        return _AS_IS
+    return _RECHUNK if client_http11 else _CLOSE_DELIMITED
 
 
 # An upper bound on interim (1xx) responses before the final one: each is relayed as received,

@@ -180,7 +180,7 @@ class HttpProxy:
         """A RequestCycle for an accepted head: its upstream head built, or a local answer."""
         cycle = RequestCycle(client, self.cfg, method, frame)
         cycle.head, rid = upstream_head(
-            method, frame, headers, lnames, client.peer.encode(), client.local_host,
+            method, frame, headers, lnames, client.peer_b, client.local_host,
             self.new_request_id,
         )  # fmt: skip
         cycle.request_id = rid.decode("latin-1")

@@ -60,6 +60,7 @@ class UpstreamProtocol(asyncio.Protocol):
         "reused",
         "frame",
         "_peer_paused",
+        "_in_head",
         "_headers",
         "_lnames",
         "_reason",
@@ -94,6 +95,7 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def _reset(self) -> None:
         self.frame: ResponseFrame | None = None  # the final response head, once parsed
+        self._in_head = True  # collecting a head's fields (not trailers, not after the end)
         self._headers: list[tuple[bytes, bytes]] = []
         self._lnames: list[bytes] = []  # lower-cased names, parallel to _headers (lowered once)
         self._reason = b""
@@ -247,6 +249,7 @@ class UpstreamProtocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if self._done:
             self._extra = True  # a second response nobody asked for
+            self._in_head = False
             return
         if self._headers:
             self._headers = []
@@ -258,7 +261,7 @@ class UpstreamProtocol(asyncio.Protocol):
             self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.frame is None and not self._done:
+        if self._in_head:
             self._headers.append((name, value))
             self._lnames.append(name.lower())
         # else: chunked trailers (not forwarded), or bytes after the end (flagged elsewhere)
@@ -281,6 +284,7 @@ class UpstreamProtocol(asyncio.Protocol):
             if self.sent_at:
                 self.sent_at = time.monotonic()  # a sign of life: the first-byte clock restarts
             return
+        self._in_head = False
         http11 = parser.get_http_version() == "1.1"
         if status == 101:
             if not cycle.upgrade:
