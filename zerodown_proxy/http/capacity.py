@@ -19,6 +19,12 @@ log = logging.getLogger("zerodown.http")
 _UNLIMITED = 1 << 20  # RLIM_INFINITY: count as a large, finite number
 
 
+def nofile_limit() -> int:
+    """The soft RLIMIT_NOFILE in force now."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return _UNLIMITED if soft == resource.RLIM_INFINITY else soft
+
+
 def raise_nofile_limit() -> int:
     """Raise the soft RLIMIT_NOFILE to the hard limit (as HAProxy does for its maxconn) and
     return the soft limit now in force."""
@@ -35,18 +41,29 @@ def raise_nofile_limit() -> int:
 class Capacity:
     """The client-connection cap and the file-descriptor budget of the HTTP side."""
 
-    __slots__ = ("nofile", "fd_budget", "client_limit", "clients", "upstreams", "refused")
+    __slots__ = ("nofile", "fd_budget", "client_limit", "clients", "upstreams", "refused",
+                 "_max_clients", "_reserve")  # fmt: skip
 
     def __init__(self, max_client_connections: int, fd_reserve: int, nofile: int) -> None:
-        self.nofile = nofile
-        self.fd_budget = max(nofile - fd_reserve, 8)
-        if nofile - fd_reserve < 8:
-            log.warning("open-files limit %d leaves no room after fd_reserve %d; HTTP gets %d",
-                        nofile, fd_reserve, self.fd_budget)  # fmt: skip
-        self.client_limit = max(1, min(max_client_connections, self.fd_budget // 2))
         self.clients = 0
         self.upstreams = 0  # backend sockets open or being connected
         self.refused = 0
+        self._max_clients = max_client_connections
+        self._reserve = fd_reserve
+        self.nofile = 0
+        self.resize(nofile)
+
+    def resize(self, nofile: int) -> None:
+        """Size the budget for an open-files limit (at start, and when the limit is changed
+        under the running process, e.g. with prlimit)."""
+        if nofile == self.nofile:
+            return
+        self.nofile = nofile
+        self.fd_budget = max(nofile - self._reserve, 8)
+        if nofile - self._reserve < 8:
+            log.warning("open-files limit %d leaves no room after fd_reserve %d; HTTP gets %d",
+                        nofile, self._reserve, self.fd_budget)  # fmt: skip
+        self.client_limit = max(1, min(self._max_clients, self.fd_budget // 2))
 
     def admit(self) -> str | None:
         """Take a client slot, or say why not (the text of the 503)."""

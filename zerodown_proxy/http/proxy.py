@@ -13,7 +13,6 @@ import functools
 import hmac
 import logging
 import os
-import resource
 import sys
 import time
 from typing import Any
@@ -24,7 +23,7 @@ from ..config import HttpSection
 from ..metrics import Registry
 from ..routing import Instance, Router, Snapshot
 from .balancer import Balancer
-from .capacity import Capacity, raise_nofile_limit
+from .capacity import Capacity, nofile_limit, raise_nofile_limit
 from .downstream import ClientProtocol, RequestCycle
 from .framing import LENGTH, RequestFrame
 from .headers import PREVIEW_HEADER, TOKEN_HEADER, upstream_head
@@ -61,11 +60,7 @@ class HttpProxy:
         self._sweeper: asyncio.Task[None] | None = None
         self.connections_opened = 0
         # Sized from the open-files limit at start(); until then from the current one.
-        self.capacity = Capacity(
-            cfg.max_client_connections,
-            cfg.fd_reserve,
-            resource.getrlimit(resource.RLIMIT_NOFILE)[0],
-        )
+        self.capacity = Capacity(cfg.max_client_connections, cfg.fd_reserve, nofile_limit())
 
         m = metrics
         self.m_requests = m.counter(
@@ -535,6 +530,7 @@ class HttpProxy:
                 if up not in keep:
                     up.close()
             self.idle[key] = keep
+        self.capacity.resize(nofile_limit())
         self.balancer.sweep(now)
 
     def status(self) -> dict[str, Any]:
