@@ -131,7 +131,9 @@ class RequestCycle:
             self._forward(b"0\r\n\r\n")
         up = self.upstream
         if up is not None:
-            up.request_sent()
+            # The first-byte clock starts with the last request byte; the time data_received
+            # stamped a moment ago is close enough and saves a clock read per request.
+            up.sent_at = self.client.last_activity
 
     def _forward(self, data: bytes) -> None:
         if self.retained is not None:

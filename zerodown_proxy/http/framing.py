@@ -245,8 +245,18 @@ def response_frame(
 ) -> ResponseFrame | Refusal:
     """Decide how a final response (status >= 200, or 101) is framed (RFC 9112 6.3), or why
     the backend's answer cannot be trusted (-> 502 and the connection closed)."""
-    tokens, drop = _connection(headers, lnames)
-    reusable = b"close" not in tokens if http11 else b"keep-alive" in tokens
+    # Each `in`/count/index is a scan of the names: the common head costs four of them.
+    n_connection = lnames.count(b"connection")
+    if n_connection == 1:
+        value = headers[lnames.index(b"connection")][1]
+        hit = _CONNECTION_CACHE.get(value)
+        tokens, drop = hit if hit is not None else _connection(headers, lnames)
+        reusable = b"close" not in tokens if http11 else b"keep-alive" in tokens
+    elif n_connection:
+        tokens, drop = _connection(headers, lnames)
+        reusable = b"close" not in tokens if http11 else b"keep-alive" in tokens
+    else:
+        drop, reusable = HOP_BY_HOP, http11
     n_length = lnames.count(b"content-length")
     has_te = b"transfer-encoding" in lnames
     length = 0
@@ -255,10 +265,14 @@ def response_frame(
             return Refusal(502, "the backend sent more than one Content-Length")
         if has_te:
             return Refusal(502, "the backend sent both Content-Length and Transfer-Encoding")
-        parsed = parse_length(headers[lnames.index(b"content-length")][1])
-        if parsed is None:
-            return Refusal(502, "the backend sent a Content-Length that is not a number")
-        length = parsed
+        value = headers[lnames.index(b"content-length")][1]
+        if value.isdigit() and len(value) <= _MAX_LENGTH_DIGITS:  # the common case, inline
+            length = int(value)
+        else:
+            parsed = parse_length(value)
+            if parsed is None:
+                return Refusal(502, "the backend sent a Content-Length that is not a number")
+            length = parsed
     if request_method == b"HEAD" or status == 204 or status == 304 or status < 200:
         return ResponseFrame(NO_BODY, length, b"", reusable, drop)
     if has_te:

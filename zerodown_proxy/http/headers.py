@@ -68,21 +68,26 @@ def upstream_head(
     xff = b""
     request_id = b""
     upgrade = b""
+    ap = parts.append
     for (name, value), ln in zip(headers, lnames, strict=True):
         if ln in drop:
             if ln == b"upgrade":
                 upgrade = value
-            continue
-        if ln == b"host":
+        elif ln[0] != 120 and ln != b"host":  # not x-...: forwarded as is (the common case)
+            ap(name)
+            ap(b": ")
+            ap(value)
+            ap(b"\r\n")
+        elif ln == b"host":
             continue  # re-added below from the frame
-        if ln == b"x-forwarded-for":
+        elif ln == b"x-forwarded-for":
             xff = xff + b", " + value if xff else value
-            continue
-        if ln == b"x-request-id":
-            request_id = value
         elif ln == PREVIEW_HEADER or ln == TOKEN_HEADER or ln.startswith(b"x-forwarded-"):
             continue
-        parts.append(b"%s: %s\r\n" % (name, value))
+        else:
+            if ln == b"x-request-id":
+                request_id = value
+            ap(b"%s: %s\r\n" % (name, value))
     # HTTP/1.0 clients may omit Host; backends speaking 1.1 require it.
     host = frame.host or default_host
     parts.append(b"Host: %s\r\n" % host)

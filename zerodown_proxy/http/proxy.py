@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from ..config import HttpSection
-from ..metrics import Registry
+from ..metrics import BoundCounter, Registry
 from ..routing import Instance, Router, Snapshot
 from .balancer import Balancer
 from .capacity import Capacity, nofile_limit, raise_nofile_limit
@@ -59,6 +59,8 @@ class HttpProxy:
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.connections_opened = 0
+        # app -> status -> its bound counter: the hot path builds no label tuple per response.
+        self._answered: dict[str, dict[int, BoundCounter]] = {}
         # Sized from the open-files limit at start(); until then from the current one.
         self.capacity = Capacity(cfg.max_client_connections, cfg.fd_reserve, nofile_limit())
 
@@ -453,7 +455,13 @@ class HttpProxy:
             self.balancer.finished(inst, cycle.status)
             cycle.instance = None
         elapsed = time.perf_counter() - cycle.start
-        self.m_requests.inc((app, str(cycle.status)))
+        by_status = self._answered.get(app)
+        if by_status is None:
+            by_status = self._answered[app] = {}
+        bound = by_status.get(cycle.status)
+        if bound is None:
+            bound = by_status[cycle.status] = self.m_requests.bind((app, str(cycle.status)))
+        bound.inc()
         self.m_latency.observe(elapsed, (app,))
         if self.access_log:
             sys.stdout.buffer.write(

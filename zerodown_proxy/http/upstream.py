@@ -22,6 +22,7 @@ import httptools
 from ..flow import FlowControl, Pause
 from .framing import (
     HOP_BY_HOP,
+    LENGTH,
     MAX_INTERIM,
     NO_BODY,
     UNTIL_CLOSE,
@@ -217,10 +218,6 @@ class UpstreamProtocol(asyncio.Protocol):
             self.flow.resume_reading(Pause.PEER)
         return cycle
 
-    def request_sent(self) -> None:
-        """The last byte of the request went out: the first-byte clock starts now."""
-        self.sent_at = time.monotonic()
-
     def send(self, data: bytes) -> None:
         self.transport.write(data)  # type: ignore[union-attr]
 
@@ -297,10 +294,15 @@ class UpstreamProtocol(asyncio.Protocol):
         if type(frame) is Refusal:
             raise _BadResponse(frame.reason)  # type: ignore[union-attr]
         self.frame = frame  # type: ignore[assignment]
-        rechunk, close_client = client_body(frame, cycle.http11)  # type: ignore[arg-type]
-        self._rechunk = rechunk
-        if close_client or cycle.draining():
-            cycle.keep_alive = False
+        if frame.body == LENGTH:  # type: ignore[union-attr]
+            # The common case, decided inline (client_body's answer for a known length).
+            if cycle.client.proxy.draining:
+                cycle.keep_alive = False
+        else:
+            rechunk, close_client = client_body(frame, cycle.http11)  # type: ignore[arg-type]
+            self._rechunk = rechunk
+            if close_client or cycle.draining():
+                cycle.keep_alive = False
         head = self._build_head(status, frame.drop)  # type: ignore[union-attr]
         cycle.status = status
         if frame.body == NO_BODY:  # type: ignore[union-attr]
@@ -351,9 +353,13 @@ class UpstreamProtocol(asyncio.Protocol):
                     parts.append(b"%s: %s\r\n" % (name, value))
             parts.append(b"\r\n")
             return b"".join(parts)
+        ap = parts.append
         for (name, value), ln in zip(self._headers, self._lnames, strict=True):
             if ln not in drop:
-                parts.append(b"%s: %s\r\n" % (name, value))
+                ap(name)
+                ap(b": ")
+                ap(value)
+                ap(b"\r\n")
         if not interim:
             if self._rechunk:
                 codings = self.frame.codings  # type: ignore[union-attr]
@@ -374,9 +380,19 @@ class UpstreamProtocol(asyncio.Protocol):
         """The response ended where its framing says: finish the client's side, then pool this
         connection only if both messages ended cleanly, else close it."""
         frame = self.frame
-        cycle = self.detach()
+        cycle = self.cycle
         if cycle is None or frame is None:
             return
+        # detach(), inline on the hot path
+        self.cycle = None
+        if cycle.upstream is self:
+            cycle.upstream = None
+        if self._peer_paused:
+            self._peer_paused = False
+            cycle.flow.resume_reading(Pause.PEER)
+        self.peer_flow = None
+        if self.flow.reasons:
+            self.flow.resume_reading(Pause.PEER)
         client = cycle.client
         tail = b"0\r\n\r\n" if self._rechunk else b""
         if self._pending_head is not None:
