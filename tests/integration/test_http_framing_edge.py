@@ -341,3 +341,43 @@ async def test_transfer_encoding_gzip_response_is_read_until_close(tmp_path, sta
     server.close()
     assert r.status == 200 and r.body == b"gz-part-1|gz-part-2|end"
     assert r.header("Transfer-Encoding") == "gzip, chunked"
+
+
+async def test_hostile_inputs_get_an_answer_and_never_a_traceback(tmp_path, start_proxy):
+    backend = LoggingBackend()
+    proxy = await _proxy(tmp_path, start_proxy, backend)
+    payloads = [
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /ws HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\n"
+        b"Upgrade: foo\r\n\r\nGARBAGE",  # upgrade pipelined behind another request
+        b"POST / HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: foo\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"GET http://user:pw@x/ HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nX: a\x00b\r\n\r\n",
+        b"GET  / HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3;ext=" + b"e" * 10000 + b"\r\nabc\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX-T: 1\r\n\r\n"
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",  # trailers, then a pipelined request
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: \r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nHost:\r\n\r\n",
+        b"\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: x\r\n\r\n",
+    ]
+    for raw in payloads:
+        reader, writer = await _open(proxy.http)
+        writer.write(raw)
+        try:
+            while await asyncio.wait_for(reader.read(65536), 2):
+                pass  # read until the proxy closes or goes quiet
+        except TimeoutError:
+            pass  # kept alive after valid requests: fine
+        except ConnectionError:
+            pass
+        writer.close()
+        r = await request(proxy.http, b"GET /alive HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert r.status == 200, raw[:60]
+    proxy.terminate()
+    out = proxy.output()
+    assert "Traceback" not in out, out[-3000:]
+    assert b"GARBAGE" not in backend.all_bytes() and b"user:pw" not in backend.all_bytes()
