@@ -41,11 +41,10 @@ def raise_nofile_limit() -> int:
 class Capacity:
     """The client-connection cap and the file-descriptor budget of the HTTP side."""
 
-    __slots__ = ("nofile", "fd_budget", "client_limit", "clients", "upstreams", "refused",
-                 "_max_clients", "_reserve")  # fmt: skip
+    __slots__ = ("nofile", "fd_budget", "client_limit", "upstreams", "refused", "_max_clients",
+                 "_reserve")  # fmt: skip
 
     def __init__(self, max_client_connections: int, fd_reserve: int, nofile: int) -> None:
-        self.clients = 0
         self.upstreams = 0  # backend sockets open or being connected
         self.refused = 0
         self._max_clients = max_client_connections
@@ -65,23 +64,19 @@ class Capacity:
                         nofile, self._reserve, self.fd_budget)  # fmt: skip
         self.client_limit = max(1, min(self._max_clients, self.fd_budget // 2))
 
-    def admit(self) -> str | None:
-        """Take a client slot, or say why not (the text of the 503)."""
-        if self.clients >= self.client_limit:
+    def admit(self, clients: int) -> str | None:
+        """Whether one more client fits next to `clients` open ones; if not, why (the 503)."""
+        if clients >= self.client_limit:
             self.refused += 1
             return (
                 f"the proxy is at its limit of {self.client_limit} client connections; "
                 "try again later"
             )
-        self.clients += 1
         return None
 
-    def release_client(self) -> None:
-        self.clients -= 1
-
-    def upstream_room(self) -> bool:
-        """Whether one more backend socket fits in the budget."""
-        return self.clients + self.upstreams < self.fd_budget
+    def upstream_room(self, clients: int) -> bool:
+        """Whether one more backend socket fits in the budget next to `clients` open ones."""
+        return clients + self.upstreams < self.fd_budget
 
     def status(self) -> dict[str, int]:
         return {

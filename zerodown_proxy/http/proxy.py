@@ -241,7 +241,7 @@ class HttpProxy:
 
     def _connect(self, cycle: RequestCycle, inst: Instance) -> None:
         cap = self.capacity
-        if not cap.upstream_room() and not self._evict_idle():
+        if not cap.upstream_room(len(self.clients)) and not self._evict_idle():
             self.balancer.finished(inst, 0)
             cycle.instance = None
             cycle.client.respond_error(
@@ -398,7 +398,7 @@ class HttpProxy:
     # -- capacity -----------------------------------------------------------------------------
 
     def admit(self, client: ClientProtocol) -> str | None:
-        refusal = self.capacity.admit()
+        refusal = self.capacity.admit(len(self.clients))
         if refusal is None:
             self.clients.add(client)
         else:
@@ -407,7 +407,6 @@ class HttpProxy:
 
     def client_gone(self, client: ClientProtocol) -> None:
         self.clients.discard(client)
-        self.capacity.release_client()
 
     def upstream_gone(self, up: UpstreamProtocol) -> None:
         self.capacity.upstreams -= 1

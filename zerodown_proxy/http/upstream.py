@@ -236,8 +236,8 @@ class UpstreamProtocol(asyncio.Protocol):
                 self.transport.close()
 
     def abort(self) -> None:
+        """Cut the connection (RST); the caller has detached its cycle first."""
         self.closed = True
-        self.cycle = None
         if self.transport is not None:
             self.transport.abort()
 
