@@ -244,17 +244,20 @@ def response_frame(
     lnames: list[bytes],
 ) -> ResponseFrame | Refusal:
     """Decide how a final response (status >= 200, or 101) is framed (RFC 9112 6.3), or why
-    the backend's answer cannot be trusted (-> 502 and the connection closed)."""
+    the backend's answer cannot be trusted (-> 502 and the connection closed).
+
+    `http11` only matters when Connection says neither close nor keep-alive: then an HTTP/1.1
+    connection persists and an HTTP/1.0 one does not (RFC 9112 9.3)."""
     # Each `in`/count/index is a scan of the names: the common head costs four of them.
     n_connection = lnames.count(b"connection")
     if n_connection == 1:
         value = headers[lnames.index(b"connection")][1]
         hit = _CONNECTION_CACHE.get(value)
         tokens, drop = hit if hit is not None else _connection(headers, lnames)
-        reusable = b"close" not in tokens if http11 else b"keep-alive" in tokens
+        reusable = b"close" not in tokens and (http11 or b"keep-alive" in tokens)
     elif n_connection:
         tokens, drop = _connection(headers, lnames)
-        reusable = b"close" not in tokens if http11 else b"keep-alive" in tokens
+        reusable = b"close" not in tokens and (http11 or b"keep-alive" in tokens)
     else:
         drop, reusable = HOP_BY_HOP, http11
     n_length = lnames.count(b"content-length")

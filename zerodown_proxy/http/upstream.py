@@ -282,7 +282,12 @@ class UpstreamProtocol(asyncio.Protocol):
                 self.sent_at = time.monotonic()  # a sign of life: the first-byte clock restarts
             return
         self._in_head = False
-        http11 = parser.get_http_version() == "1.1"
+        # get_http_version() formats a string (~0.3 us). llhttp's keep-alive verdict is an
+        # exact stand-in for "HTTP/1.1" here: response_frame reads the version only when
+        # Connection has neither close nor keep-alive, where the verdict is the version (and
+        # a body read until close is never reusable either way; a HEAD answer without a length
+        # is then not pooled, which only costs a connection).
+        http11 = parser.should_keep_alive()
         if status == 101:
             if not cycle.upgrade:
                 raise _BadResponse("backend switched protocols without an Upgrade request")
