@@ -134,7 +134,10 @@ class AdminApi:
 
     async def do_reload(self, request: web.Request) -> web.Response:
         supplied = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not self.token or not hmac.compare_digest(supplied.encode(), self.token.encode()):
+        # Header text may hold any byte (aiohttp decodes it with surrogateescape): compare as
+        # bytes, so a non-ASCII value is a wrong token (401), not an encoding error (500).
+        given = supplied.encode("utf-8", "surrogateescape")
+        if not self.token or not hmac.compare_digest(given, self.token.encode()):
             return web.json_response(
                 {"error": "this call needs 'Authorization: Bearer <admin token>'"}, status=401
             )

@@ -52,7 +52,10 @@ class ProxySection:
 @dataclass(frozen=True, slots=True)
 class HttpSection:
     connect_timeout: float = 2.0
-    read_timeout: float = 60.0
+    # Request fully sent -> response head (Envoy's route timeout default); an idempotent request
+    # that hits it is retried once elsewhere within the retry budget, else 504.
+    first_byte_timeout: float = 15.0
+    read_timeout: float = 60.0  # silence between bytes of a streaming response body
     client_idle_timeout: float = 75.0
     client_header_timeout: float = 10.0
     upstream_idle_timeout: float = 30.0
@@ -63,6 +66,8 @@ class HttpSection:
     retry_body_bytes: int = 64 * 1024
     retry_budget_ratio: float = 0.2  # retries over 10 s: at most 20 % of requests ...
     retry_budget_min: int = 10  # ... plus this many
+    max_client_connections: int = 10000  # also at most half of (open-files limit - fd_reserve)
+    fd_reserve: int = 256  # file descriptors HTTP never takes (HSMS tools, admin, discovery)
 
 
 # -- [health_check] and [outlier_detection] (owner: health/; the balancer consults both) ----------
@@ -310,6 +315,7 @@ def load_config(
         raise ConfigError("[proxy] workers must be at least 1")
     if cfg.http.balance not in ("round_robin", "least_conn"):
         raise ConfigError("[http] balance must be round_robin or least_conn")
+    _check_http(cfg.http)
     if cfg.discovery.provider not in ("file", "consul"):
         raise ConfigError("[discovery] provider must be file or consul")
     for addr in (cfg.proxy.http_listen, cfg.proxy.hsms_listen, cfg.proxy.admin_listen):
@@ -358,6 +364,16 @@ def _check_outlier(o: OutlierSection) -> None:
         )
     if not 0 <= o.max_ejection_percent <= 100:
         raise ConfigError("[outlier_detection] max_ejection_percent must be 0..100")
+
+
+def _check_http(h: HttpSection) -> None:
+    for key in ("connect_timeout", "first_byte_timeout", "read_timeout"):
+        if getattr(h, key) <= 0:
+            raise ConfigError(f"[http] {key} must be a positive number of seconds")
+    if h.max_client_connections < 1:
+        raise ConfigError("[http] max_client_connections must be at least 1")
+    if h.fd_reserve < 0:
+        raise ConfigError("[http] fd_reserve must be 0 or more")
 
 
 def _check_hsms(h: HsmsSection) -> None:

@@ -1,8 +1,11 @@
 """The client side of the HTTP data path: one asyncio Protocol per client connection.
 
-httptools parses requests; each parsed request becomes a RequestCycle that is routed with the
-snapshot of the moment it is dispatched, sent on a pooled upstream connection, and answered in
-order (pipelined requests wait their turn, with their bodies buffered up to a bound).
+httptools parses requests; the framing core (`framing.request_frame`) decides whether each head
+is acceptable and how its body is delimited; each accepted request becomes a RequestCycle that
+is routed with the snapshot of the moment it is dispatched, sent on a pooled upstream connection,
+and answered in order (pipelined requests wait their turn, with their bodies buffered up to a
+bound). This module only moves bytes and keeps the order; the decisions live in framing.py and
+proxy.py.
 """
 
 from __future__ import annotations
@@ -14,26 +17,29 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from .headers import PREVIEW_HEADER, TOKEN_HEADER, error_response, hop_by_hop_for
+from ..flow import FlowControl, Pause
+from .framing import CHUNKED, HOP_BY_HOP, NO_BODY, Refusal, RequestFrame, request_frame
+from .headers import error_response
 
 if TYPE_CHECKING:
+    from ..config import HttpSection
     from ..routing import AppRoute, Instance
     from .proxy import HttpProxy
     from .upstream import UpstreamProtocol
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
-# Reasons for pausing reads from the client (bit flags: several can hold at once).
-PAUSE_UPSTREAM = 1  # the backend is slow to take the request body
-PAUSE_BUFFER = 2  # too much body buffered while no upstream is attached yet
-PAUSE_DRAIN = 4  # shutting down: read nothing new
-PAUSE_PIPELINE = 8  # too many pipelined requests waiting for their turn
-BUFFER_LIMIT = 256 * 1024
+BUFFER_LIMIT = 256 * 1024  # body (or pre-101 tunnel) bytes held while nothing can take them
 PIPELINE_LIMIT = 16
+# Stands for a request the proxy refuses without having parsed it (answered in its turn).
+_UNREAD = RequestFrame(NO_BODY, 0, b"", b"-", False, False, HOP_BY_HOP)
 
 
-class HeadersTooLarge(Exception):
-    pass
+class _Refused(Exception):
+    """Raised from a parser callback to stop parsing: answer `refusal` and close."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        self.refusal = refusal
 
 
 class RequestCycle:
@@ -41,6 +47,8 @@ class RequestCycle:
 
     __slots__ = (
         "client",
+        "flow",
+        "cfg",
         "method",
         "path",
         "host",
@@ -54,11 +62,11 @@ class RequestCycle:
         "body_buf",
         "buffered",
         "retained",
+        "retained_bytes",
         "request_done",
         "app",
         "instance",
         "tried",
-        "attempts",
         "upstream",
         "status",
         "start",
@@ -69,26 +77,34 @@ class RequestCycle:
         "body_seen",
     )
 
-    def __init__(self, client: ClientProtocol) -> None:
+    def __init__(
+        self, client: ClientProtocol, cfg: HttpSection, method: bytes, frame: RequestFrame
+    ) -> None:
         self.client = client
-        self.method = b""
-        self.path = b""
-        self.host = b""
+        self.flow = client.flow  # the client's back-pressure: paused when the backend is slow
+        self.cfg = cfg
+        self.method = method
+        target = frame.target
+        q = target.find(b"?")
+        self.path = target if q < 0 else target[:q]
+        self.host = frame.host
         self.request_id = ""
         self.head = b""
-        self.http11 = True
-        self.keep_alive = True
-        self.upgrade = False
-        self.chunked = False
+        self.http11 = client.http11
+        # A non-101 answer to an Upgrade request ends the client connection: what the client
+        # sent after the head was meant for the new protocol, not as the next request.
+        self.keep_alive = frame.keep_alive and not frame.upgrade
+        self.upgrade = frame.upgrade
+        self.chunked = frame.body == CHUNKED
         self.preview = False
         self.body_buf: list[bytes] = []
         self.buffered = 0
-        self.retained: list[bytes] | None = None
+        self.retained: list[bytes] | None = [] if method in IDEMPOTENT else None
+        self.retained_bytes = 0
         self.request_done = False
         self.app: AppRoute | None = None
         self.instance: Instance | None = None
         self.tried: list[Instance] = []
-        self.attempts = 0
         self.upstream: UpstreamProtocol | None = None
         self.status = 0
         self.local: tuple[int, str] | None = None
@@ -98,14 +114,11 @@ class RequestCycle:
         self.body_seen = 0
         self.start = time.perf_counter()
 
-    def draining(self) -> bool:
-        return self.client.proxy.draining
-
     # -- request body -------------------------------------------------------------------------
 
     def feed_body(self, data: bytes) -> None:
         self.body_seen += len(data)
-        if self.body_seen > self.client.proxy.cfg.max_body_bytes:
+        if self.body_seen > self.cfg.max_body_bytes:
             self.client.body_too_large(self)
             return
         if self.chunked:
@@ -116,11 +129,17 @@ class RequestCycle:
         self.request_done = True
         if self.chunked:
             self._forward(b"0\r\n\r\n")
+        up = self.upstream
+        if up is not None:
+            # The first-byte clock starts with the last request byte; the time data_received
+            # stamped a moment ago is close enough and saves a clock read per request.
+            up.sent_at = self.client.last_activity
 
     def _forward(self, data: bytes) -> None:
         if self.retained is not None:
             self.retained.append(data)
-            if sum(map(len, self.retained)) > self.client.proxy.cfg.retry_body_bytes:
+            self.retained_bytes += len(data)
+            if self.retained_bytes > self.cfg.retry_body_bytes:
                 self.retained = None  # too large to replay: not retryable
         up = self.upstream
         if up is not None:
@@ -129,7 +148,7 @@ class RequestCycle:
         self.body_buf.append(data)
         self.buffered += len(data)
         if self.buffered > BUFFER_LIMIT:
-            self.client.pause_reading_for(PAUSE_BUFFER)
+            self.flow.pause_reading(Pause.BUFFER)
 
     def take_buffered(self) -> list[bytes]:
         """Head and buffered body, for sending on a freshly attached upstream connection."""
@@ -142,24 +161,27 @@ class RequestCycle:
         self.sent_once = True
         if self.buffered:
             self.buffered = 0
-            self.client.resume_reading_for(PAUSE_BUFFER)
+            self.flow.resume_reading(Pause.BUFFER)
         return parts
 
-    def response_started(self, status: int) -> None:
-        self.status = status
+    def draining(self) -> bool:
+        return self.client.proxy.draining
 
 
 class ClientProtocol(asyncio.Protocol):
     __slots__ = (
         "proxy",
+        "cfg",
         "transport",
+        "flow",
         "peer",
+        "peer_b",
         "parser",
+        "http11",
         "current",
         "receiving",
+        "last",
         "queue",
-        "write_paused",
-        "pause_bits",
         "last_activity",
         "head_started",
         "in_head",
@@ -167,7 +189,9 @@ class ClientProtocol(asyncio.Protocol):
         "head_size",
         "closing",
         "tunnel",
+        "tunnel_buffered",
         "local_host",
+        "admitted",
         "_url",
         "_headers",
         "_lnames",
@@ -175,14 +199,17 @@ class ClientProtocol(asyncio.Protocol):
 
     def __init__(self, proxy: HttpProxy) -> None:
         self.proxy = proxy
+        self.cfg = proxy.cfg
         self.transport: asyncio.Transport | None = None
+        self.flow = FlowControl()
         self.peer = ""
+        self.peer_b = b""
         self.parser = httptools.HttpRequestParser(self)
+        self.http11 = True
         self.current: RequestCycle | None = None
         self.receiving: RequestCycle | None = None
+        self.last: RequestCycle | None = None
         self.queue: deque[RequestCycle] = deque()
-        self.write_paused = False
-        self.pause_bits = 0
         self.last_activity = time.monotonic()
         self.head_started = 0.0
         self.in_head = False
@@ -190,7 +217,9 @@ class ClientProtocol(asyncio.Protocol):
         self.head_size = 0
         self.closing = False
         self.tunnel: UpstreamProtocol | None = None
+        self.tunnel_buffered = 0
         self.local_host = b""
+        self.admitted = False
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._lnames: list[bytes] = []  # lower-cased names, parallel to _headers (lowered once)
@@ -199,18 +228,30 @@ class ClientProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.flow.attach(self.transport)  # type: ignore[arg-type]
+        refusal = self.proxy.admit(self)
+        if refusal is not None:
+            # Over the connection cap (or the file-descriptor budget): say so and close now,
+            # so the fd comes back at once and the client knows why (see README, HTTP limits).
+            self.closing = True
+            self.flow.pause_reading(Pause.LIMIT)
+            transport.write(error_response(503, refusal, close=True))  # type: ignore[attr-defined]
+            transport.close()
+            return
+        self.admitted = True
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
+        self.peer_b = self.peer.encode()
         local = transport.get_extra_info("sockname")
         self.local_host = f"{local[0]}:{local[1]}".encode() if local else b"localhost"
-        self.proxy.clients.add(self)
         if self.proxy.draining:
-            self.pause_reading_for(PAUSE_DRAIN)
+            self.flow.pause_reading(Pause.DRAIN)
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
-        self.proxy.clients.discard(self)
+        if self.admitted:
+            self.proxy.client_gone(self)
         tunnel, self.tunnel = self.tunnel, None
         if tunnel is not None:
             tunnel.close()
@@ -218,9 +259,10 @@ class ClientProtocol(asyncio.Protocol):
             if cycle is not None:
                 cycle.aborted = True
                 up = cycle.upstream
-                if up is not None and up.cycle is cycle:
+                if up is not None:
                     # The client went away mid-exchange: the backend connection is in an unknown
                     # state, never return it to the pool.
+                    up.detach()
                     up.abort()
                     self.proxy.count_client_abort(cycle)
         self.current = None
@@ -233,7 +275,11 @@ class ClientProtocol(asyncio.Protocol):
             return
         cur = self.current
         if cur is not None and cur.tunnel_pending is not None:
-            cur.tunnel_pending.append(data)  # upgrade requested, waiting for the backend's 101
+            # Upgrade requested, waiting for the backend's 101: hold a bounded amount.
+            cur.tunnel_pending.append(data)
+            self.tunnel_buffered += len(data)
+            if self.tunnel_buffered > BUFFER_LIMIT:
+                self.flow.pause_reading(Pause.BUFFER)
             return
         if self.closing:
             return
@@ -245,41 +291,44 @@ class ClientProtocol(asyncio.Protocol):
             self._upgrade_requested(data[exc.args[0] :])
             return
         except httptools.HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, HeadersTooLarge):
+            ctx = exc.__context__
+            if isinstance(ctx, _Refused):
+                self.reject(ctx.refusal.status, ctx.refusal.reason)
+            elif isinstance(ctx, HeadersTooLarge):
                 self.reject(431, "request headers are larger than the proxy accepts")
             else:
                 raise
             return
         except httptools.HttpParserError as exc:
-            self.reject(400, f"malformed HTTP request: {exc}")
+            if self.receiving is not None and not self.in_head:
+                self.body_invalid(self.receiving, f"malformed request body: {exc}")
+            else:
+                self.reject(400, f"malformed HTTP request: {exc}")
             return
-        if self.in_head and self.head_bytes > self.proxy.cfg.max_header_bytes:
+        if self.in_head and self.head_bytes > self.cfg.max_header_bytes:
             self.reject(431, "request headers are larger than the proxy accepts")
 
     def pause_writing(self) -> None:
-        self.write_paused = True
-        if self.tunnel is not None and self.tunnel.transport is not None:
-            self.tunnel.transport.pause_reading()
-            return
-        cur = self.current
-        if cur is not None and cur.upstream is not None and cur.upstream.transport is not None:
-            cur.upstream.transport.pause_reading()
+        self.flow.write_paused = True
+        up = self.tunnel
+        if up is None and self.current is not None:
+            up = self.current.upstream
+        if up is not None:
+            up.peer_paused()
 
     def resume_writing(self) -> None:
-        self.write_paused = False
-        if self.tunnel is not None and self.tunnel.transport is not None:
-            self.tunnel.transport.resume_reading()
-            return
-        cur = self.current
-        if cur is not None and cur.upstream is not None and cur.upstream.transport is not None:
-            if not cur.upstream.closed:
-                cur.upstream.transport.resume_reading()
+        self.flow.write_paused = False
+        up = self.tunnel
+        if up is None and self.current is not None:
+            up = self.current.upstream
+        if up is not None:
+            up.peer_resumed()
 
     # -- httptools callbacks ------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         self.in_head = True
-        self.head_started = time.monotonic()
+        self.head_started = self.last_activity  # set by data_received, just before parsing
         self.head_size = 0
         self._url = b""
         self._headers = []
@@ -287,7 +336,7 @@ class ClientProtocol(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        if len(self._url) > self.proxy.cfg.max_header_bytes:
+        if len(self._url) > self.cfg.max_header_bytes:
             raise HeadersTooLarge()
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -295,21 +344,33 @@ class ClientProtocol(asyncio.Protocol):
             self._headers.append((name, value))
             self._lnames.append(name.lower())
             self.head_size += len(name) + len(value) + 4
-            if self.head_size > self.proxy.cfg.max_header_bytes or len(self._headers) > 200:
+            if self.head_size > self.cfg.max_header_bytes or len(self._headers) > 200:
                 raise HeadersTooLarge()
         # else: a chunked trailer; trailers are not forwarded
 
     def on_headers_complete(self) -> None:
         self.in_head = False
         self.head_bytes = 0
-        cycle = self.proxy.prepare(self, self.parser, self._url, self._headers, self._lnames)
-        self.receiving = cycle
+        parser = self.parser
+        method = parser.get_method()
+        lnames = self._lnames
+        if b"connection" in lnames:
+            http11 = parser.get_http_version() == "1.1"  # formats a string: ~0.3 us
+        else:
+            # Without a Connection header llhttp keeps alive exactly the HTTP/1.1 requests.
+            http11 = parser.should_keep_alive()
+        self.http11 = http11
+        frame = request_frame(method, http11, self._url, self._headers, lnames)
+        if type(frame) is Refusal:
+            raise _Refused(frame)
+        cycle = self.proxy.prepare(self, method, frame, self._headers, self._lnames)  # type: ignore[arg-type]
+        self.receiving = self.last = cycle
         if self.current is None:
             self.dispatch(cycle)
         else:
             self.queue.append(cycle)
             if len(self.queue) >= PIPELINE_LIMIT:
-                self.pause_reading_for(PAUSE_PIPELINE)
+                self.flow.pause_reading(Pause.PIPELINE)
 
     def on_body(self, body: bytes) -> None:
         cycle = self.receiving
@@ -346,8 +407,8 @@ class ClientProtocol(asyncio.Protocol):
             return
         if self.queue:
             nxt = self.queue.popleft()
-            if len(self.queue) < PIPELINE_LIMIT:
-                self.resume_reading_for(PAUSE_PIPELINE)
+            if len(self.queue) < PIPELINE_LIMIT and self.flow.reasons:
+                self.flow.resume_reading(Pause.PIPELINE)
             self.dispatch(nxt)
 
     def respond_error(self, cycle: RequestCycle, status: int, message: str) -> None:
@@ -365,28 +426,50 @@ class ClientProtocol(asyncio.Protocol):
         self.proxy.count_client_error(status)
         if self.transport is None or self.closing:
             return
+        self.receiving = None
+        self.closing = True  # stop parsing further input
         if self.current is None:
             self.transport.write(error_response(status, message, close=True))
             self.close()
         else:
             # Let the exchange in progress finish, then answer this one and close.
-            bad = RequestCycle(self)
+            bad = RequestCycle(self, self.cfg, b"-", _UNREAD)
             bad.local = (status, message)
             bad.keep_alive = False
             bad.request_done = True
             self.queue.append(bad)
-            self.receiving = None
-            self.closing = True  # stop parsing further input
+
+    def body_invalid(self, cycle: RequestCycle, message: str) -> None:
+        """The body after an accepted head cannot be parsed (bad chunk size, bare LF, ...): the
+        backend already has part of it, so its connection is closed, never pooled, and the
+        client gets its 400 now instead of waiting for a response that cannot come."""
+        self.proxy.count_client_error(400)
+        self.receiving = None
+        self.closing = True
+        self.flow.pause_reading(Pause.DRAIN)
+        cycle.keep_alive = False
+        cycle.request_done = True  # nothing more will be read for it
+        up = cycle.upstream
+        if up is not None:
+            up.detach()
+            up.abort()
+        if cycle.status != 0:
+            # The backend already answered (headers out): cutting is the only honest signal.
+            self.proxy.abandon(cycle)
+            self.abort()
+        elif cycle is self.current:
+            self.respond_error(cycle, 400, message)
+        else:
+            cycle.local = (400, message)  # answered in turn, after the requests before it
 
     def body_too_large(self, cycle: RequestCycle) -> None:
         self.proxy.count_client_error(413)
         up = cycle.upstream
         if up is not None:
-            cycle.upstream = None
+            up.detach()
             up.abort()
         self.closing = True  # stop parsing the rest of the body
-        if self.transport is not None:
-            self.transport.pause_reading()
+        self.flow.pause_reading(Pause.DRAIN)
         if cycle.status == 0:
             cycle.keep_alive = False
             if cycle is self.current:
@@ -394,16 +477,24 @@ class ClientProtocol(asyncio.Protocol):
             else:
                 cycle.local = (413, "request body is larger than the proxy accepts")
         else:
+            self.proxy.abandon(cycle)
             self.close()
 
     # -- upgrade (WebSocket) tunnel -----------------------------------------------------------
 
     def _upgrade_requested(self, leftover: bytes) -> None:
-        cycle = self.current
+        cycle = self.last
+        self.closing = True  # httptools parses nothing after an upgrade head
         if cycle is None or not cycle.upgrade:
-            self.reject(400, "upgrade must be the only request in flight")
+            self.reject(400, "unexpected protocol upgrade")
+            return
+        if cycle is not self.current:
+            if cycle.status == 0:
+                cycle.local = (400, "an Upgrade request cannot be pipelined behind another")
+            cycle.keep_alive = False
             return
         cycle.tunnel_pending = [leftover] if leftover else []
+        self.tunnel_buffered = len(leftover)
 
     def start_tunnel(self, cycle: RequestCycle, upstream: UpstreamProtocol) -> None:
         self.tunnel = upstream
@@ -411,14 +502,16 @@ class ClientProtocol(asyncio.Protocol):
         cycle.tunnel_pending = None
         for chunk in pending:
             upstream.send(chunk)
+        self.tunnel_buffered = 0
+        self.flow.resume_reading(Pause.BUFFER)
         self.proxy.count_response(cycle)
         self.current = None
 
-    def tunnel_closed(self, cycle: RequestCycle) -> None:
+    def tunnel_closed(self) -> None:
         self.tunnel = None
         self.close()
 
-    # -- output and flow control --------------------------------------------------------------
+    # -- output -------------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -428,77 +521,19 @@ class ClientProtocol(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(parts)
 
-    def pause_reading_for(self, bit: int) -> None:
-        if not self.pause_bits and self.transport is not None:
-            self.transport.pause_reading()
-        self.pause_bits |= bit
-
-    def resume_reading_for(self, bit: int) -> None:
-        if self.pause_bits & bit:
-            self.pause_bits &= ~bit
-            if not self.pause_bits and self.transport is not None and not self.closing:
-                self.transport.resume_reading()
-
     def close(self) -> None:
         self.closing = True
         if self.transport is not None:
             self.transport.close()
 
+    def abort(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
     def idle(self) -> bool:
         return self.current is None and not self.in_head and self.receiving is None
 
 
-def build_upstream_head(
-    proxy: HttpProxy,
-    cycle: RequestCycle,
-    method: bytes,
-    url: bytes,
-    headers: list[tuple[bytes, bytes]],
-    peer: str,
-    lnames: list[bytes] | None = None,
-) -> bytes:
-    """The request head sent to the backend: hop-by-hop removed, X-Forwarded-* and
-    X-Request-Id set, body framing re-declared. `lnames`: the header names lower-cased."""
-    if lnames is None:
-        lnames = [name.lower() for name, _ in headers]
-    drop = hop_by_hop_for(headers, lnames)
-    parts = [method, b" ", url, b" HTTP/1.1\r\n"]
-    xff = b""
-    host = b""
-    request_id = b""
-    upgrade = b""
-    for (name, value), ln in zip(headers, lnames, strict=True):
-        if ln in drop:
-            if ln == b"upgrade":
-                upgrade = value
-            continue
-        if ln == b"x-forwarded-for":
-            xff = xff + b", " + value if xff else value
-            continue
-        if ln == b"host":
-            host = value
-        elif ln == b"x-request-id":
-            request_id = value
-        elif ln == PREVIEW_HEADER or ln == TOKEN_HEADER or ln.startswith(b"x-forwarded-"):
-            continue
-        parts.append(b"%s: %s\r\n" % (name, value))
-    if not host:
-        # HTTP/1.0 clients may omit Host; backends speaking 1.1 require it.
-        host = cycle.client.local_host
-        parts.append(b"Host: %s\r\n" % host)
-    if not request_id:
-        request_id = proxy.new_request_id()
-        parts.append(b"X-Request-Id: %s\r\n" % request_id)
-    cycle.request_id = request_id.decode("latin-1")
-    cycle.host = host
-    peer_b = peer.encode()
-    parts.append(b"X-Forwarded-For: %s\r\n" % (xff + b", " + peer_b if xff else peer_b))
-    parts.append(b"X-Forwarded-Proto: http\r\n")
-    if host:
-        parts.append(b"X-Forwarded-Host: %s\r\n" % host)
-    if cycle.chunked:
-        parts.append(b"Transfer-Encoding: chunked\r\n")
-    if cycle.upgrade and upgrade:
-        parts.append(b"Connection: Upgrade\r\nUpgrade: %s\r\n" % upgrade)
-    parts.append(b"\r\n")
-    return b"".join(parts)
+class HeadersTooLarge(Exception):
+    pass

@@ -1,25 +1,15 @@
 """Header rewriting for the HTTP data path: what crosses a hop and what the proxy adds.
 
 Kept as plain functions over lists of (name, value) byte pairs, as httptools hands them over, so
-building a head is one filter and one join.
+building a head is one filter and one join. Which fields are hop-by-hop is decided by the
+framing core (`framing.RequestFrame.drop`).
 """
 
 from __future__ import annotations
 
-# RFC 9110 7.6.1 connection-specific fields, plus the de-facto ones proxies strip.
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-    }
-)
+from collections.abc import Callable
+
+from .framing import CHUNKED, RequestFrame
 
 PREVIEW_HEADER = b"x-zerodown-preview"
 TOKEN_HEADER = b"x-zerodown-token"
@@ -27,46 +17,18 @@ TOKEN_HEADER = b"x-zerodown-token"
 STATUS_REASONS = {
     400: b"Bad Request",
     403: b"Forbidden",
+    405: b"Method Not Allowed",
     404: b"Not Found",
     408: b"Request Timeout",
     413: b"Content Too Large",
     414: b"URI Too Long",
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
+    501: b"Not Implemented",
     502: b"Bad Gateway",
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
 }
-
-
-def connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """Header names listed in Connection (they are hop-by-hop too)."""
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
-    return frozenset(tokens)
-
-
-_DROP_CACHE: dict[bytes, frozenset[bytes]] = {}
-
-
-def hop_by_hop_for(headers: list[tuple[bytes, bytes]], lnames: list[bytes]) -> frozenset[bytes]:
-    """HOP_BY_HOP plus the names listed in Connection; `lnames` are the lower-cased names.
-
-    Nearly every message says `Connection: keep-alive` (or close), so the set per distinct
-    value is cached (bounded) instead of being rebuilt for each message."""
-    if b"connection" not in lnames:
-        return HOP_BY_HOP
-    if lnames.count(b"connection") > 1:
-        return HOP_BY_HOP | connection_tokens(headers)
-    value = headers[lnames.index(b"connection")][1]
-    drop = _DROP_CACHE.get(value)
-    if drop is None:
-        drop = HOP_BY_HOP | frozenset(t.strip().lower() for t in value.split(b","))
-        if len(_DROP_CACHE) < 64:
-            _DROP_CACHE[value] = drop
-    return drop
 
 
 def error_response(status: int, message: str, close: bool, request_id: str = "") -> bytes:
@@ -84,3 +46,59 @@ def error_response(status: int, message: str, close: bool, request_id: str = "")
         head.append(b"Connection: close\r\n")
     head.append(b"\r\n")
     return b"".join(head) + body
+
+
+def upstream_head(
+    method: bytes,
+    frame: RequestFrame,
+    headers: list[tuple[bytes, bytes]],
+    lnames: list[bytes],
+    peer: bytes,
+    default_host: bytes,
+    new_request_id: Callable[[], bytes],
+) -> tuple[bytes, bytes]:
+    """The request head sent to the backend, and the request id it carries.
+
+    Hop-by-hop fields (`frame.drop`) are removed, Host is the authority the request is for (an
+    absolute-form target's wins, RFC 9112 3.2.2), X-Forwarded-For/-Proto/-Host and X-Request-Id
+    are set, and the body framing is re-declared (chunked is re-framed hop by hop; a validated
+    Content-Length passes as is). `new_request_id()` makes one when the client sent none."""
+    drop = frame.drop
+    parts = [method, b" ", frame.target, b" HTTP/1.1\r\n"]
+    xff = b""
+    request_id = b""
+    upgrade = b""
+    ap = parts.append
+    for (name, value), ln in zip(headers, lnames, strict=True):
+        if ln in drop:
+            if ln == b"upgrade":
+                upgrade = value
+        elif ln[0] != 120 and ln != b"host":  # not x-...: forwarded as is (the common case)
+            ap(name)
+            ap(b": ")
+            ap(value)
+            ap(b"\r\n")
+        elif ln == b"host":
+            continue  # re-added below from the frame
+        elif ln == b"x-forwarded-for":
+            xff = xff + b", " + value if xff else value
+        elif ln == PREVIEW_HEADER or ln == TOKEN_HEADER or ln.startswith(b"x-forwarded-"):
+            continue
+        else:
+            if ln == b"x-request-id":
+                request_id = value
+            ap(b"%s: %s\r\n" % (name, value))
+    # HTTP/1.0 clients may omit Host; backends speaking 1.1 require it.
+    host = frame.host or default_host
+    parts.append(b"Host: %s\r\n" % host)
+    if not request_id:
+        request_id = new_request_id()
+        parts.append(b"X-Request-Id: %s\r\n" % request_id)
+    parts.append(b"X-Forwarded-For: %s\r\n" % (xff + b", " + peer if xff else peer))
+    parts.append(b"X-Forwarded-Proto: http\r\nX-Forwarded-Host: %s\r\n" % host)
+    if frame.body == CHUNKED:
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    if frame.upgrade and upgrade:
+        parts.append(b"Connection: Upgrade\r\nUpgrade: %s\r\n" % upgrade)
+    parts.append(b"\r\n")
+    return b"".join(parts), request_id

@@ -20,19 +20,18 @@ from typing import Any
 import orjson
 
 from ..config import HttpSection
-from ..metrics import Registry
+from ..metrics import BoundCounter, Registry
 from ..routing import Instance, Router, Snapshot
 from .balancer import Balancer
-from .downstream import IDEMPOTENT, ClientProtocol, RequestCycle, build_upstream_head
-from .headers import PREVIEW_HEADER, TOKEN_HEADER
+from .capacity import Capacity, nofile_limit, raise_nofile_limit
+from .downstream import ClientProtocol, RequestCycle
+from .framing import LENGTH, RequestFrame
+from .headers import PREVIEW_HEADER, TOKEN_HEADER, upstream_head
 from .upstream import UpstreamProtocol
 
 log = logging.getLogger("zerodown.http")
 
 SWEEP_INTERVAL = 0.25
-_SPECIAL_REQUEST_HEADERS = frozenset(
-    {b"transfer-encoding", b"content-length", PREVIEW_HEADER, TOKEN_HEADER}
-)
 
 
 class HttpProxy:
@@ -60,6 +59,10 @@ class HttpProxy:
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.connections_opened = 0
+        # app -> status -> its bound counter: the hot path builds no label tuple per response.
+        self._answered: dict[str, dict[int, BoundCounter]] = {}
+        # Sized from the open-files limit at start(); until then from the current one.
+        self.capacity = Capacity(cfg.max_client_connections, cfg.fd_reserve, nofile_limit())
 
         m = metrics
         self.m_requests = m.counter(
@@ -74,7 +77,7 @@ class HttpProxy:
         )
         self.m_upstream_errors = m.counter(
             "zerodown_http_upstream_errors_total",
-            "Backend failures by kind (connect, reset, timeout, protocol)",
+            "Backend failures by kind (connect, reset, timeout, first_byte_timeout, protocol)",
             ("app", "kind"),
         )
         self.m_retries = m.counter(
@@ -92,6 +95,26 @@ class HttpProxy:
             fn=lambda: len(self.clients),
         )
         m.gauge(
+            "zerodown_http_client_connection_limit",
+            "Client connections accepted at most (max_client_connections, file descriptors)",
+            fn=lambda: self.capacity.client_limit,
+        )
+        m.counter_fn(
+            "zerodown_http_client_connections_refused_total",
+            "Client connections answered 503 and closed because the proxy was at its limit",
+            lambda: self.capacity.refused,
+        )
+        m.gauge(
+            "zerodown_http_upstream_connections",
+            "Backend connections open or being opened",
+            fn=lambda: self.capacity.upstreams,
+        )
+        m.gauge(
+            "zerodown_http_fd_budget",
+            "File descriptors the HTTP side may hold (open-files limit minus fd_reserve)",
+            fn=lambda: self.capacity.fd_budget,
+        )
+        m.gauge(
             "zerodown_http_upstream_idle_connections",
             "Idle pooled backend connections",
             fn=lambda: sum(len(v) for v in self.idle.values()),
@@ -103,6 +126,9 @@ class HttpProxy:
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
         self.loop = asyncio.get_running_loop()
+        self.capacity = Capacity(
+            self.cfg.max_client_connections, self.cfg.fd_reserve, raise_nofile_limit()
+        )
         self._server = await self.loop.create_server(
             lambda: ClientProtocol(self),
             host,
@@ -126,8 +152,7 @@ class HttpProxy:
         while any(not c.idle() for c in self.clients) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         for c in list(self.clients):
-            if c.transport is not None:
-                c.transport.abort()
+            c.abort()
         for conns in self.idle.values():
             for up in conns:
                 up.close()
@@ -144,56 +169,45 @@ class HttpProxy:
     def prepare(
         self,
         client: ClientProtocol,
-        parser: Any,
-        url: bytes,
+        method: bytes,
+        frame: RequestFrame,
         headers: list[tuple[bytes, bytes]],
-        lnames: list[bytes] | None = None,
+        lnames: list[bytes],
     ) -> RequestCycle:
-        cycle = RequestCycle(client)
-        method = parser.get_method()
-        cycle.method = method
-        cycle.http11 = parser.get_http_version() == "1.1"
-        cycle.keep_alive = parser.should_keep_alive()
-        cycle.upgrade = parser.should_upgrade()
-        chunked = False
-        length = 0
-        preview = False
-        token = b""
-        if lnames is None:
-            lnames = [name.lower() for name, _ in headers]
-        # Most requests carry none of these; a C-level set test skips the Python loop for them.
-        if not _SPECIAL_REQUEST_HEADERS.isdisjoint(lnames):
-            for (_, value), ln in zip(headers, lnames, strict=True):
-                if ln == b"transfer-encoding":
-                    chunked = b"chunked" in value.lower()
-                elif ln == b"content-length":
-                    length = int(value)
-                elif ln == PREVIEW_HEADER:
-                    preview = value.strip().lower() == b"standby"
-                elif ln == TOKEN_HEADER:
-                    token = value.strip()
-        cycle.chunked = chunked
-        cycle.preview = preview
-        q = url.find(b"?")
-        cycle.path = url if q < 0 else url[:q]
-        cycle.retained = [] if method in IDEMPOTENT else None
-        cycle.head = build_upstream_head(self, cycle, method, url, headers, client.peer, lnames)
-        if length > self.cfg.max_body_bytes:
-            cycle.local = (413, f"request body of {length} bytes exceeds the limit of "
+        """A RequestCycle for an accepted head: its upstream head built, or a local answer."""
+        cycle = RequestCycle(client, self.cfg, method, frame)
+        cycle.head, rid = upstream_head(
+            method, frame, headers, lnames, client.peer_b, client.local_host,
+            self.new_request_id,
+        )  # fmt: skip
+        cycle.request_id = rid.decode("latin-1")
+        if not cycle.host:
+            cycle.host = client.local_host
+        if frame.body == LENGTH and frame.length > self.cfg.max_body_bytes:
+            cycle.local = (413, f"request body of {frame.length} bytes exceeds the limit of "
                                 f"{self.cfg.max_body_bytes} bytes")  # fmt: skip
             self.count_client_error(413)
-        elif preview and not (self.admin_token and hmac.compare_digest(token, self.admin_token)):
-            cycle.local = (403, "standby preview needs a valid X-Zerodown-Token")
-            self.count_client_error(403)
+        elif PREVIEW_HEADER in lnames:
+            value = headers[lnames.index(PREVIEW_HEADER)][1]
+            cycle.preview = value.strip().lower() == b"standby"
+            token = (
+                headers[lnames.index(TOKEN_HEADER)][1].strip() if TOKEN_HEADER in lnames else b""
+            )
+            if cycle.preview and not (
+                self.admin_token and hmac.compare_digest(token, self.admin_token)
+            ):
+                cycle.local = (403, "standby preview needs a valid X-Zerodown-Token")
+                self.count_client_error(403)
         return cycle
 
     def send_request(self, cycle: RequestCycle) -> None:
         snap: Snapshot = self.router.current()  # read once: this request's routing
-        host = cycle.host.decode("latin-1") if cycle.host else None
-        app = snap.route(host, cycle.path.decode("latin-1"))
+        host = cycle.host.decode("latin-1")
+        path = cycle.path.decode("latin-1")
+        app = snap.route(host, path if path != "*" else "/")
         if app is None:
             cycle.client.respond_error(
-                cycle, 503, f"no app is routed for host {host or '-'} path {cycle.path.decode()}"
+                cycle, 503, f"no app is routed for host {host or '-'} path {path}"
             )
             return
         cycle.app = app
@@ -215,10 +229,8 @@ class HttpProxy:
             self.balancer.finished(prev, 0)
         cycle.instance = inst
         cycle.tried.append(inst)
-        cycle.attempts += 1
         self.balancer.started(inst, retry=prev is not None)
-        key = inst.http_key
-        conns = self.idle.get(key)
+        conns = self.idle.get(inst.http_key)
         while conns:
             up = conns.pop()
             if not up.closed:
@@ -228,6 +240,16 @@ class HttpProxy:
         self._connect(cycle, inst)
 
     def _connect(self, cycle: RequestCycle, inst: Instance) -> None:
+        cap = self.capacity
+        if not cap.upstream_room(len(self.clients)) and not self._evict_idle():
+            self.balancer.finished(inst, 0)
+            cycle.instance = None
+            cycle.client.respond_error(
+                cycle, 503, f"the proxy has no file descriptor left for a backend connection "
+                            f"(budget {cap.fd_budget}); try again later",
+            )  # fmt: skip
+            return
+        cap.upstreams += 1
         loop = self.loop
         task = loop.create_task(
             loop.create_connection(
@@ -239,6 +261,16 @@ class HttpProxy:
         timer = loop.call_later(self.cfg.connect_timeout, task.cancel)
         task.add_done_callback(functools.partial(self._connected, cycle, inst, timer))
 
+    def _evict_idle(self) -> bool:
+        """Close one idle pooled connection (from the largest pool) to make room."""
+        conns = max(self.idle.values(), key=len, default=None)
+        if not conns:
+            return False
+        # The oldest. Its fd is freed (and uncounted) when the close completes, a moment later:
+        # until then the budget is exceeded by that one closing socket, inside the reserve.
+        conns.pop(0).close()
+        return True
+
     def _connected(
         self, cycle: RequestCycle, inst: Instance, timer: asyncio.TimerHandle, task: asyncio.Task
     ) -> None:
@@ -249,6 +281,7 @@ class HttpProxy:
         elif (exc := task.exception()) is not None:
             err = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         if err is not None:
+            self.capacity.upstreams -= 1
             self._connect_failed(cycle, inst, err)
             return
         _, up = task.result()
@@ -265,32 +298,32 @@ class HttpProxy:
         log.warning("connect to %s (%s:%s) failed: %s", inst.id, inst.address, inst.http_port, err)
         if cycle.aborted:
             return
-        if (
-            cycle.attempts < 2
-            and self._has_alternative(cycle)
-            and self.balancer.retries.try_retry()
-        ):
+        if self._may_retry(cycle):
             # Nothing reached any backend yet, so any method may go elsewhere.
             self.m_retries.inc((app,))
             self._attempt(cycle)
             return
         cycle.client.respond_error(cycle, 502, f"could not connect to backend {inst.id}: {err}")
 
-    def _has_alternative(self, cycle: RequestCycle) -> bool:
+    def _may_retry(self, cycle: RequestCycle) -> bool:
+        """One retry per request, on an instance not tried yet, within the retry budget."""
         app = cycle.app
         assert app is not None
+        if len(cycle.tried) >= 2:
+            return False
         instances = app.standby if cycle.preview else app.active
-        return any(i not in cycle.tried for i in instances)
+        if all(i in cycle.tried for i in instances):
+            return False
+        return self.balancer.retries.try_retry()
 
     def upstream_lost_before_response(self, cycle: RequestCycle, up: UpstreamProtocol) -> None:
         """The backend closed without sending a byte. A reused pooled connection may simply
         have hit the backend's keep-alive timeout: retry idempotent requests once."""
-        up.cycle = None
-        cycle.upstream = None
+        up.detach()
         app = cycle.app.name if cycle.app else "-"
         if cycle.aborted:
             return
-        if up.reused and cycle.retained is not None and cycle.attempts < 2 and cycle.status == 0:
+        if up.reused and cycle.retained is not None and len(cycle.tried) < 2 and not cycle.status:
             # A pool artifact, not a sign of a slow backend: outside the retry budget.
             self.m_retries.inc((app,))
             self._attempt(cycle)
@@ -300,9 +333,8 @@ class HttpProxy:
     def upstream_error(
         self, cycle: RequestCycle, up: UpstreamProtocol, kind: str, message: str
     ) -> None:
-        up.cycle = None
+        up.detach()
         up.abort()
-        cycle.upstream = None
         inst = cycle.instance
         app = cycle.app.name if cycle.app else "-"
         self.m_upstream_errors.inc((app, kind))
@@ -311,17 +343,73 @@ class HttpProxy:
             log.warning("backend %s: %s (%s)", inst.id, message, kind)
         if cycle.aborted:
             return
-        client = cycle.client
         if cycle.status == 0:
             status = 504 if kind == "timeout" else 502
             who = inst.id if inst else "backend"
-            client.respond_error(cycle, status, f"backend {who}: {message}")
+            cycle.client.respond_error(cycle, status, f"backend {who}: {message}")
         else:
             # Headers already went out: the only honest signal left is cutting the connection.
-            self.count_response(cycle)
+            self.abandon(cycle)
+            cycle.client.abort()
+
+    def first_byte_timeout(self, cycle: RequestCycle, up: UpstreamProtocol) -> None:
+        """No response head within first_byte_timeout after the request was sent: the instance
+        is hung or overloaded. An idempotent request whose body was kept is retried once
+        elsewhere (within the retry budget); anything else gets 504."""
+        up.detach()
+        up.abort()
+        inst = cycle.instance
+        app = cycle.app.name if cycle.app else "-"
+        limit = min(self.cfg.first_byte_timeout, self.cfg.read_timeout)
+        self.m_upstream_errors.inc((app, "first_byte_timeout"))
+        who = inst.id if inst is not None else "backend"
+        if inst is not None:
+            self.balancer.failed(inst, "first_byte_timeout")
+        log.warning("backend %s: no response head within %gs (first_byte_timeout)", who, limit)
+        if cycle.aborted:
+            return
+        if cycle.retained is not None and self._may_retry(cycle):
+            self.m_retries.inc((app,))
+            self._attempt(cycle)
+            return
+        cycle.client.respond_error(
+            cycle, 504, f"backend {who}: no response within {limit:g}s (no response head)"
+        )
+
+    def upstream_extra_bytes(self, cycle: RequestCycle, up: UpstreamProtocol) -> None:
+        """The backend sent bytes after a complete response (a body longer than announced, a
+        body on 204/304, a response nobody asked for): this exchange is answered, the
+        connection is closed instead of pooled, and the event is counted."""
+        app = cycle.app.name if cycle.app else "-"
+        self.m_upstream_errors.inc((app, "protocol"))
+        inst = cycle.instance
+        if inst is not None:
+            self.balancer.failed(inst, "protocol")
+        log.warning("backend %s sent bytes after a complete response; connection closed",
+                    up.instance_id)  # fmt: skip
+
+    def abandon(self, cycle: RequestCycle) -> None:
+        """The client connection is cut mid-response: count it and free its slot."""
+        self.count_response(cycle)
+        client = cycle.client
+        if client.current is cycle:
             client.current = None
-            if client.transport is not None:
-                client.transport.abort()
+
+    # -- capacity -----------------------------------------------------------------------------
+
+    def admit(self, client: ClientProtocol) -> str | None:
+        refusal = self.capacity.admit(len(self.clients))
+        if refusal is None:
+            self.clients.add(client)
+        else:
+            self.count_client_error(503)
+        return refusal
+
+    def client_gone(self, client: ClientProtocol) -> None:
+        self.clients.discard(client)
+
+    def upstream_gone(self, up: UpstreamProtocol) -> None:
+        self.capacity.upstreams -= 1
 
     # -- pool ---------------------------------------------------------------------------------
 
@@ -366,7 +454,13 @@ class HttpProxy:
             self.balancer.finished(inst, cycle.status)
             cycle.instance = None
         elapsed = time.perf_counter() - cycle.start
-        self.m_requests.inc((app, str(cycle.status)))
+        by_status = self._answered.get(app)
+        if by_status is None:
+            by_status = self._answered[app] = {}
+        bound = by_status.get(cycle.status)
+        if bound is None:
+            bound = by_status[cycle.status] = self.m_requests.bind((app, str(cycle.status)))
+        bound.inc()
         self.m_latency.observe(elapsed, (app,))
         if self.access_log:
             sys.stdout.buffer.write(
@@ -409,7 +503,10 @@ class HttpProxy:
                 log.exception("timeout sweep failed")
 
     def sweep(self, now: float) -> None:
+        """Every timeout of the HTTP side, checked here (no timer per request)."""
         cfg = self.cfg
+        # Waiting for the head is bounded by both (read_timeout: no silence is ever longer).
+        first_byte = min(cfg.first_byte_timeout, cfg.read_timeout)
         for c in list(self.clients):
             cur = c.current
             if c.tunnel is not None:
@@ -418,16 +515,16 @@ class HttpProxy:
                 up = cur.upstream
                 if not cur.request_done and now - c.last_activity > cfg.read_timeout:
                     self.count_client_error(408)
-                    if c.transport is not None:
-                        c.transport.abort()
-                elif (
-                    up is not None
-                    and up.cycle is cur
-                    and not c.write_paused
-                    and now - up.last_activity > cfg.read_timeout
-                ):
+                    c.abort()
+                elif up is None:
+                    pass
+                elif up.frame is None:
+                    if up.sent_at and now - up.sent_at > first_byte:
+                        self.first_byte_timeout(cur, up)
+                elif not c.flow.write_paused and now - up.last_activity > cfg.read_timeout:
+                    # Between bytes of a body: the long read_timeout (streams may pause).
                     self.upstream_error(
-                        cur, up, "timeout", f"no response within {cfg.read_timeout:g}s"
+                        cur, up, "timeout", f"no response data within {cfg.read_timeout:g}s"
                     )
             elif c.in_head and now - c.head_started > cfg.client_header_timeout:
                 c.reject(408, "timed out waiting for the request headers")
@@ -440,12 +537,14 @@ class HttpProxy:
                 if up not in keep:
                     up.close()
             self.idle[key] = keep
+        self.capacity.resize(nofile_limit())
         self.balancer.sweep(now)
 
     def status(self) -> dict[str, Any]:
         return {
             "port": self.port,
             "client_connections": len(self.clients),
+            **self.capacity.status(),
             "idle_upstream_connections": {
                 f"{k[0]}:{k[1]}": len(v) for k, v in self.idle.items() if v
             },
