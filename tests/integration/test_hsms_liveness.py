@@ -17,6 +17,7 @@ from zerodown_proxy.config import HsmsSection, load_config
 from zerodown_proxy.hsms.proxy import HsmsProxy
 from zerodown_proxy.metrics import Registry
 from zerodown_proxy.routing import AppState, Instance, RegistryState, Router
+from zerodown_proxy.watcher import Watcher
 
 from ..helpers import async_wait_until, instance, registry, write_registry
 from ..hsmspeers import RawHost, RawTool, metric, s6f11_body
@@ -128,7 +129,9 @@ async def test_new_backend_sessions_skip_instances_the_health_checker_says_are_d
         for k, h in enumerate(hosts)
     )
     router = Router()
-    router.offer(RegistryState(1, (AppState("drimeap", "blue", insts, hsms_device_id=0),)))
+    Watcher(router).submit(
+        RegistryState(1, (AppState("drimeap", "blue", insts, hsms_device_id=0),))
+    )
     down = {insts[0].id}
     asked: list[str] = []
 

@@ -41,7 +41,9 @@ async def test_first_byte_timeout_retries_idempotent_requests_elsewhere(tmp_path
             [instance("hung", "blue", "v1", hung.port), instance("live", "blue", "v1", live.port)],
         ),
     )
-    proxy = start_proxy(reg, "[http]\nfirst_byte_timeout = 0.5\n[outlier_detection]\nenabled = false")
+    proxy = start_proxy(
+        reg, "[http]\nfirst_byte_timeout = 0.5\n[outlier_detection]\nenabled = false"
+    )
     for _ in range(4):  # round robin: at least two of these go to the hung instance first
         start = time.monotonic()
         r = await request(proxy.http, b"GET /g HTTP/1.1\r\nHost: x\r\n\r\n", timeout=10)
