@@ -24,7 +24,8 @@ from ..metrics import BoundCounter, Registry
 from ..routing import Instance, Router, Snapshot
 from .balancer import Balancer
 from .capacity import Capacity, nofile_limit, raise_nofile_limit
-from .downstream import ClientProtocol, RequestCycle
+from .cycle import RequestCycle
+from .downstream import ClientProtocol
 from .framing import LENGTH, RequestFrame
 from .headers import PREVIEW_HEADER, TOKEN_HEADER, upstream_head
 from .upstream import UpstreamProtocol

@@ -33,7 +33,7 @@ from .framing import (
 )
 
 if TYPE_CHECKING:
-    from .downstream import RequestCycle
+    from .cycle import RequestCycle
     from .proxy import HttpProxy
 
 
