@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 # E37: the session id (device id) is 15 bits; the top bit of that header field is the W-bit.
@@ -50,10 +50,12 @@ class Instance:
     healthy: bool = True
     alloc: str | None = None
     checks: str = "passing"
+    # (address, http_port): the key of the instance's pools, in-flight counts and ejections.
+    # Computed once here because the data path reads it several times per request.
+    http_key: tuple[str, int] = field(init=False, repr=False, compare=False)
 
-    @property
-    def http_key(self) -> tuple[str, int]:
-        return (self.address, self.http_port)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "http_key", (self.address, self.http_port))
 
 
 @dataclass(frozen=True, slots=True)

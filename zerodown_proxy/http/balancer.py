@@ -128,7 +128,7 @@ class Balancer:
     def started(self, inst: Instance, retry: bool = False) -> None:
         """An attempt goes to `inst` (`retry`: not the request's first attempt)."""
         if not retry:
-            self.retries.request()
+            self.retries.requests += 1  # RetryBudget.request(), inlined: once per request
         key = inst.http_key
         self.inflight[key] = self.inflight.get(key, 0) + 1
 
@@ -228,14 +228,14 @@ class RetryBudget:
 
     WINDOW = 10.0
 
-    __slots__ = ("ratio", "floor", "_bucket_start", "_requests", "_retries", "_prev_requests",
+    __slots__ = ("ratio", "floor", "_bucket_start", "requests", "_retries", "_prev_requests",
                  "_prev_retries", "refused")  # fmt: skip
 
     def __init__(self, ratio: float, floor: int) -> None:
         self.ratio = ratio
         self.floor = floor
         self._bucket_start = time.monotonic()
-        self._requests = self._retries = 0
+        self.requests = self._retries = 0
         self._prev_requests = self._prev_retries = 0
         self.refused = 0
 
@@ -245,17 +245,17 @@ class RetryBudget:
             if now - self._bucket_start >= self.WINDOW:
                 self._prev_requests = self._prev_retries = 0
             else:
-                self._prev_requests, self._prev_retries = self._requests, self._retries
-            self._requests = self._retries = 0
+                self._prev_requests, self._prev_retries = self.requests, self._retries
+            self.requests = self._retries = 0
             self._bucket_start = now
 
     def request(self) -> None:
-        self._requests += 1
+        self.requests += 1
 
     def try_retry(self) -> bool:
         """Take one retry from the budget; False (and counted) when it is spent."""
         self._roll(time.monotonic())
-        requests = self._requests + self._prev_requests
+        requests = self.requests + self._prev_requests
         retries = self._retries + self._prev_retries
         if retries >= self.floor + self.ratio * requests:
             self.refused += 1

@@ -202,7 +202,9 @@ class HttpProxy:
         return cycle
 
     def send_request(self, cycle: RequestCycle) -> None:
-        snap: Snapshot = self.router.current()  # read once: this request's routing
+        router = self.router
+        # Read once: this request's routing (Router.current(), its common case inlined).
+        snap: Snapshot = router.snapshot if router.pending is None else router.current()
         host = cycle.host.decode("latin-1")
         path = cycle.path.decode("latin-1")
         app = snap.route(host, path if path != "*" else "/")
