@@ -4,9 +4,10 @@ path never crosses a process boundary.
 
 The supervisor reserves the ports (bound, not listening, so it never receives a connection),
 starts the workers as `zerodown proxy ... --reuse-port`, restarts one that dies, and serves the
-admin API for the whole proxy: /v1/status reports the *lowest* generation any worker has applied
-(a switch counts as applied only when every worker has it), /metrics merges the workers' metrics
-with a `worker` label, and its `hsms` section lists the tool sessions of every worker.
+admin API for the whole proxy (supervisor_admin.py): /v1/status reports the *lowest* generation
+any worker has applied (a switch counts as applied only when every worker has it), /metrics
+merges the workers' metrics with a `worker` label, and its `hsms` section lists the tool
+sessions of every worker.
 
 Switches happen at one instant in every worker: the supervisor owns the switch gate (see
 switch_gate.py). Workers prepare a switch in their slot and nudge the supervisor over an abstract
@@ -36,7 +37,6 @@ No orphans, whatever happens to the supervisor (Linux only, as SO_REUSEPORT load
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 import secrets
@@ -48,12 +48,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
-from aiohttp import web
 
 from .config import Config, parse_addr
 from .supervised import worker_argv
+from .supervisor_admin import SupervisorAdmin
 from .supervisor_merge import merge_hsms, merge_metrics
 from .switch_gate import GATE_ENV, INDEX_ENV, NOTIFY_ENV, GateFile, waiting_for
 
@@ -62,7 +61,6 @@ log = logging.getLogger("zerodown.workers")
 GATE_CHECK_INTERVAL = 0.05  # safety net: a nudge lost, a worker gone
 SWITCH_REPORT_AFTER = 2.0
 FIRST_COMMIT_TIMEOUT = 10.0
-WORKER_TIMEOUT = 1.0  # a hung worker must not make the supervisor's own answers time out
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -95,7 +93,7 @@ class Supervisor:
         self.restarts = 0
         self.reserved: list[socket.socket] = []
         self.listen: dict[str, str] = {}
-        self.session: aiohttp.ClientSession | None = None
+        self.admin = SupervisorAdmin(self)
         # ZERODOWN_SWITCH_GATE=off runs the workers without the gate (each switches on its own
         # as soon as it reads the registry): only to demonstrate what the gate prevents.
         self.gated = os.environ.get(GATE_ENV, "") != "off"
@@ -105,7 +103,6 @@ class Supervisor:
         self.waiting: list[int] = []
         self._checker: asyncio.Task[None] | None = None
         self._notify: socket.socket | None = None
-        self._runner: web.AppRunner | None = None
 
     def reserve(self) -> dict[str, int]:
         ports = {}
@@ -257,76 +254,6 @@ class Supervisor:
                 return
             await asyncio.sleep(0.005)
 
-    # -- admin --------------------------------------------------------------------------------
-
-    async def _get(self, admin: str | None, path: str) -> Any:
-        if admin is None or self.session is None:
-            return None
-        try:
-            async with self.session.get(
-                f"http://{admin}{path}", timeout=aiohttp.ClientTimeout(total=WORKER_TIMEOUT)
-            ) as r:
-                return await (r.text() if path == "/metrics" else r.json())
-        except (TimeoutError, aiohttp.ClientError, ValueError):
-            return None
-
-    async def status(self, request: web.Request) -> web.Response:
-        results = await asyncio.gather(*(self._get(a, "/v1/status") for a in self.admins))
-        gens = [r["generation"] if r else None for r in results]
-        known = [g for g in gens if g is not None]
-        body = dict(results[0] or {})
-        hsms = merge_hsms([r.get("hsms") if r else None for r in results])
-        if hsms is not None:
-            body["hsms"] = hsms
-        body.update(
-            {
-                "name": self.cfg.proxy.name or socket.gethostname(),
-                "generation": min(known) if len(known) == self.n else 0,
-                "workers": [
-                    {
-                        "index": i,
-                        "pid": p.pid if p else None,
-                        "admin": a,
-                        "generation": g,
-                        "switch_pending": r.get("switch_pending") if r else None,
-                    }
-                    for i, (p, a, g, r) in enumerate(
-                        zip(self.procs, self.admins, gens, results, strict=True)
-                    )
-                ],
-                "worker_restarts": self.restarts,
-                "switch": self.switch_status(),
-            }
-        )
-        return web.json_response(body, dumps=lambda o: orjson.dumps(o).decode())
-
-    async def health(self, request: web.Request) -> web.Response:
-        results = await asyncio.gather(*(self._get(a, "/health") for a in self.admins))
-        ok = all(r and r.get("status") == "ok" for r in results)
-        return web.json_response(
-            {"status": "ok" if ok else "degraded", "workers": results}, status=200 if ok else 503
-        )
-
-    async def metrics(self, request: web.Request) -> web.Response:
-        texts = await asyncio.gather(*(self._get(a, "/metrics") for a in self.admins))
-        return web.Response(text=merge_metrics([t or "" for t in texts]), content_type="text/plain")
-
-    async def reload(self, request: web.Request) -> web.Response:
-        supplied = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        token = self.cfg.proxy.admin_token
-        if not token or not hmac.compare_digest(supplied.encode(), token.encode()):
-            return web.json_response(
-                {"error": "this call needs 'Authorization: Bearer <admin token>'"}, status=401
-            )
-        results = []
-        assert self.session is not None
-        for admin in self.admins:
-            async with self.session.post(
-                f"http://{admin}/v1/reload", headers={"Authorization": f"Bearer {token}"}
-            ) as r:
-                results.append(await r.json())
-        return web.json_response({"workers": results})
-
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def run(self) -> int:
@@ -370,22 +297,11 @@ class Supervisor:
             notify.setblocking(False)
             loop.add_reader(notify.fileno(), self._nudged, notify)
             self._checker = loop.create_task(self._check_gate_forever())
-        self.session = aiohttp.ClientSession()
-        app = web.Application()
-        app.router.add_get("/v1/status", self.status)
-        app.router.add_get("/health", self.health)
-        app.router.add_get("/metrics", self.metrics)
-        app.router.add_post("/v1/reload", self.reload)
-        runner = self._runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        host, port = parse_addr(self.cfg.proxy.admin_listen, "127.0.0.1")
-        site = web.TCPSite(runner, host, port, reuse_address=True)
         try:
-            await site.start()
+            host, ports["admin"] = await self.admin.start()
         except OSError as exc:
             log.error("cannot bind the admin API on %s: %s", self.cfg.proxy.admin_listen, exc)
             return 1
-        ports["admin"] = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self.admin_addr = (
             f"[{host}]:{ports['admin']}" if ":" in host else f"{host}:{ports['admin']}"
         )
@@ -405,8 +321,7 @@ class Supervisor:
 
     async def _shutdown(self, loop: asyncio.AbstractEventLoop) -> None:
         await self.stop()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        await self.admin.cleanup()
         if self._checker is not None:
             self._checker.cancel()
         if self._notify is not None:
@@ -431,8 +346,7 @@ class Supervisor:
             except TimeoutError:
                 p.kill()
                 await p.wait()
-        if self.session is not None:
-            await self.session.close()
+        await self.admin.close_session()
         for s in self.reserved:
             s.close()
 

@@ -724,10 +724,10 @@ async def test_a_switch_that_lost_its_lock_does_not_write(
 ) -> None:
     """Frozen past its session's TTL (here: the session destroyed under it), a switch finds
     out right before its write and refuses; the Active key is not touched."""
-    from orchestrator import release_nomad
+    from orchestrator import nomad_switch  # the switch's own checks (release_nomad calls it)
 
     stack = nomad_stack
-    real_probe = release_nomad.probe_http
+    real_probe = nomad_switch.probe_http
 
     async def probe_then_lose_the_session(*args: Any, **kw: Any) -> str:
         with stack.consul._lock:
@@ -735,7 +735,7 @@ async def test_a_switch_that_lost_its_lock_does_not_write(
                 stack.consul.sessions.invalidate(sid)
         return await real_probe(*args, **kw)
 
-    monkeypatch.setattr(release_nomad, "probe_http", probe_then_lose_the_session)
+    monkeypatch.setattr(nomad_switch, "probe_http", probe_then_lose_the_session)
     backend = NomadConsulBackend(
         Settings(
             nomad_addr=stack.nomad.url,

@@ -1,9 +1,12 @@
-"""The HTTP proxy: listener, routing decision, upstream pools, passive ejection, timeouts.
+"""The HTTP proxy: listener, routing decision, backend choice, connect, retries, errors.
 
 Per request: read the routing snapshot once, pick the app by Host/path, pick an Active instance
 (round-robin or least-connections, skipping ejected ones), reuse a pooled connection or open one.
 Errors become explicit answers: 502 (backend failed), 503 (nobody to send to), 504 (backend too
 slow), each with a plain-text body that says why.
+
+Its parts live beside it: the idle pool in pool.py, the counters and access log in
+accounting.py, the periodic timeout sweep in timeouts.py, fd accounting in capacity.py.
 """
 
 from __future__ import annotations
@@ -13,26 +16,24 @@ import functools
 import hmac
 import logging
 import os
-import sys
 import time
 from typing import Any
 
-import orjson
-
 from ..config import HttpSection
-from ..metrics import BoundCounter, Registry
+from ..metrics import Registry
 from ..routing import Instance, Router, Snapshot
+from .accounting import HttpAccounting, register_gauges
 from .balancer import Balancer
 from .capacity import Capacity, nofile_limit, raise_nofile_limit
 from .cycle import RequestCycle
 from .downstream import ClientProtocol
 from .framing import LENGTH, RequestFrame
 from .headers import PREVIEW_HEADER, TOKEN_HEADER, upstream_head
+from .pool import IdlePool
+from .timeouts import sweep_forever
 from .upstream import UpstreamProtocol
 
 log = logging.getLogger("zerodown.http")
-
-SWEEP_INTERVAL = 0.25
 
 
 class HttpProxy:
@@ -47,12 +48,14 @@ class HttpProxy:
         self.router = router
         self.cfg = cfg
         self.admin_token = admin_token.encode()
-        self.access_log = access_log
         self.loop = asyncio.get_event_loop()
         self.clients: set[ClientProtocol] = set()
-        self.idle: dict[tuple[str, int], list[UpstreamProtocol]] = {}
+        self.pool = pool = IdlePool(cfg)
+        # The pool's own dict and methods, bound once for the hot path (_attempt, upstream).
+        self.idle = pool.idle
+        self.pool_release = pool.release
+        self.pool_discard = pool.discard
         self.balancer = Balancer(cfg, metrics)
-        self.routable: frozenset[tuple[str, int]] = frozenset()
         self.draining = False
         self.port = 0
         self._rid_prefix = os.urandom(4).hex().encode()
@@ -60,68 +63,17 @@ class HttpProxy:
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.connections_opened = 0
-        # app -> status -> its bound counter: the hot path builds no label tuple per response.
-        self._answered: dict[str, dict[int, BoundCounter]] = {}
         # Sized from the open-files limit at start(); until then from the current one.
         self.capacity = Capacity(cfg.max_client_connections, cfg.fd_reserve, nofile_limit())
 
-        m = metrics
-        self.m_requests = m.counter(
-            "zerodown_http_requests_total",
-            "HTTP responses sent, by app and status",
-            ("app", "code"),
-        )
-        self.m_latency = m.histogram(
-            "zerodown_http_request_duration_seconds",
-            "Time from request head to last response byte",
-            ("app",),
-        )
-        self.m_upstream_errors = m.counter(
-            "zerodown_http_upstream_errors_total",
-            "Backend failures by kind (connect, reset, timeout, first_byte_timeout, protocol)",
-            ("app", "kind"),
-        )
-        self.m_retries = m.counter(
-            "zerodown_http_retries_total", "Requests retried on another instance", ("app",)
-        )
-        self.m_client_errors = m.counter(
-            "zerodown_http_client_errors_total", "Requests refused for bad input", ("code",)
-        )
-        self.m_client_aborts = m.counter(
-            "zerodown_http_client_aborts_total", "Clients that left before their response", ("app",)
-        )
-        m.gauge(
-            "zerodown_http_client_connections",
-            "Open client connections",
-            fn=lambda: len(self.clients),
-        )
-        m.gauge(
-            "zerodown_http_client_connection_limit",
-            "Client connections accepted at most (max_client_connections, file descriptors)",
-            fn=lambda: self.capacity.client_limit,
-        )
-        m.counter_fn(
-            "zerodown_http_client_connections_refused_total",
-            "Client connections answered 503 and closed because the proxy was at its limit",
-            lambda: self.capacity.refused,
-        )
-        m.gauge(
-            "zerodown_http_upstream_connections",
-            "Backend connections open or being opened",
-            fn=lambda: self.capacity.upstreams,
-        )
-        m.gauge(
-            "zerodown_http_fd_budget",
-            "File descriptors the HTTP side may hold (open-files limit minus fd_reserve)",
-            fn=lambda: self.capacity.fd_budget,
-        )
-        m.gauge(
-            "zerodown_http_upstream_idle_connections",
-            "Idle pooled backend connections",
-            fn=lambda: sum(len(v) for v in self.idle.values()),
-        )
-        router.subscribe(self._on_snapshot)
-        self._on_snapshot(router.snapshot, router.snapshot)
+        self.acc = acc = HttpAccounting(metrics, self.balancer, access_log)
+        # Bound once: the hot path calls proxy.count_response etc. with no extra lookup.
+        self.count_response = acc.count_response
+        self.count_client_error = acc.count_client_error
+        self.count_client_abort = acc.count_client_abort
+        register_gauges(metrics, self)
+        router.subscribe(pool.on_snapshot)
+        pool.on_snapshot(router.snapshot, router.snapshot)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -139,11 +91,12 @@ class HttpProxy:
             reuse_port=reuse_port or None,
         )
         self.port = self._server.sockets[0].getsockname()[1]
-        self._sweeper = self.loop.create_task(self._sweep_forever())
+        self._sweeper = self.loop.create_task(sweep_forever(self))
 
     async def close(self, grace: float) -> None:
         """Stop accepting, let requests in flight finish (up to `grace` s), then cut the rest."""
         self.draining = True
+        self.pool.closing = True
         if self._server is not None:
             self._server.close()
         for c in list(self.clients):
@@ -154,10 +107,7 @@ class HttpProxy:
             await asyncio.sleep(0.02)
         for c in list(self.clients):
             c.abort()
-        for conns in self.idle.values():
-            for up in conns:
-                up.close()
-        self.idle.clear()
+        self.pool.close_all()
         if self._sweeper is not None:
             self._sweeper.cancel()
 
@@ -244,7 +194,7 @@ class HttpProxy:
 
     def _connect(self, cycle: RequestCycle, inst: Instance) -> None:
         cap = self.capacity
-        if not cap.upstream_room(len(self.clients)) and not self._evict_idle():
+        if not cap.upstream_room(len(self.clients)) and not self.pool.evict_one():
             self.balancer.finished(inst, 0)
             cycle.instance = None
             cycle.client.respond_error(
@@ -263,16 +213,6 @@ class HttpProxy:
         )
         timer = loop.call_later(self.cfg.connect_timeout, task.cancel)
         task.add_done_callback(functools.partial(self._connected, cycle, inst, timer))
-
-    def _evict_idle(self) -> bool:
-        """Close one idle pooled connection (from the largest pool) to make room."""
-        conns = max(self.idle.values(), key=len, default=None)
-        if not conns:
-            return False
-        # The oldest. Its fd is freed (and uncounted) when the close completes, a moment later:
-        # until then the budget is exceeded by that one closing socket, inside the reserve.
-        conns.pop(0).close()
-        return True
 
     def _connected(
         self, cycle: RequestCycle, inst: Instance, timer: asyncio.TimerHandle, task: asyncio.Task
@@ -296,14 +236,14 @@ class HttpProxy:
 
     def _connect_failed(self, cycle: RequestCycle, inst: Instance, err: str) -> None:
         app = cycle.app.name if cycle.app else "-"
-        self.m_upstream_errors.inc((app, "connect"))
+        self.acc.m_upstream_errors.inc((app, "connect"))
         self.balancer.failed(inst, "connect")
         log.warning("connect to %s (%s:%s) failed: %s", inst.id, inst.address, inst.http_port, err)
         if cycle.aborted:
             return
         if self._may_retry(cycle):
             # Nothing reached any backend yet, so any method may go elsewhere.
-            self.m_retries.inc((app,))
+            self.acc.m_retries.inc((app,))
             self._attempt(cycle)
             return
         cycle.client.respond_error(cycle, 502, f"could not connect to backend {inst.id}: {err}")
@@ -328,7 +268,7 @@ class HttpProxy:
             return
         if up.reused and cycle.retained is not None and len(cycle.tried) < 2 and not cycle.status:
             # A pool artifact, not a sign of a slow backend: outside the retry budget.
-            self.m_retries.inc((app,))
+            self.acc.m_retries.inc((app,))
             self._attempt(cycle)
             return
         self.upstream_error(cycle, up, "reset", "backend closed the connection before answering")
@@ -340,7 +280,7 @@ class HttpProxy:
         up.abort()
         inst = cycle.instance
         app = cycle.app.name if cycle.app else "-"
-        self.m_upstream_errors.inc((app, kind))
+        self.acc.m_upstream_errors.inc((app, kind))
         if inst is not None:
             self.balancer.failed(inst, kind)
             log.warning("backend %s: %s (%s)", inst.id, message, kind)
@@ -364,7 +304,7 @@ class HttpProxy:
         inst = cycle.instance
         app = cycle.app.name if cycle.app else "-"
         limit = min(self.cfg.first_byte_timeout, self.cfg.read_timeout)
-        self.m_upstream_errors.inc((app, "first_byte_timeout"))
+        self.acc.m_upstream_errors.inc((app, "first_byte_timeout"))
         who = inst.id if inst is not None else "backend"
         if inst is not None:
             self.balancer.failed(inst, "first_byte_timeout")
@@ -372,7 +312,7 @@ class HttpProxy:
         if cycle.aborted:
             return
         if cycle.retained is not None and self._may_retry(cycle):
-            self.m_retries.inc((app,))
+            self.acc.m_retries.inc((app,))
             self._attempt(cycle)
             return
         cycle.client.respond_error(
@@ -384,7 +324,7 @@ class HttpProxy:
         body on 204/304, a response nobody asked for): this exchange is answered, the
         connection is closed instead of pooled, and the event is counted."""
         app = cycle.app.name if cycle.app else "-"
-        self.m_upstream_errors.inc((app, "protocol"))
+        self.acc.m_upstream_errors.inc((app, "protocol"))
         inst = cycle.instance
         if inst is not None:
             self.balancer.failed(inst, "protocol")
@@ -414,142 +354,11 @@ class HttpProxy:
     def upstream_gone(self, up: UpstreamProtocol) -> None:
         self.capacity.upstreams -= 1
 
-    # -- pool ---------------------------------------------------------------------------------
-
-    def pool_release(self, up: UpstreamProtocol) -> None:
-        if up.closed or self.draining or up.key not in self.routable:
-            up.close()
-            return
-        conns = self.idle.get(up.key)
-        if conns is None:
-            conns = self.idle[up.key] = []
-        if len(conns) >= self.cfg.max_idle_per_instance:
-            up.close()
-            return
-        up.idle_since = time.monotonic()
-        conns.append(up)
-
-    def pool_discard(self, up: UpstreamProtocol) -> None:
-        conns = self.idle.get(up.key)
-        if conns and up in conns:
-            conns.remove(up)
-
-    def _on_snapshot(self, old: Snapshot, new: Snapshot) -> None:
-        keys = set()
-        for app in new.apps.values():
-            keys.update(i.http_key for i in app.active)
-            keys.update(i.http_key for i in app.standby)
-        self.routable = frozenset(keys)
-        active = {i.http_key for app in new.apps.values() for i in app.active}
-        # Demoted instances keep their in-flight requests but lose their idle connections, so
-        # the next request cannot land on them through the pool.
-        for key in list(self.idle):
-            if key not in active:
-                for up in self.idle.pop(key):
-                    up.close()
-
-    # -- accounting ---------------------------------------------------------------------------
-
-    def count_response(self, cycle: RequestCycle) -> None:
-        app = cycle.app.name if cycle.app is not None else "-"
-        inst = cycle.instance
-        if inst is not None:
-            self.balancer.finished(inst, cycle.status)
-            cycle.instance = None
-        elapsed = time.perf_counter() - cycle.start
-        by_status = self._answered.get(app)
-        if by_status is None:
-            by_status = self._answered[app] = {}
-        bound = by_status.get(cycle.status)
-        if bound is None:
-            bound = by_status[cycle.status] = self.m_requests.bind((app, str(cycle.status)))
-        bound.inc()
-        self.m_latency.observe(elapsed, (app,))
-        if self.access_log:
-            sys.stdout.buffer.write(
-                orjson.dumps(
-                    {
-                        "ts": time.time(),
-                        "event": "access",
-                        "id": cycle.request_id,
-                        "client": cycle.client.peer,
-                        "method": cycle.method.decode("latin-1"),
-                        "path": cycle.path.decode("latin-1"),
-                        "status": cycle.status,
-                        "app": app,
-                        "instance": inst.id if inst else None,
-                        "version": inst.version if inst else None,
-                        "ms": round(elapsed * 1000, 3),
-                    }
-                )
-                + b"\n"
-            )
-
-    def count_client_error(self, status: int) -> None:
-        self.m_client_errors.inc((str(status),))
-
-    def count_client_abort(self, cycle: RequestCycle) -> None:
-        inst = cycle.instance
-        if inst is not None:
-            self.balancer.finished(inst, 0)
-            cycle.instance = None
-        self.m_client_aborts.inc((cycle.app.name if cycle.app else "-",))
-
-    # -- timeouts -----------------------------------------------------------------------------
-
-    async def _sweep_forever(self) -> None:
-        while True:
-            await asyncio.sleep(SWEEP_INTERVAL)
-            try:
-                self.sweep(time.monotonic())
-            except Exception:
-                log.exception("timeout sweep failed")
-
-    def sweep(self, now: float) -> None:
-        """Every timeout of the HTTP side, checked here (no timer per request)."""
-        cfg = self.cfg
-        # Waiting for the head is bounded by both (read_timeout: no silence is ever longer).
-        first_byte = min(cfg.first_byte_timeout, cfg.read_timeout)
-        for c in list(self.clients):
-            cur = c.current
-            if c.tunnel is not None:
-                continue
-            if cur is not None:
-                up = cur.upstream
-                if not cur.request_done and now - c.last_activity > cfg.read_timeout:
-                    self.count_client_error(408)
-                    c.abort()
-                elif up is None:
-                    pass
-                elif up.frame is None:
-                    if up.sent_at and now - up.sent_at > first_byte:
-                        self.first_byte_timeout(cur, up)
-                elif not c.flow.write_paused and now - up.last_activity > cfg.read_timeout:
-                    # Between bytes of a body: the long read_timeout (streams may pause).
-                    self.upstream_error(
-                        cur, up, "timeout", f"no response data within {cfg.read_timeout:g}s"
-                    )
-            elif c.in_head and now - c.head_started > cfg.client_header_timeout:
-                c.reject(408, "timed out waiting for the request headers")
-            elif c.idle() and now - c.last_activity > cfg.client_idle_timeout:
-                c.close()
-        limit = now - cfg.upstream_idle_timeout
-        for key, conns in list(self.idle.items()):
-            keep = [up for up in conns if up.idle_since > limit and not up.closed]
-            for up in conns:
-                if up not in keep:
-                    up.close()
-            self.idle[key] = keep
-        self.capacity.resize(nofile_limit())
-        self.balancer.sweep(now)
-
     def status(self) -> dict[str, Any]:
         return {
             "port": self.port,
             "client_connections": len(self.clients),
             **self.capacity.status(),
-            "idle_upstream_connections": {
-                f"{k[0]}:{k[1]}": len(v) for k, v in self.idle.items() if v
-            },
+            "idle_upstream_connections": self.pool.status(),
             **self.balancer.status(),
         }

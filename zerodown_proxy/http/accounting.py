@@ -1,0 +1,138 @@
+"""What the HTTP side counts: its metrics, the per-response accounting and the access log.
+
+`HttpAccounting` owns the counters and histograms; `count_response` runs once per response on
+the hot path (label sets bound once per app and status, no tuple built per response).
+`register_gauges` adds the gauges read from the proxy's live state at scrape time.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TYPE_CHECKING
+
+import orjson
+
+from ..metrics import BoundCounter, Registry
+from .balancer import Balancer
+
+if TYPE_CHECKING:
+    from .cycle import RequestCycle
+    from .proxy import HttpProxy
+
+
+class HttpAccounting:
+    __slots__ = (
+        "balancer", "access_log", "_answered", "m_requests", "m_latency", "m_upstream_errors",
+        "m_retries", "m_client_errors", "m_client_aborts",
+    )  # fmt: skip
+
+    def __init__(self, metrics: Registry, balancer: Balancer, access_log: bool) -> None:
+        self.balancer = balancer
+        self.access_log = access_log
+        # app -> status -> its bound counter: the hot path builds no label tuple per response.
+        self._answered: dict[str, dict[int, BoundCounter]] = {}
+        m = metrics
+        self.m_requests = m.counter(
+            "zerodown_http_requests_total",
+            "HTTP responses sent, by app and status",
+            ("app", "code"),
+        )
+        self.m_latency = m.histogram(
+            "zerodown_http_request_duration_seconds",
+            "Time from request head to last response byte",
+            ("app",),
+        )
+        self.m_upstream_errors = m.counter(
+            "zerodown_http_upstream_errors_total",
+            "Backend failures by kind (connect, reset, timeout, first_byte_timeout, protocol)",
+            ("app", "kind"),
+        )
+        self.m_retries = m.counter(
+            "zerodown_http_retries_total", "Requests retried on another instance", ("app",)
+        )
+        self.m_client_errors = m.counter(
+            "zerodown_http_client_errors_total", "Requests refused for bad input", ("code",)
+        )
+        self.m_client_aborts = m.counter(
+            "zerodown_http_client_aborts_total", "Clients that left before their response", ("app",)
+        )
+
+    def count_response(self, cycle: RequestCycle) -> None:
+        app = cycle.app.name if cycle.app is not None else "-"
+        inst = cycle.instance
+        if inst is not None:
+            self.balancer.finished(inst, cycle.status)
+            cycle.instance = None
+        elapsed = time.perf_counter() - cycle.start
+        by_status = self._answered.get(app)
+        if by_status is None:
+            by_status = self._answered[app] = {}
+        bound = by_status.get(cycle.status)
+        if bound is None:
+            bound = by_status[cycle.status] = self.m_requests.bind((app, str(cycle.status)))
+        bound.inc()
+        self.m_latency.observe(elapsed, (app,))
+        if self.access_log:
+            sys.stdout.buffer.write(
+                orjson.dumps(
+                    {
+                        "ts": time.time(),
+                        "event": "access",
+                        "id": cycle.request_id,
+                        "client": cycle.client.peer,
+                        "method": cycle.method.decode("latin-1"),
+                        "path": cycle.path.decode("latin-1"),
+                        "status": cycle.status,
+                        "app": app,
+                        "instance": inst.id if inst else None,
+                        "version": inst.version if inst else None,
+                        "ms": round(elapsed * 1000, 3),
+                    }
+                )
+                + b"\n"
+            )
+
+    def count_client_error(self, status: int) -> None:
+        self.m_client_errors.inc((str(status),))
+
+    def count_client_abort(self, cycle: RequestCycle) -> None:
+        inst = cycle.instance
+        if inst is not None:
+            self.balancer.finished(inst, 0)
+            cycle.instance = None
+        self.m_client_aborts.inc((cycle.app.name if cycle.app else "-",))
+
+
+def register_gauges(m: Registry, proxy: HttpProxy) -> None:
+    """Gauges read from the proxy at scrape time (capacity is replaced at start: read late)."""
+    m.gauge(
+        "zerodown_http_client_connections",
+        "Open client connections",
+        fn=lambda: len(proxy.clients),
+    )
+    m.gauge(
+        "zerodown_http_client_connection_limit",
+        "Client connections accepted at most (max_client_connections, file descriptors)",
+        fn=lambda: proxy.capacity.client_limit,
+    )
+    m.counter_fn(
+        "zerodown_http_client_connections_refused_total",
+        "Client connections answered 503 and closed because the proxy was at its limit",
+        lambda: proxy.capacity.refused,
+    )
+    m.gauge(
+        "zerodown_http_upstream_connections",
+        "Backend connections open or being opened",
+        fn=lambda: proxy.capacity.upstreams,
+    )
+    m.gauge(
+        "zerodown_http_fd_budget",
+        "File descriptors the HTTP side may hold (open-files limit minus fd_reserve)",
+        fn=lambda: proxy.capacity.fd_budget,
+    )
+    m.gauge(
+        "zerodown_http_upstream_idle_connections",
+        "Idle pooled backend connections",
+        fn=proxy.pool.size,
+    )
