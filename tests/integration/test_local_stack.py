@@ -13,7 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from ..helpers import ROOT, wait_until
+from ..helpers import ROOT, HeldProxy, wait_until
 
 
 def zd(state: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -246,63 +246,17 @@ def test_proxy_config_holding_the_admin_token_is_private(stack: Path):
 # -- the release lock -------------------------------------------------------------------------
 
 
-class HeldProxy:
-    """A second proxy in the registry that does not report a new generation until the test lets
-    it (`release()`), or MAX_HOLD s after the registry showed it (under the switch's 10 s
-    proxy timeout): a switch stays in its final wait, holding the release lock, as long as the
-    test needs."""
-
-    MAX_HOLD = 8.0
-
-    def __init__(self, registry_path: Path) -> None:
-        import http.server
-        import threading
-        import time
-
-        seen: dict[int, float] = {}
-        self.released = threading.Event()
-        released, hold = self.released, self.MAX_HOLD
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-                gen = orjson.loads(registry_path.read_bytes())["generation"]
-                now = time.monotonic()
-                seen.setdefault(gen, now)
-                if released.is_set():
-                    shown = gen
-                else:
-                    shown = max((g for g, t in seen.items() if now - t >= hold), default=0)
-                body = orjson.dumps({"generation": shown})
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def release(self) -> None:
-        self.released.set()
-
-    def hold(self) -> None:
-        self.released.clear()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+def held_proxy(registry_path: Path) -> HeldProxy:
+    """A second proxy of the local stack that reports the registry's generation only when the
+    test lets it (see tests/helpers.HeldProxy)."""
+    return HeldProxy(lambda: orjson.loads(registry_path.read_bytes())["generation"])
 
 
 @pytest.fixture
 def held(stack: Path):
     from orchestrator import registry
 
-    proxy = HeldProxy(stack / "registry.json")
+    proxy = held_proxy(stack / "registry.json")
     registry.update(
         stack / "registry.json",
         lambda r: r["proxies"].append({"name": "held", "admin": f"127.0.0.1:{proxy.port}"}),

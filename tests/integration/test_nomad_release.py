@@ -25,7 +25,7 @@ from orchestrator.hashicorp_api import ConsulApi, NomadApi
 from orchestrator.release_nomad import NomadConsulBackend, Settings
 
 from ..fake_agents import NomadStack
-from ..helpers import ProxyProc, wait_until
+from ..helpers import HeldProxy, ProxyProc, wait_until
 
 KEY = "zerodown/drimeap/active"
 TOKEN = "test-token"
@@ -560,50 +560,13 @@ BUSY = re.compile(
 )
 
 
-class HeldProxy:
-    """A registered zerodown-proxy that does not report a new ModifyIndex of the Active key
-    until the test lets it (`release()`), or MAX_HOLD s after it changed (under the switch's
-    10 s proxy timeout): a switch stays in its last wait, holding the lock, as long as needed."""
-
-    MAX_HOLD = 8.0
-
-    def __init__(self, consul: FakeConsul) -> None:
-        import http.server
-        import threading
-        import time
-
-        seen: dict[int, float] = {}
-        self.released = threading.Event()
-        released, hold = self.released, self.MAX_HOLD
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-                now = time.monotonic()
-                gen = consul.kv_get(KEY)[1]
-                seen.setdefault(gen, now)
-                if released.is_set():
-                    shown = gen
-                else:
-                    shown = max((g for g, t in seen.items() if now - t >= hold), default=0)
-                body = orjson.dumps({"generation": shown})
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        port = self.server.server_address[1]
-        consul.register("zerodown-proxy-held", "zerodown-proxy", "127.0.0.1", port,
-                        meta={"admin": f"127.0.0.1:{port}"}, check_status="passing")  # fmt: skip
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+def held_proxy(consul: FakeConsul) -> HeldProxy:
+    """A registered zerodown-proxy that reports the Active key's ModifyIndex only when the test
+    lets it (see tests/helpers.HeldProxy)."""
+    proxy = HeldProxy(lambda: consul.kv_get(KEY)[1])
+    consul.register("zerodown-proxy-held", "zerodown-proxy", "127.0.0.1", proxy.port,
+                    meta={"admin": f"127.0.0.1:{proxy.port}"}, check_status="passing")  # fmt: skip
+    return proxy
 
 
 def popen_cli(stack: NomadStack, tmp_path: Path, *args: str) -> subprocess.Popen[str]:
@@ -621,7 +584,7 @@ def test_two_switches_started_together_one_runs_the_other_refuses_nomad(
     nomad_stack: NomadStack, tmp_path: Path
 ) -> None:
     stack = nomad_stack
-    held = HeldProxy(stack.consul)
+    held = held_proxy(stack.consul)
     try:
         active = "blue"
         for n in range(3):
