@@ -65,6 +65,7 @@ class ProxyServer:
             lambda: self.admin.token if self.admin else "",
             ReleaseDesk(cfg, self.config_path),
             self._samples,
+            self._proxies,
         )
         self.admin = AdminApi(
             self.router, self.metrics, cfg.proxy.admin_token, self.name, parts={},
@@ -124,6 +125,13 @@ class ProxyServer:
         if self.sampler is None:
             return {"buckets": [], "samples": []}
         return self.sampler.raw(since)
+
+    async def _proxies(self) -> dict[str, Any] | None:
+        if self.cfg.discovery.provider != "consul" or self.provider is None:
+            return None  # the file provider: this proxy (the page reads /v1/status)
+        from .dashboard.proxies import consul_proxies
+
+        return await consul_proxies(self.provider.client)
 
     async def stop(self) -> None:
         grace = self.cfg.proxy.shutdown_grace

@@ -46,7 +46,10 @@ class SupervisorAdmin:
         app.router.add_post("/v1/reload", self.reload)
         sup = self.sup
         dashboard = Dashboard(
-            lambda: sup.cfg.proxy.admin_token, ReleaseDesk(sup.cfg, sup.config_path), self.samples
+            lambda: sup.cfg.proxy.admin_token,
+            ReleaseDesk(sup.cfg, sup.config_path),
+            self.samples,
+            self.proxies,
         )
         dashboard.register(app)  # the web dashboard at /, over all workers (dashboard/)
         runner = self._runner = web.AppRunner(app, access_log=None)
@@ -110,6 +113,14 @@ class SupervisorAdmin:
         """Every worker's per-second traffic samples, summed (dashboard/series.py)."""
         path = f"/v1/dashboard/samples?since={since}"
         return merge_samples(await asyncio.gather(*(self._get(a, path) for a in self.sup.admins)))
+
+    async def proxies(self) -> dict[str, Any] | None:
+        """The proxies registered in Consul, as the first worker that answers sees them."""
+        for admin in self.sup.admins:
+            found = await self._get(admin, "/v1/dashboard/proxies")
+            if found is not None:
+                return found
+        return {"error": "no worker answered"}
 
     async def health(self, request: web.Request) -> web.Response:
         results = await asyncio.gather(*(self._get(a, "/health") for a in self.sup.admins))

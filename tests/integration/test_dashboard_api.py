@@ -5,12 +5,14 @@ admin token or from another origin, and run as `zerodown switch|rollback` (audit
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 from pathlib import Path
 
 import aiohttp
 import orjson
 
-from ..helpers import instance, registry, write_registry
+from ..helpers import instance, registry, wait_until, write_registry
+from .test_consul_discovery import KEY, backends, config, proxies, register_backends  # noqa: F401
 
 TOKEN = "test-token"  # ProxyProc's admin token
 
@@ -145,3 +147,22 @@ async def test_actions_need_the_token_and_the_same_origin_then_run_the_cli(
             shown = (await r.json())["records"]
         assert [x["action"] for x in shown] == ["switch", "rollback"]  # this app's only
         assert shown[-1]["result"] == "ok" and shown[-1]["to"] == "blue"
+
+
+def test_consul_proxies_listed_with_generation(consul, backends, proxies) -> None:  # noqa: F811
+    """With the Consul provider: every registered proxy and the generation it has applied."""
+    register_backends(consul, backends)
+    gen = consul.kv_set(KEY, "blue")
+    ps = [proxies(config(consul, wait=30.0), f"p{n}") for n in range(2)]
+    for p in ps:
+        p.wait_generation(gen)
+
+    def listed() -> list[dict] | None:
+        url = f"http://127.0.0.1:{ps[0].admin}/v1/dashboard/proxies"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            found = orjson.loads(r.read())["proxies"]
+        return found if len(found) == 2 and all(x["generation"] == gen for x in found) else None
+
+    found = wait_until(listed, 20, "both registered proxies with their generation")
+    assert sorted(x["admin"] for x in found) == sorted(f"127.0.0.1:{p.admin}" for p in ps)
+    assert all(x["error"] is None for x in found)

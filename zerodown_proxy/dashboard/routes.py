@@ -3,6 +3,8 @@
 - `GET /` and `GET /dashboard/<asset>`: the page (static files shipped in the package).
 - `GET /v1/dashboard/series`: per-second request rate, 5xx share and p50/p99 per version.
 - `GET /v1/dashboard/history?app=A`: the release audit trail (`zerodown history`).
+- `GET /v1/dashboard/proxies`: with the Consul provider, every registered proxy and the
+  generation it has applied (proxies.py).
 - `POST /v1/dashboard/switch|rollback` (JSON `{"app": A}`): the admin token in the
   Authorization header, same-origin only, run as `zerodown switch|rollback` (release.py).
 The page itself polls `/v1/status` for everything else; reading needs no token.
@@ -33,6 +35,7 @@ _CSP = (
 _NO_STORE = {"Cache-Control": "no-store"}
 
 RawSamples = Callable[[int], Awaitable[dict[str, Any]]]
+Proxies = Callable[[], Awaitable[dict[str, Any] | None]]
 
 
 def authorized(request: web.Request, token: str) -> bool:
@@ -82,10 +85,12 @@ class Dashboard:
         token: Callable[[], str],
         desk: ReleaseDesk,
         raw_samples: RawSamples,
+        proxies: Proxies,
     ) -> None:
         self.token = token
         self.desk = desk
         self.raw_samples = raw_samples  # since -> the raw ring (a worker's, or merged)
+        self.proxies = proxies  # the proxies registered in Consul (None: file provider)
 
     def register(self, app: web.Application) -> None:
         app.router.add_get("/", self.page)
@@ -93,6 +98,7 @@ class Dashboard:
         app.router.add_get("/v1/dashboard/samples", self.samples)
         app.router.add_get("/v1/dashboard/series", self.series)
         app.router.add_get("/v1/dashboard/history", self.history)
+        app.router.add_get("/v1/dashboard/proxies", self.known_proxies)
         app.router.add_post("/v1/dashboard/{action:switch|rollback}", self.act)
 
     async def page(self, request: web.Request) -> web.Response:
@@ -127,6 +133,12 @@ class Dashboard:
         if (since := _int_query(request, "since")) is None:
             return _json({"error": "since must be a unix time in seconds"}, 400)
         return _json(series(await self.raw_samples(since)))
+
+    async def known_proxies(self, request: web.Request) -> web.Response:
+        """{"proxies": [...]} with the Consul provider; {"proxies": null} with the file one
+        (the page shows this proxy and its workers from /v1/status)."""
+        found = await self.proxies()
+        return _json(found if found is not None else {"proxies": None})
 
     async def history(self, request: web.Request) -> web.Response:
         app = request.query.get("app", "")

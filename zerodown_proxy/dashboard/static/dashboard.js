@@ -14,6 +14,8 @@ const state = {
   points: {},        // app -> version -> [[t, rps, err, p50, p99], ...]
   lastT: 0,
   history: {},       // app -> {records, generation, fetched}
+  proxies: null,     // Consul provider: the registered proxies ({proxies} or {error})
+  proxiesAt: 0,
   busy: false,
   colors: {},
 };
@@ -25,6 +27,7 @@ function h(tag, attrs, ...children) {
   for (const [k, v] of Object.entries(attrs || {})) {
     if (v === undefined || v === null || v === false) continue;
     if (k === "class") el.className = v;
+    else if (k === "css") Object.assign(el.style, v); // CSSOM: allowed by the page's CSP
     else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
     else el.setAttribute(k, v);
   }
@@ -49,6 +52,12 @@ function ago(seconds) {
   if (seconds < 90) return `${seconds.toFixed(seconds < 10 ? 1 : 0)} s`;
   if (seconds < 5400) return `${Math.round(seconds / 60)} min`;
   return `${(seconds / 3600).toFixed(1)} h`;
+}
+
+function when(t) {
+  const d = new Date(t * 1000);
+  const pad = (n) => String(n).padStart(2, "0");
+  return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ${clock(t)}`;
 }
 
 function clock(t) {
@@ -123,6 +132,14 @@ function addSeries(series) {
 async function pollHistory(force) {
   const st = state.status;
   if (!st) return;
+  if (force || Date.now() - state.proxiesAt >= HISTORY_MS / 2) {
+    state.proxiesAt = Date.now();
+    try {
+      state.proxies = await getJSON("/v1/dashboard/proxies");
+    } catch (err) {
+      state.proxies = { error: err.message };
+    }
+  }
   for (const app of Object.keys(st.apps || {})) {
     const have = state.history[app];
     const fresh = have && have.generation === st.generation && Date.now() - have.fetched < HISTORY_MS;
@@ -246,8 +263,12 @@ function ms(v) { return v === null ? "-" : `${(v * 1000).toFixed(v < 0.01 ? 2 : 
 function renderChart(app, spec, byVersion, marks) {
   const W = 300, H = 110, pad = 4;
   const now = Math.floor(Date.now() / 1000);
-  const t0 = now - WINDOW_S;
-  const x = (t) => pad + ((t - t0) / WINDOW_S) * (W - 2 * pad);
+  // The last WINDOW_S seconds; while the proxy has less than that, the span it has (>= 60 s).
+  let first = now;
+  for (const pts of Object.values(byVersion)) if (pts.length) first = Math.min(first, pts[0][0]);
+  const t0 = Math.max(now - WINDOW_S, Math.min(first - 1, now - 60));
+  const span = now - t0;
+  const x = (t) => pad + ((t - t0) / span) * (W - 2 * pad);
   let max = 0;
   for (const pts of Object.values(byVersion)) for (const p of pts) if (p[spec.field] !== null) max = Math.max(max, p[spec.field]);
   if (spec.field === 2) max = Math.max(max, 0.05);
@@ -257,9 +278,14 @@ function renderChart(app, spec, byVersion, marks) {
   svg.append(s("line", { x1: 0, y1: H - pad, x2: W, y2: H - pad, stroke: "#2c333d" }));
   for (const m of marks) {
     if (m.t < t0) continue;
-    svg.append(s("line", { x1: x(m.t), y1: 0, x2: x(m.t), y2: H, stroke: "#f5a623", "stroke-dasharray": "4 3", "stroke-width": 1.5, class: "switch-mark" }));
+    const mark = s("line", { x1: x(m.t), y1: 0, x2: x(m.t), y2: H, stroke: "#f5a623", "stroke-dasharray": "4 3", "stroke-width": 1.5, "vector-effect": "non-scaling-stroke", class: "switch-mark" });
+    const tip = s("title", {});
+    tip.textContent = m.label;
+    mark.append(tip);
+    svg.append(mark);
   }
   const latest = [];
+  let drawn = false;
   for (const [version, pts] of Object.entries(byVersion)) {
     const seen = pts.filter((p) => p[0] >= t0 && p[spec.field] !== null);
     if (!seen.length) continue;
@@ -273,13 +299,16 @@ function renderChart(app, spec, byVersion, marks) {
       prev = p[0];
     }
     if (spec.field <= 2 && now - prev > 2) path.push(`L${x(prev + 1)},${y(0)}`, `L${x(now)},${y(0)}`);
+    drawn = true;
     svg.append(s("path", { d: path.join(" "), fill: "none", stroke: colorOf(version), "stroke-width": 2, "vector-effect": "non-scaling-stroke" }));
     const last = seen[seen.length - 1];
-    if (now - last[0] <= 3) latest.push(h("span", { style: `color:${colorOf(version)}` }, spec.fmt(last[spec.field]), " "));
+    if (now - last[0] <= 3) latest.push(h("span", { css: { color: colorOf(version) } }, spec.fmt(last[spec.field]), " "));
   }
+  const top = max / 1.15;
   return h("div", { class: "chart", "data-chart": spec.title },
     h("div", { class: "title" }, h("span", {}, spec.title), h("span", { class: "now" }, latest.length ? latest : "-")),
-    svg);
+    svg,
+    h("div", { class: "axis" }, h("span", {}, `${Math.round(span / 60) || 1} min`), h("span", {}, drawn ? `max ${spec.fmt(top)}` : "")));
 }
 
 function renderHistory(app) {
@@ -297,7 +326,7 @@ function renderHistory(app) {
   return h("table", { class: "history" },
     h("thead", {}, h("tr", {}, ["time", "who", "action", "result", "reason"].map((t) => h("th", {}, t)))),
     h("tbody", {}, recs.map((r) => h("tr", {},
-      h("td", {}, new Date((r.time_ns || 0) / 1e6).toLocaleString([], { hour12: false })),
+      h("td", {}, when((r.time_ns || 0) / 1e9)),
       h("td", {}, `${r.user || "?"}@${r.host || "?"}`, r.via ? h("div", { class: "muted" }, r.via) : null),
       h("td", {}, what(r)),
       h("td", {}, res(r.result)),
@@ -307,7 +336,7 @@ function renderHistory(app) {
 function renderApp(name, a) {
   const marks = ((state.history[name] || {}).records || [])
     .filter((r) => (r.action === "switch" || r.action === "rollback") && r.result === "ok")
-    .map((r) => ({ t: (r.time_ns || 0) / 1e9 }));
+    .map((r) => ({ t: (r.time_ns || 0) / 1e9, label: `${r.action} ${r.from} → ${r.to} at ${clock((r.time_ns || 0) / 1e9)}` }));
   const byVersion = state.points[name] || {};
   const versions = Object.keys(byVersion).filter((v) => byVersion[v].length);
   return h("section", { class: "panel app", "data-app": name },
@@ -319,7 +348,7 @@ function renderApp(name, a) {
     h("h3", {}, "Traffic by version (last 5 min; dashed: switches)"),
     h("div", { class: "charts" }, CHARTS.map((c) => renderChart(name, c, byVersion, marks))),
     h("div", { class: "legend" }, versions.length
-      ? versions.map((v) => h("span", {}, h("span", { class: "swatch", style: `background:${colorOf(v)}` }), v))
+      ? versions.map((v) => h("span", {}, h("span", { class: "swatch", css: { background: colorOf(v) } }), v))
       : h("span", { class: "empty" }, "no requests yet")),
     h("h3", {}, "Release history"),
     renderHistory(name));
@@ -327,7 +356,17 @@ function renderApp(name, a) {
 
 function renderProxies(st) {
   const rows = [];
-  if (st.workers) {
+  const registered = state.proxies && (state.proxies.proxies || state.proxies.error) ? state.proxies : null;
+  if (registered && registered.error) {
+    rows.push([registered.error, "-", "?", false]);
+  } else if (registered) {
+    // Consul: every proxy registered as a service; applied = it has the newest generation.
+    const top = Math.max(st.generation, ...registered.proxies.map((p) => p.generation ?? 0));
+    for (const p of registered.proxies) {
+      const notes = [p.check !== "passing" ? `Consul check ${p.check}` : "", p.error || ""].filter(Boolean);
+      rows.push([notes.length ? `${p.name} (${notes.join("; ")})` : p.name, p.admin || "-", p.generation, p.generation === top]);
+    }
+  } else if (st.workers) {
     const gens = st.workers.map((w) => w.generation).filter((g) => g !== null);
     const top = Math.max(0, ...gens);
     rows.push([st.name, "supervisor", st.generation, st.generation === top && gens.length === st.workers.length]);
@@ -353,7 +392,8 @@ function renderHsms(st) {
   const now = Date.now() / 1000;
   tbody.replaceChildren(...sessions.map((t) => {
     const b = t.backend || {};
-    const kind = t.state === "selected" ? "ok" : t.state === "not_connected" ? "bad" : "warn";
+    const st = String(t.state).toLowerCase();
+    const kind = st === "selected" ? "ok" : st.startsWith("not") ? "bad" : "warn";
     return h("tr", {},
       h("td", {}, t.tool), h("td", {}, t.device_id ?? "-"), h("td", {}, pill(kind, t.state)),
       h("td", {}, b.instance || "-", b.state ? h("span", { class: "muted" }, ` ${b.state}`) : null),
