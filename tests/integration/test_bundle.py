@@ -221,7 +221,8 @@ def test_bundle_is_reproducible_and_holds_only_the_locked_runtime_wheels(bundle,
     assert "benchmarks" not in tops and "tests" not in tops
     assert {"zerodown_proxy", "orchestrator"} <= tops
     static = "zerodown_proxy/dashboard/static/"  # the web dashboard ships as package data
-    assert {static + f for f in ("index.html", "dashboard.js", "dashboard.css")} <= names_in_wheel
+    assets = ("index.html", "dashboard.js", "charts.js", "dashboard.css")
+    assert {static + f for f in assets} <= names_in_wheel
 
 
 def test_a_bundle_for_another_python_installs_and_imports_there(tmp_path):

@@ -48,7 +48,9 @@ async def test_page_assets_and_series_of_one_proxy(tmp_path, backend_factory, st
             assert "frame-ancestors 'none'" in r.headers["Content-Security-Policy"]
             assert r.headers["X-Frame-Options"] == "DENY"
         assert '<script src="/dashboard/dashboard.js"' in page
-        for name, kind in (("dashboard.js", "text/javascript"), ("dashboard.css", "text/css")):
+        assets = [("dashboard.js", "text/javascript"), ("charts.js", "text/javascript"),
+                  ("dashboard.css", "text/css")]  # fmt: skip
+        for name, kind in assets:
             async with s.get(f"http://{admin}/dashboard/{name}") as r:
                 assert r.status == 200 and r.content_type == kind and len(await r.read()) > 1000
         async with s.get(f"http://{admin}/dashboard/index.py") as r:

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 CHROMIUM_FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-dev-shm-usage", "--window-size=1440,1700",
+    "--disable-dev-shm-usage", "--window-size=1440,1400",
 )  # fmt: skip
 APP = "drimeap"
 
@@ -133,9 +133,12 @@ def _wait(driver, cond, timeout: float, what: str):  # type: ignore[no-untyped-d
 
 
 def _text(driver, element_id: str) -> str:  # type: ignore[no-untyped-def]
-    from selenium.webdriver.common.by import By
-
-    return driver.find_element(By.ID, element_id).text
+    """The element's text as shown, read in one step (the page re-renders every second, so
+    an element found first and read later may be gone)."""
+    return driver.execute_script(
+        "const e = document.getElementById(arguments[0]); return e ? e.innerText : null;",
+        element_id,
+    )
 
 
 def _click(driver, element_id: str) -> None:  # type: ignore[no-untyped-def]
@@ -243,6 +246,10 @@ def test_dashboard_in_a_real_browser(browser, hsms_stack: Path, tmp_path: Path) 
         _wait(driver, lambda d: len(d.find_elements("css selector", ".legend .swatch")) == 2
               and d.find_elements("css selector", ".switch-mark"), 15,
               "both versions and the switches on the charts")  # fmt: skip
+        back_at = last["time_ns"] / 1e9
+        _wait(driver, lambda d: d.execute_script(
+            "const p = (state.points.drimeap || {}).v1 || []; return p.length && p.at(-1)[0];"
+        ) >= back_at + 3, 20, "v1's traffic on the charts after the page's switch")  # fmt: skip
         shot = tmp_path / "dashboard.png"
         assert driver.save_screenshot(str(shot))
         artifacts = ROOT / ".artifacts"

@@ -25,6 +25,7 @@ from .release import HistoryUnavailable, ReleaseDesk
 from .series import series
 
 ASSETS = {
+    "charts.js": "text/javascript",
     "dashboard.js": "text/javascript",
     "dashboard.css": "text/css",
 }

@@ -1,13 +1,12 @@
 // zerodown dashboard: polls the admin API (no build step, no library). Read-only until the
 // admin token is entered; it is kept in sessionStorage and sent as the admin API's
-// Authorization header on the switch/rollback POSTs only.
+// Authorization header on the switch/rollback POSTs only. The charts: charts.js.
 "use strict";
 
 const POLL_MS = 1000;
 const HISTORY_MS = 5000;
 const WINDOW_S = 300;
 const TOKEN_KEY = "zerodown.admin-token";
-const PALETTE = ["#4ea1ff", "#f5a623", "#c77dff", "#2ec4b6", "#ff6b9a", "#b5e48c"];
 
 const state = {
   status: null,
@@ -17,7 +16,6 @@ const state = {
   proxies: null,     // Consul provider: the registered proxies ({proxies} or {error})
   proxiesAt: 0,
   busy: false,
-  colors: {},
 };
 
 // -- small DOM helpers (text only: nothing from the API is parsed as HTML) -------------------
@@ -35,13 +33,6 @@ function h(tag, attrs, ...children) {
     if (c === null || c === undefined) continue;
     el.append(c instanceof Node ? c : document.createTextNode(String(c)));
   }
-  return el;
-}
-
-const svgNS = "http://www.w3.org/2000/svg";
-function s(tag, attrs) {
-  const el = document.createElementNS(svgNS, tag);
-  for (const [k, v] of Object.entries(attrs || {})) el.setAttribute(k, v);
   return el;
 }
 
@@ -63,13 +54,6 @@ function when(t) {
 function clock(t) {
   const d = new Date(t * 1000);
   return d.toLocaleTimeString([], { hour12: false });
-}
-
-function colorOf(version) {
-  if (!(version in state.colors)) {
-    state.colors[version] = PALETTE[Object.keys(state.colors).length % PALETTE.length];
-  }
-  return state.colors[version];
 }
 
 function token() { return sessionStorage.getItem(TOKEN_KEY) || ""; }
@@ -209,7 +193,7 @@ function checkPill(i) {
   return pill(kind, st);
 }
 
-function renderGroup(app, role, g) {
+function renderGroup(app, role, g, provider) {
   const { n, up } = groupHealth(g);
   const countKind = n === 0 ? "bad" : up === n ? "ok" : up === 0 ? "bad" : "warn";
   const cls = role === "active" ? `group active${up === 0 ? " down" : up < n ? " degraded" : ""}` : "group standby";
@@ -229,7 +213,7 @@ function renderGroup(app, role, g) {
       h("span", { class: "gname", id: `${role}-group-${app}` }, g.group ? `${g.group} group` : "no group")),
     h("div", { class: `count ${countKind}` }, `${up}/${n} instances healthy`),
     h("table", {},
-      h("thead", {}, h("tr", {}, ["instance", "address", "version", "registry", "proxy check", "outlier"].map((t) => h("th", {}, t)))),
+      h("thead", {}, h("tr", {}, ["instance", "address", "version", provider === "consul" ? "Consul" : "registry", "proxy check", "outlier"].map((t) => h("th", {}, t)))),
       h("tbody", {}, rows.length ? rows : h("tr", {}, h("td", { colspan: 6, class: "empty" }, "no instances")))));
 }
 
@@ -249,66 +233,6 @@ function renderActions(app, a) {
   buttons.push(h("button", { class: "act rollback", id: `rollback-${app}`, type: "button", disabled: state.busy,
     onclick: () => act("rollback", app, q) }, "Roll back"));
   return h("div", { class: "actions" }, buttons);
-}
-
-const CHARTS = [
-  { title: "requests/s", field: 1, fmt: (v) => v.toFixed(v < 10 ? 1 : 0) },
-  { title: "errors (5xx)", field: 2, fmt: (v) => `${(v * 100).toFixed(v < 0.1 ? 1 : 0)} %` },
-  { title: "latency p50", field: 3, fmt: ms },
-  { title: "latency p99", field: 4, fmt: ms },
-];
-
-function ms(v) { return v === null ? "-" : `${(v * 1000).toFixed(v < 0.01 ? 2 : 1)} ms`; }
-
-function renderChart(app, spec, byVersion, marks) {
-  const W = 300, H = 110, pad = 4;
-  const now = Math.floor(Date.now() / 1000);
-  // The last WINDOW_S seconds; while the proxy has less than that, the span it has (>= 60 s).
-  let first = now;
-  for (const pts of Object.values(byVersion)) if (pts.length) first = Math.min(first, pts[0][0]);
-  const t0 = Math.max(now - WINDOW_S, Math.min(first - 1, now - 60));
-  const span = now - t0;
-  const x = (t) => pad + ((t - t0) / span) * (W - 2 * pad);
-  let max = 0;
-  for (const pts of Object.values(byVersion)) for (const p of pts) if (p[spec.field] !== null) max = Math.max(max, p[spec.field]);
-  if (spec.field === 2) max = Math.max(max, 0.05);
-  max = max > 0 ? max * 1.15 : 1;
-  const y = (v) => H - pad - (v / max) * (H - 2 * pad);
-  const svg = s("svg", { viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none", role: "img", "aria-label": `${spec.title} for ${app}` });
-  svg.append(s("line", { x1: 0, y1: H - pad, x2: W, y2: H - pad, stroke: "#2c333d" }));
-  for (const m of marks) {
-    if (m.t < t0) continue;
-    const mark = s("line", { x1: x(m.t), y1: 0, x2: x(m.t), y2: H, stroke: "#f5a623", "stroke-dasharray": "4 3", "stroke-width": 1.5, "vector-effect": "non-scaling-stroke", class: "switch-mark" });
-    const tip = s("title", {});
-    tip.textContent = m.label;
-    mark.append(tip);
-    svg.append(mark);
-  }
-  const latest = [];
-  let drawn = false;
-  for (const [version, pts] of Object.entries(byVersion)) {
-    const seen = pts.filter((p) => p[0] >= t0 && p[spec.field] !== null);
-    if (!seen.length) continue;
-    // A second without responses is 0 requests/s and 0 errors; latency has no point then.
-    const path = [];
-    let prev = null;
-    for (const p of seen) {
-      const gap = prev !== null && p[0] - prev > 1;
-      if (gap && spec.field <= 2) path.push(`L${x(prev + 1)},${y(0)}`, `L${x(p[0] - 1)},${y(0)}`);
-      path.push(`${path.length && !(gap && spec.field > 2) ? "L" : "M"}${x(p[0])},${y(p[spec.field])}`);
-      prev = p[0];
-    }
-    if (spec.field <= 2 && now - prev > 2) path.push(`L${x(prev + 1)},${y(0)}`, `L${x(now)},${y(0)}`);
-    drawn = true;
-    svg.append(s("path", { d: path.join(" "), fill: "none", stroke: colorOf(version), "stroke-width": 2, "vector-effect": "non-scaling-stroke" }));
-    const last = seen[seen.length - 1];
-    if (now - last[0] <= 3) latest.push(h("span", { css: { color: colorOf(version) } }, spec.fmt(last[spec.field]), " "));
-  }
-  const top = max / 1.15;
-  return h("div", { class: "chart", "data-chart": spec.title },
-    h("div", { class: "title" }, h("span", {}, spec.title), h("span", { class: "now" }, latest.length ? latest : "-")),
-    svg,
-    h("div", { class: "axis" }, h("span", {}, `${Math.round(span / 60) || 1} min`), h("span", {}, drawn ? `max ${spec.fmt(top)}` : "")));
 }
 
 function renderHistory(app) {
@@ -333,7 +257,7 @@ function renderHistory(app) {
       h("td", {}, r.reason || "")))));
 }
 
-function renderApp(name, a) {
+function renderApp(name, a, provider) {
   const marks = ((state.history[name] || {}).records || [])
     .filter((r) => (r.action === "switch" || r.action === "rollback") && r.result === "ok")
     .map((r) => ({ t: (r.time_ns || 0) / 1e9, label: `${r.action} ${r.from} → ${r.to} at ${clock((r.time_ns || 0) / 1e9)}` }));
@@ -344,7 +268,7 @@ function renderApp(name, a) {
       h("span", { class: "app-name" }, name),
       h("span", { class: "muted" }, [a.hosts.length ? `hosts ${a.hosts.join(", ")}` : "", a.path_prefix ? ` path ${a.path_prefix}` : ""].join("")),
       renderActions(name, a)),
-    h("div", { class: "groups" }, renderGroup(name, "active", a.active), renderGroup(name, "standby", a.standby)),
+    h("div", { class: "groups" }, renderGroup(name, "active", a.active, provider), renderGroup(name, "standby", a.standby, provider)),
     h("h3", {}, "Traffic by version (last 5 min; dashed: switches)"),
     h("div", { class: "charts" }, CHARTS.map((c) => renderChart(name, c, byVersion, marks))),
     h("div", { class: "legend" }, versions.length
@@ -413,7 +337,7 @@ function render() {
     " · snapshot age ", h("b", {}, ago(st.snapshot_age_s)),
     st.last_error ? h("span", { class: "res-bad" }, ` · ${st.last_error}`) : "");
   const apps = document.getElementById("apps");
-  apps.replaceChildren(...Object.entries(st.apps || {}).map(([n, a]) => renderApp(n, a)));
+  apps.replaceChildren(...Object.entries(st.apps || {}).map(([n, a]) => renderApp(n, a, (st.discovery || {}).provider)));
   renderProxies(st);
   renderHsms(st);
   const unlocked = Boolean(token());
@@ -436,12 +360,17 @@ function init() {
     sessionStorage.removeItem(TOKEN_KEY);
     render();
   });
-  const tick = async () => {
+  // Two independent loops: the history (a CLI run on the proxy, up to a second on a busy
+  // host) must never delay the status that shows a switch.
+  const statusLoop = async () => {
     await pollStatus();
-    await pollHistory(false);
-    setTimeout(tick, POLL_MS);
+    setTimeout(statusLoop, POLL_MS);
   };
-  tick();
+  const historyLoop = async () => {
+    await pollHistory(false);
+    setTimeout(historyLoop, POLL_MS);
+  };
+  statusLoop().then(historyLoop);
 }
 
 document.addEventListener("DOMContentLoaded", init);
