@@ -168,3 +168,27 @@ def test_consul_proxies_listed_with_generation(consul, backends, proxies) -> Non
     found = wait_until(listed, 20, "both registered proxies with their generation")
     assert sorted(x["admin"] for x in found) == sorted(f"127.0.0.1:{p.admin}" for p in ps)
     assert all(x["error"] is None for x in found)
+
+
+async def test_history_is_one_cli_run_however_many_pages_ask(tmp_path: Path) -> None:
+    """Pages asking at once, even naming different generations, share one `zerodown history`
+    run: the admin API cannot be made to start processes at the rate it is asked."""
+    from zerodown_proxy.config import Config, DiscoverySection
+    from zerodown_proxy.dashboard.release import ReleaseDesk
+
+    rec = {"app": "drimeap", "action": "switch", "result": "ok", "time_ns": 1}
+    (tmp_path / "history.jsonl").write_bytes(orjson.dumps(rec) + b"\n")
+    desk = ReleaseDesk(
+        Config(discovery=DiscoverySection(file=str(tmp_path / "registry.json"))), None
+    )
+    runs: list[list[str]] = []
+    real = desk._run
+
+    async def counted(argv: list[str], timeout: float, via: str | None = None):  # type: ignore[no-untyped-def]
+        runs.append(argv)
+        return await real(argv, timeout, via)
+
+    desk._run = counted  # type: ignore[method-assign]
+    answers = await asyncio.gather(*(desk.history("drimeap", g) for g in range(5)))
+    assert answers == [[rec]] * 5
+    assert runs == [["history", "--app", "drimeap", "--json"]]

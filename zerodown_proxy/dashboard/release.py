@@ -25,6 +25,7 @@ from ..config import Config
 ACTION_TIMEOUT = 180.0  # a switch waits for every proxy; a deploy is not offered here
 HISTORY_TIMEOUT = 30.0
 HISTORY_MAX_AGE = 15.0  # seconds a history answer is reused while the generation is unchanged
+HISTORY_MIN_AGE = 1.0  # and reused whatever generation is asked for (a switch shows within 2 s)
 AUDIT_VIA_ENV = "ZERODOWN_AUDIT_VIA"  # what audit.record writes as `via` (orchestrator/audit.py)
 
 
@@ -39,6 +40,9 @@ class ReleaseDesk:
         self.cfg = cfg
         self.config_path = config_path
         self._history: dict[str, tuple[float, int, list[dict[str, Any]]]] = {}
+        # One history run at a time: any number of open pages (or of requests naming new
+        # generations or apps) costs at most one `zerodown history` process at once.
+        self._reading = asyncio.Lock()
 
     def backend_args(self) -> list[str]:
         """The backend flags `zerodown` needs to act on what this proxy routes by."""
@@ -88,16 +92,22 @@ class ReleaseDesk:
 
     async def history(self, app: str, generation: int) -> list[dict[str, Any]]:
         """`zerodown history --json` for `app`, oldest first (reused while fresh)."""
-        cached = self._history.get(app)
-        now = time.monotonic()
-        if cached and cached[1] == generation and now - cached[0] < HISTORY_MAX_AGE:
-            return cached[2]
-        code, out, err = await self._run(["history", "--app", app, "--json"], HISTORY_TIMEOUT)
-        if code != 0:
-            raise HistoryUnavailable(cli_reason(err) or f"zerodown history exited with {code}")
-        records = parse_records(out)
-        self._history[app] = (now, generation, records)
-        return records
+        async with self._reading:
+            cached = self._history.get(app)
+            now = time.monotonic()
+            if (
+                cached
+                and now - cached[0] < HISTORY_MAX_AGE
+                and (cached[1] == generation or now - cached[0] < HISTORY_MIN_AGE)
+            ):
+                return cached[2]
+            code, out, err = await self._run(["history", "--app", app, "--json"], HISTORY_TIMEOUT)
+            if code != 0:
+                reason = cli_reason(err) or f"zerodown history exited with {code}"
+                raise HistoryUnavailable(reason)
+            records = parse_records(out)
+            self._history[app] = (time.monotonic(), generation, records)  # as of its end
+            return records
 
 
 class HistoryUnavailable(Exception):

@@ -272,7 +272,7 @@ function renderApp(name, a, provider) {
     h("h3", {}, "Traffic by version (last 5 min; dashed: switches)"),
     h("div", { class: "charts" }, CHARTS.map((c) => renderChart(name, c, byVersion, marks))),
     h("div", { class: "legend" }, versions.length
-      ? versions.map((v) => h("span", {}, h("span", { class: "swatch", css: { background: colorOf(v) } }), v))
+      ? versions.map((v) => h("span", {}, h("span", { class: "swatch", css: { background: colorOf(v) } }), v === a.active.version ? `${v} (Active)` : v))
       : h("span", { class: "empty" }, "no requests yet")),
     h("h3", {}, "Release history"),
     renderHistory(name));
