@@ -6,6 +6,7 @@
 const POLL_MS = 1000;
 const HISTORY_MS = 5000;
 const WINDOW_S = 300;
+const REFETCH_S = 3; // seconds of samples asked for again (and replaced) on every poll
 const TOKEN_KEY = "zerodown.admin-token";
 
 const state = {
@@ -77,7 +78,8 @@ async function pollStatus() {
   try {
     const [status, series] = await Promise.all([
       getJSON("/v1/status"),
-      getJSON(`/v1/dashboard/series?since=${state.lastT}`),
+      // The last seconds again: a supervisor merges workers that tick a few ms apart.
+      getJSON(`/v1/dashboard/series?since=${Math.max(0, state.lastT - REFETCH_S)}`),
     ]);
     state.status = status;
     addSeries(series);
@@ -95,10 +97,9 @@ function addSeries(series) {
   for (const [app, versions] of Object.entries(series.apps || {})) {
     const byVersion = (state.points[app] ||= {});
     for (const [version, pts] of Object.entries(versions)) {
-      const list = (byVersion[version] ||= []);
-      for (const p of pts) {
-        if (p[0] > state.lastT) list.push(p);
-      }
+      const from = pts.length ? pts[0][0] : Infinity;
+      // Points of seconds asked for again are replaced by their newer (complete) values.
+      byVersion[version] = (byVersion[version] || []).filter((p) => p[0] < from).concat(pts);
     }
   }
   for (const versions of Object.values(series.apps || {})) {
