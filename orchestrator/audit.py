@@ -7,6 +7,8 @@ failed | interrupted, with the one-line `reason`). A rollback is recorded as `ro
 `refused` means nothing was changed; `failed` means something was (an instance restarted, a
 job registered, the Active pointer written) before the command gave up.
 
+`via` says what ran the command when it was not typed at a shell (the web dashboard).
+
 Where records go: `history.jsonl` in the state directory (both backends) and, with the Nomad
 backend, also the Consul KV key `<prefix>/<app>/history/<time_ns>`. Writing the trail never
 makes a release fail: a record that cannot be written is reported as a warning.
@@ -25,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+
+from zerodown_proxy.dashboard.release import AUDIT_VIA_ENV
 
 from .backend import Progress, Refused
 from .release_lock import LockBusy, ReleaseLock
@@ -51,8 +55,15 @@ def record(backend: str, app: str, entry: Entry, ns: int | None = None) -> Entry
         "pid": os.getpid(),
         "backend": backend,
         "app": app,
+        **_via(),
         **entry,
     }
+
+
+def _via() -> Entry:
+    """`via`: what ran the command for its user (the web dashboard sets it; none at a shell)."""
+    via = os.environ.get(AUDIT_VIA_ENV)
+    return {"via": via} if via else {}
 
 
 def append_local(path: Path, rec: Entry, progress: Progress) -> None:
