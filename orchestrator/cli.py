@@ -15,18 +15,27 @@ from pathlib import Path
 import orjson
 
 from .backend import AppStatus, Backend, Refused
+from .terminal import LiveProgress, Style, colour_wanted
+
+_live = LiveProgress(sys.stderr)
 
 
 def _err(msg: str) -> None:
+    _live.close()
     print(f"zerodown: {msg}", file=sys.stderr, flush=True)
 
 
 def _progress(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    """Progress of a command: one updating line with the elapsed time on a TTY (terminal.py)."""
+    _live(msg)
+
+
+def backend_kind(args: argparse.Namespace) -> str:
+    return getattr(args, "backend", None) or os.environ.get("ZERODOWN_BACKEND") or "local"
 
 
 def make_backend(args: argparse.Namespace) -> Backend:
-    kind = args.backend or os.environ.get("ZERODOWN_BACKEND") or "local"
+    kind = backend_kind(args)
     if kind == "local":
         from .release_local import LocalBackend
 
@@ -71,23 +80,37 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_status(st: AppStatus) -> None:
-    print(f"app {st.app}  backend {st.backend}  generation {st.generation}")
+def status_lines(st: AppStatus, style: Style | None = None) -> list[str]:
+    c = style or Style(False)
+    out = [f"app {c('bold', st.app)}  backend {st.backend}  generation {st.generation}"]
     for role, g in (("Active", st.active), ("Standby", st.standby)):
-        print(f"  {role:<8} {g.group or '-':<8} version {g.version or '-':<10} "
-              f"{g.healthy}/{len(g.instances)} healthy")  # fmt: skip
+        whole = bool(g.instances) and g.healthy == len(g.instances)
+        out.append(f"  {c('bold', f'{role:<8}')} {g.group or '-':<8} version "
+                   f"{c('cyan', f'{g.version or chr(45):<10}')} "
+                   f"{c.health(f'{g.healthy}/{len(g.instances)} healthy', whole)}")  # fmt: skip
         for i in g.instances:
-            print(f"    {i.id:<22} {i.address}:{i.http_port:<6} {i.version:<8} "
-                  f"registered={i.registered:<8} probe={i.probe}")  # fmt: skip
-    sync = "in sync" if st.in_sync else "NOT in sync"
-    print(f"  proxies ({len(st.proxies)}, {sync}):")
+            ok = i.registered == "passing" and i.probe == "ok"
+            out.append(f"    {i.id:<22} {i.address}:{i.http_port:<6} {i.version:<8} "
+                       f"{c.health(f'registered={i.registered:<8} probe={i.probe}', ok)}")  # fmt: skip
+    sync = c("green", "in sync") if st.in_sync else c("red", "NOT in sync")
+    out.append(f"  proxies ({len(st.proxies)}, {sync}):")
     for p in st.proxies:
         gen = p.generation if p.generation is not None else "?"
         extra = f"  ({p.error})" if p.error else ""
-        print(f"    {p.name:<22} {p.admin:<22} generation {gen}{extra}")
+        line = f"{p.name:<22} {p.admin:<22} generation {gen}{extra}"
+        out.append(f"    {line if p.in_sync else c('yellow', line)}")
+    return out
+
+
+def print_status(st: AppStatus) -> None:
+    print("\n".join(status_lines(st, Style(colour_wanted(sys.stdout)))))
 
 
 async def _status(args: argparse.Namespace) -> int:
+    if args.watch:
+        from .status_watch import watch
+
+        return await watch(make_backend(args), args.app, args.interval, status_lines)
     st = await make_backend(args).status(args.app)
     if args.json:
         print(orjson.dumps(st.to_json(), option=orjson.OPT_INDENT_2).decode())
@@ -97,15 +120,51 @@ async def _status(args: argparse.Namespace) -> int:
 
 
 async def _deploy(args: argparse.Namespace) -> int:
-    msg = await make_backend(args).deploy(args.app, args.version, args.image, _progress)
+    backend = make_backend(args)
+    if args.dry_run:
+        plan = await backend.plan_deploy(args.app, args.version, args.image)
+        print("\n".join(plan.lines))
+        if plan.refusal:
+            raise Refused(plan.refusal)
+        return 0
+    msg = await backend.deploy(args.app, args.version, args.image, _progress)
     print(msg)
     return 0
 
 
+_VERIFY_FLAGS = {  # flag dest -> [verify] setting (verify.Policy)
+    "verify": "window",
+    "verify_baseline": "baseline",
+    "verify_min_requests": "min_requests",
+    "verify_max_5xx_increase": "max_5xx_increase",
+    "verify_latency_factor": "latency_factor",
+    "verify_latency_min_increase": "latency_min_increase",
+    "verify_min_hsms_primaries": "min_hsms_primaries",
+    "verify_max_hsms_error_increase": "max_hsms_error_increase",
+}
+
+
 async def _switch(args: argparse.Namespace) -> int:
-    out = await make_backend(args).switch(args.app, args.to, _progress)
+    from . import verify
+
+    config = args.config or os.environ.get("ZERODOWN_CONFIG") or None
+    policy = verify.policy_from(config, {k: getattr(args, d) for d, k in _VERIFY_FLAGS.items()})
+    given = [f"--{d.replace('_', '-')}" for d in _VERIFY_FLAGS if d != "verify"
+             if getattr(args, d) is not None]  # fmt: skip
+    if not policy.window and given:
+        raise Refused(f"{given[0]} applies only to a verified switch: add --verify DURATION "
+                      "(or set [verify] window in the config)")  # fmt: skip
+    backend = make_backend(args)
+    if policy.window:
+        out, verdict = await verify.switch_verified(backend, args.app, args.to, policy, _progress)
+    else:
+        out, verdict = await backend.switch(args.app, args.to, _progress), None
     print(f"switched {out.app} to {out.to_group} ({out.to_version}); {out.proxies} proxy(ies) "
           f"applied generation {out.generation} in {out.propagation_s * 1000:.1f} ms")  # fmt: skip
+    if verdict is not None:
+        print(f"verified {out.to_version} for {policy.window:g}s: {verdict.reason}")
+        for line in verdict.lines:
+            print(f"  {line}")
     return 0
 
 
@@ -119,9 +178,17 @@ async def _rollback(args: argparse.Namespace) -> int:
 async def _history(args: argparse.Namespace) -> int:
     from . import audit
 
+    if args.last < 0:
+        raise Refused(f"-n must be a number of records (0: all), got {args.last}")
     records = await make_backend(args).history(args.app)
-    for rec in records[-args.last :] if args.last else records:
-        print(orjson.dumps(rec).decode() if args.json else audit.describe(rec))
+    records = records[-args.last :] if args.last else records
+    if args.json:
+        for rec in records:
+            print(orjson.dumps(rec).decode())
+    elif records:
+        print("\n".join(audit.table(records)))
+    else:
+        print(f"no release history for {args.app}")
     return 0
 
 
@@ -141,6 +208,9 @@ def cmd_hsms_sim(args: argparse.Namespace) -> int:
     from .devstack.hsms_sim import run
 
     return run(args)
+
+
+BENCH_EXTRA = "pip install 'zerodown[bench]'"  # the extra's name: [project.optional-dependencies]
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -181,6 +251,48 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- flags that do not apply ------------------------------------------------------------------
+
+DEFAULT_APP = "drimeap"
+LOCAL_STACK_ONLY = ("up", "down")
+
+
+def refuse_inapplicable(args: argparse.Namespace) -> None:
+    """A flag that does not apply to the command (or its backend) is refused, not ignored."""
+    command = args.command
+    if not hasattr(args, "backend"):
+        return
+    kind = backend_kind(args)
+    if command in LOCAL_STACK_ONLY:
+        if kind != "local":
+            how = "--backend nomad" if args.backend else "ZERODOWN_BACKEND=nomad"
+            raise Refused(
+                f"zerodown {command} manages the local stack only; with {how} the services are "
+                "Nomad's: use `nomad job run` / `nomad job stop` (nothing was changed)"
+            )
+        for flag in ("job", "admin_token", "config"):
+            if getattr(args, flag, None):
+                raise Refused(f"--{flag.replace('_', '-')} does not apply to zerodown {command} "
+                              "(the local stack)")  # fmt: skip
+        if args.app not in (None, DEFAULT_APP):
+            raise Refused(f"the local stack runs {DEFAULT_APP} only; --app {args.app} does not "
+                          f"apply to zerodown {command}")  # fmt: skip
+    elif kind == "local":
+        if args.job:
+            raise Refused("--job applies to the Nomad backend (a Nomad job id)")
+        if args.admin_token:
+            raise Refused("--admin-token applies to the Nomad backend; the local stack keeps "
+                          "its token in stack.json")  # fmt: skip
+        if args.config and command != "switch":
+            raise Refused(f"--config applies to the Nomad backend and to switch --verify; not "
+                          f"to zerodown {command} on the local stack")  # fmt: skip
+    if command == "status":
+        if args.watch and args.json:
+            raise Refused("--watch redraws a table for people; for scripts poll --json instead")
+        if args.interval is not None and not args.watch:
+            raise Refused("--interval applies only with --watch")
+
+
 # -- parser -----------------------------------------------------------------------------------
 
 
@@ -199,7 +311,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def release_opts(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--app", default="drimeap", help="app name (default drimeap)")
+        sp.add_argument("--app", default=None, help=f"app name (default {DEFAULT_APP})")
         sp.add_argument(
             "--state-dir",
             default=os.environ.get("ZERODOWN_STATE_DIR", ".zerodown"),
@@ -213,8 +325,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                              "(default $ZERODOWN_ADMIN_TOKEN; Nomad backend)")  # fmt: skip
         sp.add_argument("--config", default=None,
                         help="the proxies' config file: the Nomad backend uses its [consul] "
-                             "section (addr, token, datacenter, key_prefix; default "
-                             "$ZERODOWN_CONFIG)")  # fmt: skip
+                             "section (addr, token, datacenter, key_prefix), switch its [verify] "
+                             "section (default $ZERODOWN_CONFIG)")  # fmt: skip
 
     sp = sub.add_parser("proxy", help="run the edge proxy")
     from zerodown_proxy.cli import add_arguments as proxy_args
@@ -238,18 +350,77 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     sp = sub.add_parser("status", help="Active/Standby groups, health, proxies in sync")
     release_opts(sp)
-    sp.add_argument("--json", action="store_true", help="machine-readable (zerodown.status/v1)")
+    sp.add_argument("--json", "-json", action="store_true",
+                    help="machine-readable (zerodown.status/v1)")  # fmt: skip
+    sp.add_argument("--watch", action="store_true",
+                    help="redraw whenever the status changes; Ctrl-C to quit")  # fmt: skip
+    sp.add_argument("--interval", default=None,
+                    help="--watch: seconds between two looks (0.2s..60s, default 2s)")  # fmt: skip
     sp.set_defaults(afn=_status)
 
     sp = sub.add_parser("deploy", help="put VERSION on the Standby group; wait until healthy")
     release_opts(sp)
     sp.add_argument("version", help="version to deploy (e.g. v2)")
     sp.add_argument("--image", default=None, help="docker image (Nomad backend)")
+    sp.add_argument("--dry-run", action="store_true",
+                    help="print what would change (Nomad: its plan per task group); change "
+                         "nothing")  # fmt: skip
     sp.set_defaults(afn=_deploy)
 
     sp = sub.add_parser("switch", help="flip Active<->Standby; wait for every proxy")
     release_opts(sp)
     sp.add_argument("--to", default=None, help="group to make Active (default: the Standby)")
+    sp.add_argument("--verify", default=None, metavar="DURATION",
+                    help="watch the new Active this long (30s, 2m) through the proxies' metrics "
+                         "and roll back automatically if it does worse than the old one "
+                         "(default: [verify] window of --config, else off)")  # fmt: skip
+    sp.add_argument(
+        "--verify-baseline",
+        default=None,
+        metavar="DURATION",
+        help="measure the old version this long before the flip (default 5s)",
+    )
+    sp.add_argument(
+        "--verify-min-requests",
+        type=int,
+        default=None,
+        metavar="N",
+        help="HTTP responses needed before judging (default 50)",
+    )
+    sp.add_argument(
+        "--verify-max-5xx-increase",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="5xx rate allowed above the baseline's (default 0.01: 1 point)",
+    )
+    sp.add_argument(
+        "--verify-latency-factor",
+        type=float,
+        default=None,
+        metavar="X",
+        help="p99 allowed up to X times the baseline's (default 2)",
+    )
+    sp.add_argument(
+        "--verify-latency-min-increase",
+        default=None,
+        metavar="DURATION",
+        help="... and at least this much above it (default 50ms)",
+    )
+    sp.add_argument(
+        "--verify-min-hsms-primaries",
+        type=int,
+        default=None,
+        metavar="N",
+        help="HSMS primaries needed before judging HSMS (default 20)",
+    )
+    sp.add_argument(
+        "--verify-max-hsms-error-increase",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="SxF0/Reject rate allowed above the baseline's (default 0.01)",
+    )
     sp.set_defaults(afn=_switch)
 
     sp = sub.add_parser("rollback", help="switch back to the previous group")
@@ -258,8 +429,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     sp = sub.add_parser("history", help="the audit trail of deploy/switch/rollback")
     release_opts(sp)
-    sp.add_argument("--json", action="store_true", help="one JSON record per line")
-    sp.add_argument("--last", type=int, default=0, help="only the last N records")
+    sp.add_argument("--json", "-json", action="store_true", help="one JSON record per line")
+    sp.add_argument("-n", "--last", type=int, default=0, metavar="N",
+                    help="only the last N records (default: all)")  # fmt: skip
     sp.set_defaults(afn=_history)
 
     sp = sub.add_parser("demo", help="local stack + load + deploy + switch + summary")
@@ -295,7 +467,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
             bench_args(sp)
     except ImportError as exc:
-        sp.set_defaults(unavailable=f"benchmarks are unavailable: {exc}")
+        sp.set_defaults(unavailable=f"benchmarks need the bench extra ({exc}): {BENCH_EXTRA}")
     sp.set_defaults(fn=cmd_bench)
 
     sp = sub.add_parser("version", help="print version, Python and platform")
@@ -315,6 +487,27 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+async def _with_ticker(args: argparse.Namespace) -> int:
+    """Run an async command; on a TTY the progress line's clock moves while it waits."""
+    ticker = asyncio.create_task(_live.run_ticker()) if _live.tty else None
+    try:
+        return await args.afn(args)
+    finally:
+        if ticker is not None:
+            ticker.cancel()
+        _live.close()
+
+
+def _quiet_stdout() -> None:
+    """After EPIPE: send what is still buffered for stdout to /dev/null, so the interpreter's
+    flush at exit does not fail (and print) a second time."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -323,14 +516,21 @@ def main(argv: list[str] | None = None) -> int:
         _err(args.unavailable)
         return 1
     try:
+        refuse_inapplicable(args)
+        if getattr(args, "app", "") is None:
+            args.app = DEFAULT_APP
         if getattr(args, "afn", None) is not None:
-            return asyncio.run(args.afn(args))
+            return asyncio.run(_with_ticker(args))
         return int(args.fn(args) or 0)
     except Refused as exc:
         _err(str(exc))
         return 1
+    except BrokenPipeError:  # `zerodown history | head`: the reader left; not an error of ours
+        _quiet_stdout()
+        return 141  # what a shell reports for a process ended by SIGPIPE (128 + 13)
     except KeyboardInterrupt:
-        return 130
+        _live.close()
+        return 0 if getattr(args, "watch", False) else 130
     except Exception as exc:  # a command that fails says why in one line; details in debug
         from zerodown_proxy.discovery.file import RegistryError
 
