@@ -213,7 +213,34 @@ def cmd_hsms_sim(args: argparse.Namespace) -> int:
 BENCH_EXTRA = "pip install 'zerodown[bench]'"  # the extra's name: [project.optional-dependencies]
 
 
+def missing_bench_extra() -> list[str]:
+    """Distributions of the bench extra (as the installed package's metadata lists them) that
+    are not installed; [] when all are, or when zerodown runs from a source tree without
+    metadata (nothing to check against)."""
+    import importlib.metadata as md
+    import re
+
+    try:
+        requires = md.requires("zerodown") or []
+    except md.PackageNotFoundError:
+        return []
+    missing = []
+    for req in requires:
+        if not re.search(r"""extra\s*==\s*["']bench["']""", req):
+            continue
+        name = re.split(r"[\s\[<>=!~;]", req, maxsplit=1)[0]
+        try:
+            md.distribution(name)
+        except md.PackageNotFoundError:
+            missing.append(name)
+    return missing
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    missing = missing_bench_extra()
+    if missing:  # say so now, not after minutes of load when the plots need matplotlib
+        raise Refused(f"benchmarks need the bench extra ({', '.join(missing)} not installed): "
+                      f"{BENCH_EXTRA}")  # fmt: skip
     from benchmarks.cli import run
 
     return run(args)
