@@ -14,8 +14,15 @@ from pathlib import Path
 
 import orjson
 
-from .backend import AppStatus, Backend, Refused
-from .terminal import LiveProgress, Style, colour_wanted
+from .backend import Backend, Refused
+from .cli_checks import (
+    BENCH_EXTRA,
+    DEFAULT_APP,
+    backend_kind,
+    missing_bench_extra,
+    refuse_inapplicable,
+)
+from .terminal import LiveProgress
 
 _live = LiveProgress(sys.stderr)
 
@@ -28,10 +35,6 @@ def _err(msg: str) -> None:
 def _progress(msg: str) -> None:
     """Progress of a command: one updating line with the elapsed time on a TTY (terminal.py)."""
     _live(msg)
-
-
-def backend_kind(args: argparse.Namespace) -> str:
-    return getattr(args, "backend", None) or os.environ.get("ZERODOWN_BACKEND") or "local"
 
 
 def make_backend(args: argparse.Namespace) -> Backend:
@@ -80,41 +83,17 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
-def status_lines(st: AppStatus, style: Style | None = None) -> list[str]:
-    c = style or Style(False)
-    out = [f"app {c('bold', st.app)}  backend {st.backend}  generation {st.generation}"]
-    for role, g in (("Active", st.active), ("Standby", st.standby)):
-        whole = bool(g.instances) and g.healthy == len(g.instances)
-        out.append(f"  {c('bold', f'{role:<8}')} {g.group or '-':<8} version "
-                   f"{c('cyan', f'{g.version or chr(45):<10}')} "
-                   f"{c.health(f'{g.healthy}/{len(g.instances)} healthy', whole)}")  # fmt: skip
-        for i in g.instances:
-            ok = i.registered == "passing" and i.probe == "ok"
-            out.append(f"    {i.id:<22} {i.address}:{i.http_port:<6} {i.version:<8} "
-                       f"{c.health(f'registered={i.registered:<8} probe={i.probe}', ok)}")  # fmt: skip
-    sync = c("green", "in sync") if st.in_sync else c("red", "NOT in sync")
-    out.append(f"  proxies ({len(st.proxies)}, {sync}):")
-    for p in st.proxies:
-        gen = p.generation if p.generation is not None else "?"
-        extra = f"  ({p.error})" if p.error else ""
-        line = f"{p.name:<22} {p.admin:<22} generation {gen}{extra}"
-        out.append(f"    {line if p.in_sync else c('yellow', line)}")
-    return out
-
-
-def print_status(st: AppStatus) -> None:
-    print("\n".join(status_lines(st, Style(colour_wanted(sys.stdout)))))
-
-
 async def _status(args: argparse.Namespace) -> int:
     if args.watch:
-        from .status_watch import watch
+        from .status_view import watch
 
-        return await watch(make_backend(args), args.app, args.interval, status_lines)
+        return await watch(make_backend(args), args.app, args.interval)
     st = await make_backend(args).status(args.app)
     if args.json:
         print(orjson.dumps(st.to_json(), option=orjson.OPT_INDENT_2).decode())
     else:
+        from .status_view import print_status
+
         print_status(st)
     return 0
 
@@ -132,28 +111,10 @@ async def _deploy(args: argparse.Namespace) -> int:
     return 0
 
 
-_VERIFY_FLAGS = {  # flag dest -> [verify] setting (verify.Policy)
-    "verify": "window",
-    "verify_baseline": "baseline",
-    "verify_min_requests": "min_requests",
-    "verify_max_5xx_increase": "max_5xx_increase",
-    "verify_latency_factor": "latency_factor",
-    "verify_latency_min_increase": "latency_min_increase",
-    "verify_min_hsms_primaries": "min_hsms_primaries",
-    "verify_max_hsms_error_increase": "max_hsms_error_increase",
-}
-
-
 async def _switch(args: argparse.Namespace) -> int:
     from . import verify
 
-    config = args.config or os.environ.get("ZERODOWN_CONFIG") or None
-    policy = verify.policy_from(config, {k: getattr(args, d) for d, k in _VERIFY_FLAGS.items()})
-    given = [f"--{d.replace('_', '-')}" for d in _VERIFY_FLAGS if d != "verify"
-             if getattr(args, d) is not None]  # fmt: skip
-    if not policy.window and given:
-        raise Refused(f"{given[0]} applies only to a verified switch: add --verify DURATION "
-                      "(or set [verify] window in the config)")  # fmt: skip
+    policy = verify.policy_from_args(args)
     backend = make_backend(args)
     if policy.window:
         out, verdict = await verify.switch_verified(backend, args.app, args.to, policy, _progress)
@@ -210,32 +171,6 @@ def cmd_hsms_sim(args: argparse.Namespace) -> int:
     return run(args)
 
 
-BENCH_EXTRA = "pip install 'zerodown[bench]'"  # the extra's name: [project.optional-dependencies]
-
-
-def missing_bench_extra() -> list[str]:
-    """Distributions of the bench extra (as the installed package's metadata lists them) that
-    are not installed; [] when all are, or when zerodown runs from a source tree without
-    metadata (nothing to check against)."""
-    import importlib.metadata as md
-    import re
-
-    try:
-        requires = md.requires("zerodown") or []
-    except md.PackageNotFoundError:
-        return []
-    missing = []
-    for req in requires:
-        if not re.search(r"""extra\s*==\s*["']bench["']""", req):
-            continue
-        name = re.split(r"[\s\[<>=!~;]", req, maxsplit=1)[0]
-        try:
-            md.distribution(name)
-        except md.PackageNotFoundError:
-            missing.append(name)
-    return missing
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
     missing = missing_bench_extra()
     if missing:  # say so now, not after minutes of load when the plots need matplotlib
@@ -276,48 +211,6 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
         return 1
     print(health.message)
     return 0
-
-
-# -- flags that do not apply ------------------------------------------------------------------
-
-DEFAULT_APP = "drimeap"
-LOCAL_STACK_ONLY = ("up", "down")
-
-
-def refuse_inapplicable(args: argparse.Namespace) -> None:
-    """A flag that does not apply to the command (or its backend) is refused, not ignored."""
-    command = args.command
-    if not hasattr(args, "backend"):
-        return
-    kind = backend_kind(args)
-    if command in LOCAL_STACK_ONLY:
-        if kind != "local":
-            how = "--backend nomad" if args.backend else "ZERODOWN_BACKEND=nomad"
-            raise Refused(
-                f"zerodown {command} manages the local stack only; with {how} the services are "
-                "Nomad's: use `nomad job run` / `nomad job stop` (nothing was changed)"
-            )
-        for flag in ("job", "admin_token", "config"):
-            if getattr(args, flag, None):
-                raise Refused(f"--{flag.replace('_', '-')} does not apply to zerodown {command} "
-                              "(the local stack)")  # fmt: skip
-        if args.app not in (None, DEFAULT_APP):
-            raise Refused(f"the local stack runs {DEFAULT_APP} only; --app {args.app} does not "
-                          f"apply to zerodown {command}")  # fmt: skip
-    elif kind == "local":
-        if args.job:
-            raise Refused("--job applies to the Nomad backend (a Nomad job id)")
-        if args.admin_token:
-            raise Refused("--admin-token applies to the Nomad backend; the local stack keeps "
-                          "its token in stack.json")  # fmt: skip
-        if args.config and command != "switch":
-            raise Refused(f"--config applies to the Nomad backend and to switch --verify; not "
-                          f"to zerodown {command} on the local stack")  # fmt: skip
-    if command == "status":
-        if args.watch and args.json:
-            raise Refused("--watch redraws a table for people; for scripts poll --json instead")
-        if args.interval is not None and not args.watch:
-            raise Refused("--interval applies only with --watch")
 
 
 # -- parser -----------------------------------------------------------------------------------
@@ -397,57 +290,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sp = sub.add_parser("switch", help="flip Active<->Standby; wait for every proxy")
     release_opts(sp)
     sp.add_argument("--to", default=None, help="group to make Active (default: the Standby)")
-    sp.add_argument("--verify", default=None, metavar="DURATION",
-                    help="watch the new Active this long (30s, 2m) through the proxies' metrics "
-                         "and roll back automatically if it does worse than the old one "
-                         "(default: [verify] window of --config, else off)")  # fmt: skip
-    sp.add_argument(
-        "--verify-baseline",
-        default=None,
-        metavar="DURATION",
-        help="measure the old version this long before the flip (default 5s)",
-    )
-    sp.add_argument(
-        "--verify-min-requests",
-        type=int,
-        default=None,
-        metavar="N",
-        help="HTTP responses needed before judging (default 50)",
-    )
-    sp.add_argument(
-        "--verify-max-5xx-increase",
-        type=float,
-        default=None,
-        metavar="FRACTION",
-        help="5xx rate allowed above the baseline's (default 0.01: 1 point)",
-    )
-    sp.add_argument(
-        "--verify-latency-factor",
-        type=float,
-        default=None,
-        metavar="X",
-        help="p99 allowed up to X times the baseline's (default 2)",
-    )
-    sp.add_argument(
-        "--verify-latency-min-increase",
-        default=None,
-        metavar="DURATION",
-        help="... and at least this much above it (default 50ms)",
-    )
-    sp.add_argument(
-        "--verify-min-hsms-primaries",
-        type=int,
-        default=None,
-        metavar="N",
-        help="HSMS primaries needed before judging HSMS (default 20)",
-    )
-    sp.add_argument(
-        "--verify-max-hsms-error-increase",
-        type=float,
-        default=None,
-        metavar="FRACTION",
-        help="SxF0/Reject rate allowed above the baseline's (default 0.01)",
-    )
+    from .verify import add_arguments as verify_args
+
+    verify_args(sp)
     sp.set_defaults(afn=_switch)
 
     sp = sub.add_parser("rollback", help="switch back to the previous group")

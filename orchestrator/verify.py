@@ -19,7 +19,9 @@ started.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -105,6 +107,84 @@ def policy_from(config: str | None, flags: dict[str, Any]) -> Policy:
     for name in ("window", "baseline", "latency_min_increase"):
         values[name] = parse_duration(values[name], f"verify {name}")
     return Policy(**values).check()
+
+
+_FLAGS = {  # flag dest -> [verify] setting
+    "verify": "window",
+    "verify_baseline": "baseline",
+    "verify_min_requests": "min_requests",
+    "verify_max_5xx_increase": "max_5xx_increase",
+    "verify_latency_factor": "latency_factor",
+    "verify_latency_min_increase": "latency_min_increase",
+    "verify_min_hsms_primaries": "min_hsms_primaries",
+    "verify_max_hsms_error_increase": "max_hsms_error_increase",
+}
+
+
+def add_arguments(sp: argparse.ArgumentParser) -> None:
+    """The flags of `zerodown switch` that set the verification (defaults: [verify])."""
+    sp.add_argument("--verify", default=None, metavar="DURATION",
+                    help="watch the new Active this long (30s, 2m) through the proxies' metrics "
+                         "and roll back automatically if it does worse than the old one "
+                         "(default: [verify] window of --config, else off)")  # fmt: skip
+    sp.add_argument(
+        "--verify-baseline",
+        default=None,
+        metavar="DURATION",
+        help="measure the old version this long before the flip (default 5s)",
+    )
+    sp.add_argument(
+        "--verify-min-requests",
+        type=int,
+        default=None,
+        metavar="N",
+        help="HTTP responses needed before judging (default 50)",
+    )
+    sp.add_argument(
+        "--verify-max-5xx-increase",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="5xx rate allowed above the baseline's (default 0.01: 1 point)",
+    )
+    sp.add_argument(
+        "--verify-latency-factor",
+        type=float,
+        default=None,
+        metavar="X",
+        help="p99 allowed up to X times the baseline's (default 2)",
+    )
+    sp.add_argument(
+        "--verify-latency-min-increase",
+        default=None,
+        metavar="DURATION",
+        help="... and at least this much above it (default 50ms)",
+    )
+    sp.add_argument(
+        "--verify-min-hsms-primaries",
+        type=int,
+        default=None,
+        metavar="N",
+        help="HSMS primaries needed before judging HSMS (default 20)",
+    )
+    sp.add_argument(
+        "--verify-max-hsms-error-increase",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="SxF0/Reject rate allowed above the baseline's (default 0.01)",
+    )
+
+
+def policy_from_args(args: argparse.Namespace) -> Policy:
+    config = getattr(args, "config", None) or os.environ.get("ZERODOWN_CONFIG") or None
+    p = policy_from(config, {k: getattr(args, d) for d, k in _FLAGS.items()})
+    given = [f"--{d.replace('_', '-')}" for d in _FLAGS if d != "verify"
+             if getattr(args, d) is not None]  # fmt: skip
+    if not p.window and given:
+        raise Refused(f"{given[0]} applies only to a verified switch: add --verify DURATION "
+                      "(or set [verify] window in the config)")  # fmt: skip
+    return p
 
 
 def _pct(x: float) -> str:
