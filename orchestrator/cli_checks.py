@@ -37,7 +37,13 @@ def refuse_inapplicable(args: argparse.Namespace) -> None:
         if args.app not in (None, DEFAULT_APP):
             raise Refused(f"the local stack runs {DEFAULT_APP} only; --app {args.app} does not "
                           f"apply to zerodown {command}")  # fmt: skip
-    elif kind == "local":
+    elif kind != "local":
+        if args.admin_token and command != "deploy":
+            raise Refused("--admin-token applies to deploy only (its smoke test through the "
+                          "proxies' Standby preview)")  # fmt: skip
+        if args.job and command == "history":
+            raise Refused("--job does not apply to history: the trail is kept per app (--app)")
+    else:
         if args.job:
             raise Refused("--job applies to the Nomad backend (a Nomad job id)")
         if args.admin_token:

@@ -307,6 +307,8 @@ class LocalBackend:
             written = time.perf_counter()
             entry.update(changed=True, generation=new["generation"])
             proxies = self._proxies(new)
+            progress(f"generation {new['generation']} written; waiting for {len(proxies)} "
+                     "proxy(ies) to apply it")  # fmt: skip
             try:
                 await wait_proxies(session, proxies, new["generation"], self.proxy_timeout)
             finally:

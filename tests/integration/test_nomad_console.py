@@ -3,10 +3,16 @@ drimeap raw_exec job as real processes) and the Consul double."""
 
 from __future__ import annotations
 
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
+import orjson
+
 from ..fake_agents import NomadStack
-from .test_nomad_release import KEY, run_cli
+from ..helpers import wait_until
+from .test_nomad_release import KEY, TOKEN, history, proxies, run_cli  # noqa: F401 (fixture)
+from .test_switch_verify import VERIFY, Load
 
 
 def test_deploy_dry_run_prints_nomads_plan_and_registers_nothing(
@@ -54,9 +60,50 @@ def test_history_table_reads_consuls_trail(nomad_stack: NomadStack, tmp_path: Pa
     assert row.endswith("refused  group blue is already Active for drimeap; nothing to switch")
 
 
-def test_down_and_up_refuse_the_nomad_backend(nomad_stack: NomadStack, tmp_path: Path) -> None:
+def test_flags_that_do_not_apply_to_the_nomad_backend_are_refused(
+    nomad_stack: NomadStack, tmp_path: Path
+) -> None:
     for command in ("down", "up"):
         r = run_cli(nomad_stack, tmp_path, command)
         assert r.returncode == 1
         assert r.stderr.startswith(f"zerodown: zerodown {command} manages the local stack only")
+    r = run_cli(nomad_stack, tmp_path, "switch", "--admin-token", "t")
+    assert r.returncode == 1 and r.stderr.startswith("zerodown: --admin-token applies to deploy")
+    r = run_cli(nomad_stack, tmp_path, "history", "--job", "x")
+    assert r.returncode == 1 and r.stderr.startswith("zerodown: --job does not apply to history")
     assert not (tmp_path / "state").exists()
+    assert nomad_stack.consul.kv_get(KEY)[0] == "blue"
+
+
+def test_switch_verify_rolls_back_a_release_that_answers_500(
+    nomad_stack: NomadStack,
+    proxies: Callable,  # noqa: F811 (the fixture of test_nomad_release)
+    tmp_path: Path,
+) -> None:
+    stack = nomad_stack
+    (px,) = proxies(stack, 1)
+    px.wait_generation(stack.consul.kv_get(KEY)[1])
+    r = run_cli(stack, tmp_path, "deploy", "v2", "--admin-token", TOKEN)
+    assert r.returncode == 0, r.stderr
+    st = orjson.loads(run_cli(stack, tmp_path, "status", "--json").stdout)
+    assert st["standby"]["group"] == "green"
+    for i in st["standby"]["instances"]:
+        req = urllib.request.Request(f"http://{i['address']}:{i['http_port']}/fault?status=500",
+                                     b"")  # fmt: skip
+        urllib.request.urlopen(req, timeout=5).close()
+    load = Load(px.http)
+    try:
+        wait_until(lambda: load.total() >= 20, 30, "traffic on v1 for the baseline")
+        r = run_cli(stack, tmp_path, "switch", "--verify", "60s", *VERIFY)
+    finally:
+        load.close()
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("zerodown: verification of v2 failed: HTTP 5xx 100.00% of "), last
+    assert last.endswith("; rolled back drimeap to blue (v1)")
+    assert stack.consul.kv_get(KEY)[0] == "blue"
+    assert load.seen[("v2", 500)] > 0 and load.last == ("v1", 200)
+    switch, rollback = history(stack)[-2:]
+    assert (switch["action"], switch["result"]) == ("switch", "ok")
+    assert (rollback["action"], rollback["result"]) == ("rollback", "ok")
+    assert rollback["reason"].startswith("automatic rollback: v2 failed verification: HTTP 5xx")
