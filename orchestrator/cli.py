@@ -32,6 +32,12 @@ def _err(msg: str) -> None:
     print(f"zerodown: {msg}", file=sys.stderr, flush=True)
 
 
+def _say(text: str) -> None:
+    """A command's result on stdout, below its finished progress steps."""
+    _live.close()
+    print(text, flush=True)
+
+
 def _progress(msg: str) -> None:
     """Progress of a command: one updating line with the elapsed time on a TTY (terminal.py)."""
     _live(msg)
@@ -102,12 +108,12 @@ async def _deploy(args: argparse.Namespace) -> int:
     backend = make_backend(args)
     if args.dry_run:
         plan = await backend.plan_deploy(args.app, args.version, args.image)
-        print("\n".join(plan.lines))
+        _say("\n".join(plan.lines))
         if plan.refusal:
             raise Refused(plan.refusal)
         return 0
     msg = await backend.deploy(args.app, args.version, args.image, _progress)
-    print(msg)
+    _say(msg)
     return 0
 
 
@@ -120,18 +126,18 @@ async def _switch(args: argparse.Namespace) -> int:
         out, verdict = await verify.switch_verified(backend, args.app, args.to, policy, _progress)
     else:
         out, verdict = await backend.switch(args.app, args.to, _progress), None
-    print(f"switched {out.app} to {out.to_group} ({out.to_version}); {out.proxies} proxy(ies) "
+    _say(f"switched {out.app} to {out.to_group} ({out.to_version}); {out.proxies} proxy(ies) "
           f"applied generation {out.generation} in {out.propagation_s * 1000:.1f} ms")  # fmt: skip
     if verdict is not None:
-        print(f"verified {out.to_version} for {policy.window:g}s: {verdict.reason}")
+        _say(f"verified {out.to_version} for {policy.window:g}s: {verdict.reason}")
         for line in verdict.lines:
-            print(f"  {line}")
+            _say(f"  {line}")
     return 0
 
 
 async def _rollback(args: argparse.Namespace) -> int:
     out = await make_backend(args).rollback(args.app, _progress)
-    print(f"rolled back {out.app} to {out.to_group} ({out.to_version}); {out.proxies} proxy(ies) "
+    _say(f"rolled back {out.app} to {out.to_group} ({out.to_version}); {out.proxies} proxy(ies) "
           f"applied generation {out.generation} in {out.propagation_s * 1000:.1f} ms")  # fmt: skip
     return 0
 

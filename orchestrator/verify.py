@@ -336,10 +336,10 @@ async def switch_verified(
         base = await baseline(session, admins, app, before.active.version, p, progress)
         out = await backend.switch(app, to_group, progress)
         verdict = await watch(session, admins, app, out.to_version, base, p, progress)
-    for line in verdict.lines:
-        progress(f"verify: {line}")
     if verdict.ok:
         return out, verdict
+    for line in verdict.lines:
+        progress(f"verify: {line}")
     progress(f"verify: {out.to_version} failed ({verdict.reason}); rolling back")
     try:
         back = await backend.rollback(

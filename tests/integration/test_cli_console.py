@@ -180,6 +180,7 @@ def test_colours_and_progress_on_a_tty_only(stack: Path):
     rc, out = run_on_tty(cli("switch", "--state-dir", str(stack)), child_env())
     assert rc == 0, out
     assert b"\r\x1b[K" in out and b"s]\x1b[0m switched drimeap: blue (v1) -> green (v1)" in out
+    assert b"\r\nswitched drimeap to green (v1); 1 proxy(ies) applied" in out  # a line of its own
 
 
 def test_deploy_dry_run_on_the_local_stack_changes_nothing(stack: Path):
