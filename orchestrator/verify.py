@@ -91,7 +91,6 @@ class Verdict:
     ok: bool
     reason: str  # one line: why it failed, or what was found
     lines: tuple[str, ...]  # the measured numbers, one line per side
-    measured: dict[str, Any]  # the same numbers for the audit record
 
 
 def policy_from(config: str | None, flags: dict[str, Any]) -> Policy:
@@ -201,21 +200,16 @@ def judge(base: Totals, new: Totals, p: Policy, final: bool) -> Verdict | None:
     watching."""
     fails: list[str] = []
     lines: list[str] = []
-    measured: dict[str, Any] = {"requests": int(new.requests), "baseline_requests":
-                                int(base.requests)}  # fmt: skip
     http_judged = new.requests >= p.min_requests
     base_ok = base.requests >= p.min_requests
     if http_judged:
         limit = (base.error_rate if base_ok else 0.0) + p.max_5xx_increase
-        measured.update(error_rate=round(new.error_rate, 5),
-                        baseline_error_rate=round(base.error_rate, 5))  # fmt: skip
         said = (f"HTTP 5xx {_pct(new.error_rate)} of {int(new.requests)} requests (baseline "
                 f"{_pct(base.error_rate)} of {int(base.requests)}; limit {_pct(limit)})")  # fmt: skip
         lines.append(said)
         if new.error_rate > limit:
             fails.append(said)
         p99, b99 = new.quantile(0.99), base.quantile(0.99) if base_ok else None
-        measured.update(p99_ms=_round_ms(p99), baseline_p99_ms=_round_ms(b99))
         if p99 is not None and b99 is not None:
             limit_s = max(b99 * p.latency_factor, b99 + p.latency_min_increase)
             said = f"HTTP p99 {_ms(p99)} (baseline {_ms(b99)}; limit {_ms(limit_s)})"
@@ -230,8 +224,6 @@ def judge(base: Totals, new: Totals, p: Policy, final: bool) -> Verdict | None:
     if new.hsms_primaries >= p.min_hsms_primaries:
         base_hsms = base.hsms_error_rate if base.hsms_primaries >= p.min_hsms_primaries else 0.0
         limit = base_hsms + p.max_hsms_error_increase
-        measured.update(hsms_primaries=int(new.hsms_primaries),
-                        hsms_error_rate=round(new.hsms_error_rate, 5))  # fmt: skip
         said = (f"HSMS SxF0/Reject {_pct(new.hsms_error_rate)} of {int(new.hsms_primaries)} "
                 f"primaries (baseline {_pct(base_hsms)}; limit {_pct(limit)})")  # fmt: skip
         lines.append(said)
@@ -241,16 +233,12 @@ def judge(base: Totals, new: Totals, p: Policy, final: bool) -> Verdict | None:
         lines.append(f"HSMS not judged: {int(new.hsms_primaries)} primaries, fewer than the "
                      f"{p.min_hsms_primaries} needed")  # fmt: skip
     if fails:
-        return Verdict(False, "; ".join(fails), tuple(lines), measured)
+        return Verdict(False, "; ".join(fails), tuple(lines))
     if not final:
         return None
     judged = http_judged or new.hsms_primaries >= p.min_hsms_primaries
     reason = "passed" if judged else "not judged (too little traffic); not rolled back"
-    return Verdict(True, reason, tuple(lines), measured)
-
-
-def _round_ms(x: float | None) -> float | None:
-    return None if x is None else round(x * 1000, 2)
+    return Verdict(True, reason, tuple(lines))
 
 
 def _labels(version: str | None) -> list[str]:

@@ -47,14 +47,8 @@ def write_history(state: Path, n: int, app: str = "drimeap") -> None:
 
 
 @pytest.fixture
-def stack(tmp_path: Path):
-    state = tmp_path / "state"
-    r = zd(state, "up", "--http-listen", "127.0.0.1:0", "--hsms-listen", "127.0.0.1:0",
-           "--admin-listen", "127.0.0.1:0", "--no-hsms")  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    yield state
-    if (state / "stack.json").exists():
-        zd(state, "down")
+def stack(local_stack: Path) -> Path:
+    return local_stack
 
 
 def test_history_is_a_table_with_n_and_app_and_json(tmp_path: Path):

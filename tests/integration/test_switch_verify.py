@@ -61,14 +61,8 @@ class Load:
 
 
 @pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Path]:
-    state = tmp_path / "state"
-    r = zd(state, "up", "--http-listen", "127.0.0.1:0", "--hsms-listen", "127.0.0.1:0",
-           "--admin-listen", "127.0.0.1:0", "--no-hsms")  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    yield state
-    if (state / "stack.json").exists():
-        zd(state, "down")
+def stack(local_stack: Path) -> Path:
+    return local_stack
 
 
 @pytest.fixture
