@@ -323,7 +323,12 @@ async def switch_verified(
     async with aiohttp.ClientSession() as session:
         base = await baseline(session, admins, app, before.active.version, p, progress)
         out = await backend.switch(app, to_group, progress)
-        verdict = await watch(session, admins, app, out.to_version, base, p, progress)
+        try:
+            verdict = await watch(session, admins, app, out.to_version, base, p, progress)
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            progress(f"verify: interrupted; {out.to_group} ({out.to_version}) stays Active, not "
+                     "verified ('zerodown rollback' goes back)")  # fmt: skip
+            raise
     if verdict.ok:
         return out, verdict
     for line in verdict.lines:
