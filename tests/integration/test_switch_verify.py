@@ -5,6 +5,10 @@ its numbers (exit 0). Local stack, real processes, load through the real proxy."
 from __future__ import annotations
 
 import http.client
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -15,7 +19,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from ..helpers import wait_until
+from ..helpers import ROOT, wait_until
 from .test_local_stack import zd
 
 
@@ -172,3 +176,33 @@ def test_verify_window_from_the_config_file(stack: Path, tmp_path: Path):
     r = zd(stack, "switch", "--config", str(cfg), timeout=120)
     assert r.returncode == 0, r.stderr
     assert "verified v1 for 1s: not judged" in r.stdout
+
+
+def test_ctrl_c_during_the_watch_leaves_the_switch_and_says_so(stack: Path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("ZERODOWN_BACKEND", None)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "switch", "--state-dir", str(stack), "--verify",
+         "5m", "--verify-baseline", "0s"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
+    )  # fmt: skip
+    assert p.stderr is not None
+    try:
+        seen = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = p.stderr.readline()
+            seen.append(line)
+            if line.startswith("verify: watching v1 for 300s") or not line:
+                break
+        assert seen[-1].startswith("verify: watching"), seen
+        p.send_signal(signal.SIGINT)
+        rest = p.stderr.read()
+        assert p.wait(30) == 130
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+    assert "verify: interrupted; green (v1) stays Active, not verified" in rest, rest
+    assert "Traceback" not in rest
+    assert status(stack)["active"]["group"] == "green"
