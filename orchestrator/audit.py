@@ -110,23 +110,31 @@ def from_kv(entries: list[dict[str, Any]]) -> list[Entry]:
     return sorted(out, key=lambda r: r.get("time_ns") or 0)
 
 
-def describe(rec: Entry) -> str:
-    """One line for `zerodown history`."""
+HISTORY_COLUMNS = ("TIME", "WHO", "ACTION", "FROM -> TO", "VERSIONS", "RESULT", "REASON")
+
+
+def row(rec: Entry) -> tuple[str, ...]:
+    """One record as the `zerodown history` table shows it (time in local time)."""
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime((rec.get("time_ns") or 0) / 1e9))
-    what = str(rec.get("action", "?"))
+    who = f"{rec.get('user', '?')}@{rec.get('host', '?')}"
     if rec.get("action") == "deploy":
-        what += f" {rec.get('version', '?')}"
-        if rec.get("group"):
-            what += f" to {rec['group']}"
-    elif rec.get("from") or rec.get("to"):
-        versions = ""
-        if rec.get("from_version") or rec.get("to_version"):
-            versions = f" ({rec.get('from_version') or '?'} -> {rec.get('to_version') or '?'})"
-        what += f" {rec.get('from') or '?'} -> {rec.get('to') or '?'}{versions}"
-    line = f"{when}  {rec.get('user', '?')}@{rec.get('host', '?')}  {what}  {rec.get('result')}"
-    if rec.get("reason"):
-        line += f": {rec['reason']}"
-    return line
+        groups = f"-> {rec['group']}" if rec.get("group") else "-"
+        versions = f"{rec.get('from_version') or '?'} -> {rec.get('version') or '?'}"
+    else:
+        groups = (f"{rec.get('from') or '?'} -> {rec.get('to') or '?'}"
+                  if rec.get("from") or rec.get("to") else "-")  # fmt: skip
+        versions = (f"{rec.get('from_version') or '?'} -> {rec.get('to_version') or '?'}"
+                    if rec.get("from_version") or rec.get("to_version") else "-")  # fmt: skip
+    return (when, who, str(rec.get("action", "?")), groups, versions,
+            str(rec.get("result", "?")), str(rec.get("reason") or ""))  # fmt: skip
+
+
+def table(records: list[Entry]) -> list[str]:
+    """The history as aligned columns, a header first; the reason is last and never cut."""
+    rows = [HISTORY_COLUMNS, *(row(r) for r in records)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(HISTORY_COLUMNS) - 1)]
+    return [("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
+            .rstrip() for r in rows]  # fmt: skip
 
 
 @asynccontextmanager
