@@ -173,6 +173,4 @@ def run(
         return run_supervisor(cfg, config_path, ready_file, overrides)
     import uvloop
 
-    return uvloop.run(
-        serve(cfg, ready_file, reuse_port, supervisor_admin, config_path, overrides)
-    )
+    return uvloop.run(serve(cfg, ready_file, reuse_port, supervisor_admin, config_path, overrides))
