@@ -240,3 +240,59 @@ async def test_failing_takeover_leaves_the_old_process_serving(
     finally:
         await tool.close()
         await host.stop()
+
+
+async def test_sighup_and_reload_apply_live_settings_and_name_what_needs_a_takeover(
+    tmp_path, backend_factory, start_proxy
+):
+    import urllib.request
+
+    import orjson
+
+    port = await backend_factory("v1", "i0")
+    reg = tmp_path / "registry.json"
+    write_registry(reg, registry(1, "blue", [instance("b1", "blue", "v1", port)]))
+    proxy = start_proxy(reg)
+    cfg = tmp_path / "proxy.toml"
+    text = cfg.read_text()
+    assert proxy.status()["http"]
+    # SIGHUP: a live setting (the admin token) and one that needs a takeover (the HTTP address).
+    cfg.write_text(
+        text.replace('admin_token = "test-token"', 'admin_token = "new-token"').replace(
+            'http_listen = "127.0.0.1:0"', 'http_listen = "127.0.0.1:1"'
+        )
+    )
+    os.kill(proxy.pid, signal.SIGHUP)
+    wait_until(lambda: "configuration reloaded" in proxy.output(), 10, "the SIGHUP log line")
+    assert "needs a takeover (zerodown proxy-reload): proxy.http_listen" in proxy.output()
+
+    def post(token: str) -> tuple[int, dict]:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{proxy.admin}/v1/reload", method="POST", data=b"",
+            headers={"Authorization": f"Bearer {token}"},
+        )  # fmt: skip
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, orjson.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, {}
+
+    assert post("test-token")[0] == 401  # the new token is live
+    cfg.write_text(text.replace("[hsms]", "[http]\nclient_idle_timeout = 1.5\n[hsms]"))
+    status, body = post("new-token")
+    assert status == 200, body
+    assert body["config"]["applied"] == ["proxy.admin_token", "http.client_idle_timeout"]
+    assert body["config"]["needs_takeover"] == []
+    assert "applied" in body and body["generation"] == 1  # the registry, re-read as before
+    # The idle timeout is live: an idle keep-alive client is closed after 1.5 s, not 75 s.
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.http)
+    writer.write(b"GET /info HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await read_response(reader)).status == 200
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
+    # A file that does not load changes nothing and says why.
+    cfg.write_text(text + "\n[http\n")
+    status, body = post("test-token")
+    assert status == 200 and "not valid TOML" in body["config"]["error"]
+    assert post("test-token")[0] == 200  # the token from the file that loaded last
+    assert proxy.status()["pid"] == proxy.pid
