@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from ..helpers import ROOT, instance, registry, wait_until, write_registry
 from ..hsmspeers import RawHost, RawTool, s6f11_body
 from ..rawhttp import read_response
@@ -136,8 +138,9 @@ async def _taken_over(proxy, old_pid: int, timeout: float = 60.0) -> int:
     return st["pid"]
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["single", "two-workers"])
 async def test_five_takeovers_and_one_during_a_switch_drop_nothing(
-    tmp_path, backend_factory, start_proxy
+    tmp_path, backend_factory, start_proxy, workers
 ):
     versions = ["v1", "v1", "v2", "v2"]
     http_ports = [await backend_factory(v, f"i{n}") for n, v in enumerate(versions)]
@@ -146,8 +149,9 @@ async def test_five_takeovers_and_one_during_a_switch_drop_nothing(
         await h.start()
     reg = tmp_path / "registry.json"
     _reg(reg, 1, "blue", http_ports, hosts)
-    proxy = start_proxy(reg, config=CFG)
+    proxy = start_proxy(reg, config=f"workers = {workers}\n{CFG}")
     pids = [proxy.pid]
+    worker_pids = {w["pid"] for w in proxy.status().get("workers", [])}
     tools = [RawTool(proxy.hsms) for _ in range(N_TOOLS)]
     try:
         for t in tools:
@@ -169,11 +173,21 @@ async def test_five_takeovers_and_one_during_a_switch_drop_nothing(
             else:
                 os.kill(pids[-1], signal.SIGUSR2)
             pids.append(await _taken_over(proxy, pids[-1]))
+            if workers > 1:  # every worker was replaced too, and the old ones are gone
+                st = proxy.status()
+                new_workers = {w["pid"] for w in st["workers"]}
+                assert len(new_workers) == workers and not new_workers & worker_pids
+                await asyncio.to_thread(
+                    wait_until, lambda: all(_gone(p) for p in worker_pids), 60, "old workers"
+                )
+                worker_pids |= new_workers
             if n == 3:
                 switched_at = time.monotonic()  # the old process, and its old routing, are gone
             await asyncio.sleep(0.5)  # load on the new process before the next one
         st = proxy.status()
         assert st["generation"] == 2
+        if workers > 1:  # the switch went through the new supervisor's gate
+            assert st["switch"]["gated"] and st["switch"]["commits"] >= 1
         await asyncio.sleep(0.5)
         await load.finish()
         disconnected = [i for i, t in enumerate(tools) if t.closed.is_set() or t.separated]

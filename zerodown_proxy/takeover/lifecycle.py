@@ -78,7 +78,11 @@ async def serve(
     donor = Donor(server)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if worker_channel:  # a worker: its supervisor's successor starts ours
+    if reuse_port:  # a worker: its supervisor is the process replaced
+        loop.add_signal_handler(
+            signal.SIGUSR2, lambda: log.warning("SIGUSR2 ignored: send it to the supervisor")
+        )
+    if worker_channel:  # its supervisor's successor starts ours, which connects there
         loop.create_task(_offer_worker(donor, worker_channel))
     elif not reuse_port:
         assert server.admin is not None
