@@ -114,6 +114,7 @@ class Channel:
 
 async def recv(ch: wire.Channel, proc: asyncio.subprocess.Process | None, deadline: float,
                what: str) -> tuple[dict[str, Any], list[int]]:  # fmt: skip
+    ch.sock.settimeout(max(1.0, deadline - time.monotonic()))
     try:
         return await race(asyncio.to_thread(ch.recv), proc, deadline, what)
     except wire.ChannelError as exc:
