@@ -233,8 +233,9 @@ async def test_takeovers_and_one_during_a_switch_drop_nothing(
     assert late_ids and set(late_ids) <= green
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["single", "two-workers"])
 async def test_failing_takeover_leaves_the_old_process_serving(
-    tmp_path, backend_factory, start_proxy
+    tmp_path, backend_factory, start_proxy, workers
 ):
     port = await backend_factory("v1", "i0")
     host = RawHost("v1")
@@ -242,7 +243,8 @@ async def test_failing_takeover_leaves_the_old_process_serving(
     reg = tmp_path / "registry.json"
     write_registry(reg, registry(1, "blue", [instance("b1", "blue", "v1", port, hsms=host.port)],
                                  hsms_device_id=0))  # fmt: skip
-    proxy = start_proxy(reg, config=CFG)
+    proxy = start_proxy(reg, config=f"workers = {workers}\n{CFG}")
+    worker_pids = {w["pid"] for w in proxy.status().get("workers", [])}
     tool = RawTool(proxy.hsms)
     try:
         await tool.connect()
@@ -264,6 +266,7 @@ async def test_failing_takeover_leaves_the_old_process_serving(
         writer.close()
         assert "takeover failed" in proxy.output()
         assert not tool.separated and not tool.closed.is_set()
+        assert {w["pid"] for w in proxy.status().get("workers", [])} == worker_pids
     finally:
         await tool.close()
         await host.stop()

@@ -233,6 +233,9 @@ class Donor:
         except (wire.ChannelError, TimeoutError) as exc:
             log.warning("takeover: no goodbye from the new process: %s", exc)
         ch.close()
+        registration = getattr(srv.provider, "registration", None)
+        if registration is not None:  # the new process registered the same service id
+            registration.handed_over = True
         cut = await http_task if http_task is not None else 0
         log.info(
             "takeover done: %d tool connections handed to pid %d in %.1f ms; this process stops",
