@@ -55,6 +55,7 @@ from .supervised import worker_argv
 from .supervisor_admin import SupervisorAdmin
 from .supervisor_merge import merge_hsms, merge_metrics
 from .switch_gate import GATE_ENV, INDEX_ENV, NOTIFY_ENV, GateFile, waiting_for
+from .takeover import sdnotify
 from .takeover.donor import TakeoverFailed
 from .takeover.lifecycle import WORKER_CHANNEL_ENV
 from .takeover.supervisor_takeover import SupervisorDonor, SupervisorReceiver, worker_channel
@@ -365,6 +366,7 @@ class Supervisor:
             tmp = Path(self.ready_file + ".tmp")
             tmp.write_bytes(orjson.dumps(ports))
             os.replace(tmp, self.ready_file)
+        sdnotify.ready()
         log.info("supervising %d workers", self.n, extra={"fields": {"ports": ports}})
         return 0
 

@@ -326,3 +326,30 @@ async def test_sighup_and_reload_apply_live_settings_and_name_what_needs_a_takeo
     assert status == 200 and "not valid TOML" in body["config"]["error"]
     assert post("test-token")[0] == 200  # the token from the file that loaded last
     assert proxy.status()["pid"] == proxy.pid
+
+
+async def test_systemd_is_told_the_new_main_pid(tmp_path, backend_factory, start_proxy,
+                                                monkeypatch):  # fmt: skip
+    import socket
+
+    port = await backend_factory("v1", "i0")
+    reg = tmp_path / "registry.json"
+    write_registry(reg, registry(1, "blue", [instance("b1", "blue", "v1", port)]))
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(60)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    proxy = start_proxy(reg)
+    new = 0
+    try:
+        first = notify.recv(4096).decode().split("\n")
+        assert first == [f"MAINPID={proxy.pid}", "READY=1"]
+        os.kill(proxy.pid, signal.SIGUSR2)
+        second = (await asyncio.to_thread(notify.recv, 4096)).decode().split("\n")
+        new = await _taken_over(proxy, proxy.pid)
+        assert second == [f"MAINPID={new}", "READY=1"]
+    finally:
+        notify.close()
+        if new and not _gone(new):
+            os.kill(new, signal.SIGTERM)
+            await asyncio.to_thread(wait_until, lambda: _gone(new), 30, "proxy to stop")

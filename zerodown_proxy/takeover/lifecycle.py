@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from . import wire
+from . import sdnotify, wire
 from .donor import Donor, TakeoverFailed
 from .receiver import Receiver, channel_path
 
@@ -72,6 +72,8 @@ async def serve(
         return 1
     if ready_file:
         write_ready(ready_file, ports)
+    if not reuse_port:  # the main process (a worker's supervisor speaks for it)
+        sdnotify.ready()
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
