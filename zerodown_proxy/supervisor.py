@@ -56,11 +56,9 @@ from .supervisor_admin import SupervisorAdmin
 from .supervisor_merge import merge_hsms, merge_metrics
 from .switch_gate import GATE_ENV, INDEX_ENV, NOTIFY_ENV, GateFile, waiting_for
 from .takeover import sdnotify
-from .takeover.donor import TakeoverFailed
 from .takeover.lifecycle import WORKER_CHANNEL_ENV
 from .takeover.supervisor_takeover import SupervisorDonor, SupervisorReceiver, worker_channel
 from .takeover.wire import ENV as TAKEOVER_ENV
-from .takeover.wire import ChannelError
 
 log = logging.getLogger("zerodown.workers")
 
@@ -258,13 +256,6 @@ class Supervisor:
                 )
         return body
 
-    async def _sigusr2(self) -> None:
-        try:
-            result = await self.donor.takeover()
-        except TakeoverFailed:
-            return  # logged by the donor
-        log.info("SIGUSR2: replaced by pid %d", result["pid"])
-
     def _sighup(self) -> None:
         # Each worker re-reads the configuration itself (live_config.py).
         for p in self.procs:
@@ -294,7 +285,7 @@ class Supervisor:
         # stop them with us rather than kill us and leave them holding the ports.
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGUSR2, lambda: loop.create_task(self._sigusr2()))
+        loop.add_signal_handler(signal.SIGUSR2, self.donor.signalled)
         loop.add_signal_handler(signal.SIGHUP, self._sighup)
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         startup = loop.create_task(self._start())
@@ -320,19 +311,9 @@ class Supervisor:
     async def _start(self) -> int:
         """Ports, gate, admin API, workers, first commit, ready file. 0 when serving."""
         loop = asyncio.get_running_loop()
-        if self.receiver is not None:
-            try:
-                await self.receiver.inherit(self)
-            except (ChannelError, OSError) as exc:
-                log.error("takeover: cannot get the sockets from the old supervisor: %s", exc)
-                return 1
-        code = await self._start_serving(loop)
-        if self.receiver is not None:
-            if code == 0:
-                self.receiver.ready()
-            else:
-                self.receiver.fail(f"the new supervisor did not start (exit code {code})")
-        return code
+        if self.receiver is not None:  # a takeover's successor: sockets first, "ready" last
+            return await self.receiver.start(self, self._start_serving(loop))
+        return await self._start_serving(loop)
 
     async def _start_serving(self, loop: asyncio.AbstractEventLoop) -> int:
         try:

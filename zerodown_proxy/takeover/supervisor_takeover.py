@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from . import wire
@@ -90,6 +91,17 @@ class SupervisorDonor:
         asyncio.get_running_loop().create_task(self._finish(pid))
         return {"pid": pid, "old_pid": os.getpid()}
 
+    def signalled(self) -> None:
+        """SIGUSR2."""
+        asyncio.get_running_loop().create_task(self._on_signal())
+
+    async def _on_signal(self) -> None:
+        try:
+            result = await self.takeover()
+        except TakeoverFailed:
+            return  # logged above
+        log.info("SIGUSR2: replaced by pid %d", result["pid"])
+
     async def _restart_exited(self) -> None:
         sup = self.sup
         for i, p in enumerate(sup.procs):
@@ -119,6 +131,22 @@ class SupervisorReceiver:
     def __init__(self, path: str) -> None:
         self.path = path
         self.ch: wire.Channel | None = None
+
+    async def start(self, sup: Supervisor, serving: Coroutine[Any, Any, int]) -> int:
+        """Get the sockets, run `serving` (the supervisor's own start), then "ready" or why
+        not; its exit code."""
+        try:
+            await self.inherit(sup)
+        except (wire.ChannelError, OSError) as exc:
+            serving.close()
+            log.error("takeover: cannot get the sockets from the old supervisor: %s", exc)
+            return 1
+        code = await serving
+        if code == 0:
+            self.ready()
+        else:
+            self.fail(f"the new supervisor did not start (exit code {code})")
+        return code
 
     async def inherit(self, sup: Supervisor) -> None:
         ch = self.ch = await asyncio.to_thread(wire.Channel.connect, self.path, 10.0)
