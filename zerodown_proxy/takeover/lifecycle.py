@@ -101,6 +101,8 @@ async def serve(
     await asyncio.wait({stopped, finished}, return_when=asyncio.FIRST_COMPLETED)
     stopped.cancel()
     finished.cancel()
+    if receiver is not None:
+        receiver.close()
     await server.stop()
     return 0
 

@@ -72,6 +72,14 @@ class Receiver:
         self.extra = msg
         return {name: socket.socket(fileno=fd) for name, fd in zip(names, fds, strict=True)}
 
+    def close(self) -> None:
+        """Stopping: unblock a read still waiting for the old process."""
+        if self.ch is not None:
+            try:
+                self.ch.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def fail(self, reason: str) -> None:
         if self.ch is not None:
             try:

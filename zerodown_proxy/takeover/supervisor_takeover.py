@@ -112,7 +112,8 @@ class SupervisorDonor:
 
     async def _finish(self, pid: int) -> None:
         sup = self.sup
-        sup.stopping = True
+        # Not `stopping`: the old workers still serve what they hold, and a switch must still
+        # be committed for them at one instant (exits are not restarted: `handing_over`).
         await sup.admin.stop_listening()
         bound = sup.cfg.hsms.t3 + sup.cfg.proxy.shutdown_grace + EXIT_MARGIN
         procs = [p for p in sup.procs if p is not None]
