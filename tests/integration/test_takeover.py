@@ -353,3 +353,35 @@ async def test_systemd_is_told_the_new_main_pid(tmp_path, backend_factory, start
         if new and not _gone(new):
             os.kill(new, signal.SIGTERM)
             await asyncio.to_thread(wait_until, lambda: _gone(new), 30, "proxy to stop")
+
+
+def _children(pid: int) -> set[int]:
+    out: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        out |= {int(c) for c in text}
+    return out
+
+
+async def test_a_new_process_not_ready_in_time_is_killed_and_the_old_one_serves(
+    tmp_path, backend_factory, start_proxy, monkeypatch
+):
+    port = await backend_factory("v1", "i0")
+    reg = tmp_path / "registry.json"
+    write_registry(reg, registry(1, "blue", [instance("b1", "blue", "v1", port)]))
+    monkeypatch.setenv("ZERODOWN_TAKEOVER_READY_TIMEOUT", "3")
+    proxy = start_proxy(reg)
+    os.kill(proxy.pid, signal.SIGUSR2)
+    (child,) = await asyncio.to_thread(
+        wait_until, lambda: _children(proxy.pid), 10, "the new process"
+    )
+    os.kill(child, signal.SIGSTOP)  # it hangs: never ready
+    await asyncio.to_thread(
+        wait_until, lambda: "was not ready within 3s" in proxy.output(), 30, "the failure"
+    )
+    await asyncio.to_thread(wait_until, lambda: not _children(proxy.pid), 10, "the child reaped")
+    assert proxy.status()["pid"] == proxy.pid
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.http)
+    writer.write(b"GET /info HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await read_response(reader)).status == 200
+    writer.close()
