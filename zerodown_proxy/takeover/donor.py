@@ -114,10 +114,15 @@ class Channel:
 
 async def recv(ch: wire.Channel, proc: asyncio.subprocess.Process | None, deadline: float,
                what: str) -> tuple[dict[str, Any], list[int]]:  # fmt: skip
-    ch.sock.settimeout(max(1.0, deadline - time.monotonic()))
+    # The thread's read outlasts the deadline: `race` reports it, with the bound in its words.
+    ch.sock.settimeout(max(1.0, deadline - time.monotonic() + 1.0))
     try:
         return await race(asyncio.to_thread(ch.recv), proc, deadline, what)
     except wire.ChannelError as exc:
+        if isinstance(exc.__cause__, TimeoutError):
+            raise TakeoverFailed(
+                f"the new process was not ready within {READY_TIMEOUT:g}s ({what})"
+            ) from exc
         if proc is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(proc.wait(), 1.0)
