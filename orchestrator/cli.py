@@ -208,6 +208,17 @@ def cmd_version(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_proxy_reload(args: argparse.Namespace) -> int:
+    from .proxy_reload import reload_proxy
+
+    outcome = reload_proxy(args.admin, args.config, args.token, args.timeout)
+    if not outcome.ok:
+        _err(f"proxy-reload: {outcome.message}")
+        return 1
+    print(outcome.message)
+    return 0
+
+
 def cmd_healthcheck(args: argparse.Namespace) -> int:
     from .healthcheck import run
 
@@ -362,6 +373,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "--timeout", type=float, default=3.0, help="seconds to wait for /health (default 3)"
     )
     sp.set_defaults(fn=cmd_healthcheck)
+
+    sp = sub.add_parser("proxy-reload", help="replace the running proxy process, nothing dropped")
+    sp.add_argument("--admin", default=None, metavar="ADDR",
+                    help="the proxy's admin address (default: [proxy] admin_listen of --config, "
+                         "$ZERODOWN_ADMIN_LISTEN, or 127.0.0.1:8081)")  # fmt: skip
+    sp.add_argument("--config", default=None, help="the proxy's TOML config (admin address, token)")
+    sp.add_argument("--token", default=None, help="admin token (default: $ZERODOWN_ADMIN_TOKEN, "
+                                                   "then [proxy] admin_token of --config)")  # fmt: skip
+    sp.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
+    sp.set_defaults(fn=cmd_proxy_reload)
     return p
 
 

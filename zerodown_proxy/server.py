@@ -6,12 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import socket
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
-
-import orjson
 
 from .admin import AdminApi
 from .config import Config, parse_addr
@@ -24,6 +21,7 @@ from .http.proxy import HttpProxy
 from .metrics import Registry
 from .routing import Router
 from .switch_gate import WorkerGate
+from .takeover.listeners import Listeners
 from .watcher import Watcher
 
 log = logging.getLogger("zerodown.proxy")
@@ -36,9 +34,12 @@ class ProxyServer:
         reuse_port: bool = False,
         supervisor_admin: str | None = None,
         config_path: str | None = None,
+        inherited: dict[str, socket.socket] | None = None,
     ) -> None:
         self.cfg = cfg
         self.config_path = config_path  # what the dashboard's release actions pass the CLI
+        # Every listening socket by name: bound here, or inherited from a takeover (takeover/).
+        self.listeners = Listeners(inherited)
         self.reuse_port = reuse_port
         # A multi-worker supervisor's admin address (it speaks for the whole proxy: this is
         # what the worker registers in Consul); None when running alone.
@@ -57,6 +58,9 @@ class ProxyServer:
         self.provider: Any = None
         self.sampler: Sampler | None = None  # per-second traffic samples for the dashboard
         self.stopped = asyncio.Event()
+        # Awaited once routing is started, before the data planes listen (a takeover's new
+        # process waits there until it routes what the old one did).
+        self.before_serving: Callable[[], Awaitable[None]] | None = None
 
     async def start(self) -> dict[str, int]:
         cfg = self.cfg
@@ -71,7 +75,8 @@ class ProxyServer:
             self.router, self.metrics, cfg.proxy.admin_token, self.name, parts={},
             watcher=self.watcher, dashboard=dashboard,
         )  # fmt: skip
-        await self.admin.start(admin_host, admin_port)
+        sock = self.listeners.get("admin", admin_host, admin_port)
+        await self.admin.start(admin_host, admin_port, sock=sock)
         admin_addr = self.supervisor_admin or f"{admin_host}:{self.admin.port}"
 
         if cfg.discovery.provider == "consul":
@@ -87,6 +92,8 @@ class ProxyServer:
             self.admin.reload = self.watcher.reload
         self.watcher.start(self.provider)
 
+        if self.before_serving is not None:
+            await self.before_serving()
         http_host, http_port = parse_addr(cfg.proxy.http_listen)
         self.http = HttpProxy(
             self.router, cfg.http, self.metrics, cfg.proxy.admin_token, cfg.proxy.access_log
@@ -97,7 +104,8 @@ class ProxyServer:
         self.http.balancer.attach(self.router, cfg.outlier_detection, self.checker)
         self.checker.start()
         self.admin.checks = self.checker.verdict
-        await self.http.start(http_host, http_port, reuse_port=self.reuse_port)
+        sock = self.listeners.get("http", http_host, http_port, self.reuse_port)
+        await self.http.start(http_host, http_port, sock=sock)
         self.sampler = Sampler(self.http.acc.m_requests, self.http.acc.m_latency)
         self.sampler.start()
         ports = {"http": self.http.port, "admin": self.admin.port, "pid": os.getpid()}
@@ -113,7 +121,8 @@ class ProxyServer:
             self.hsms = HsmsProxy(
                 self.router, cfg.hsms, self.metrics, instance_down=self.checker.is_down
             )
-            await self.hsms.start(hsms_host, hsms_port, reuse_port=self.reuse_port)
+            sock = self.listeners.get("hsms", hsms_host, hsms_port, self.reuse_port)
+            await self.hsms.start(hsms_host, hsms_port, sock=sock)
             ports["hsms"] = self.hsms.port
             self.admin.parts["hsms"] = self.hsms.status
         if hasattr(self.provider, "set_listen_ports"):
@@ -151,6 +160,7 @@ class ProxyServer:
             await self.admin.close()
         if self.gate is not None:
             self.gate.close()
+        self.listeners.close()
         self.stopped.set()
 
 
@@ -160,20 +170,14 @@ async def serve(
     reuse_port: bool = False,
     supervisor_admin: str | None = None,
     config_path: str | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
 ) -> int:
-    server = ProxyServer(cfg, reuse_port, supervisor_admin, config_path)
-    ports = await server.start()
-    if ready_file:
-        tmp = Path(ready_file + ".tmp")
-        tmp.write_bytes(orjson.dumps(ports))
-        os.replace(tmp, ready_file)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop()
-    return 0
+    """Run one proxy process until SIGTERM/SIGINT or a takeover (takeover/lifecycle.py)."""
+    from .takeover import lifecycle
+
+    return await lifecycle.serve(
+        cfg, ready_file, reuse_port, supervisor_admin, config_path, overrides
+    )
 
 
 def run(
@@ -197,4 +201,4 @@ def run(
         return run_supervisor(cfg, config_path, ready_file, overrides)
     import uvloop
 
-    return uvloop.run(serve(cfg, ready_file, reuse_port, supervisor_admin, config_path))
+    return uvloop.run(serve(cfg, ready_file, reuse_port, supervisor_admin, config_path, overrides))

@@ -45,6 +45,8 @@ class BackendSessions:
         p = self.proxy
         if p.closing or tool.closed or not tool.session.selected or tool.current is not None:
             return
+        if tool.holding is not None:
+            return  # being handed to a new proxy process: it opens its own session
         if tool.retry is not None:
             tool.retry.cancel()
             tool.retry = None

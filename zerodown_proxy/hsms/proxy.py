@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -85,16 +86,22 @@ class HsmsProxy:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
+    async def start(
+        self, host: str, port: int, reuse_port: bool = False, sock: socket.socket | None = None
+    ) -> None:
+        """Listen on host:port, or serve on `sock` (already listening: takeover/listeners.py)."""
         self.loop = asyncio.get_running_loop()
-        self._server = await self.loop.create_server(
-            lambda: ToolLink(self),
-            host,
-            port,
-            backlog=1024,
-            reuse_address=True,
-            reuse_port=reuse_port or None,
-        )
+        if sock is not None:
+            self._server = await self.loop.create_server(lambda: ToolLink(self), sock=sock)
+        else:
+            self._server = await self.loop.create_server(
+                lambda: ToolLink(self),
+                host,
+                port,
+                backlog=1024,
+                reuse_address=True,
+                reuse_port=reuse_port or None,
+            )
         self.port = self._server.sockets[0].getsockname()[1]
         self._sweeper = self.loop.create_task(self._sweep_forever())
 
@@ -176,6 +183,10 @@ class HsmsProxy:
             self.m.aborted.inc(("tool_disconnected",), len(tool.queue))
             tool.queue.clear()
         sweep.summarize(self, tool, time.monotonic(), final=True)
+        if tool.handed_over:  # its connection lives on in the new proxy process
+            log.info("tool %s handed over", tool.peer, extra=_ev("hsms_tool_handed_over",
+                                                                 tool=tool.peer))  # fmt: skip
+            return
         log.info(
             "tool %s disconnected", tool.peer,
             extra=_ev("hsms_tool_disconnected", tool=tool.peer, error=str(exc) if exc else None),

@@ -55,6 +55,10 @@ class ToolLink(Link):
         self.warnings = LogLimiter(cfg.warn_limit, cfg.warn_interval, _now())
         # Decoder offset of the incomplete message that holds a partial-budget reservation.
         self.partial_at = -1
+        # A takeover is handing this connection to a new process (takeover/tools.py): the
+        # tool's new primaries are kept here, encoded, for the new process; not forwarded.
+        self.holding: list[bytes] | None = None
+        self.handed_over = False
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -163,6 +167,9 @@ class ToolLink(Link):
             self.proxy.m.fwd_reply_up.inc()
             if backend.draining:
                 backend.maybe_finish()
+            return
+        if self.holding is not None:
+            self.holding.append(f.encode())
             return
         self.proxy.router.current()  # a committed switch hands this tool over first
         cur = self.current

@@ -16,6 +16,7 @@ import functools
 import hmac
 import logging
 import os
+import socket
 import time
 from typing import Any
 
@@ -77,19 +78,25 @@ class HttpProxy:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
+    async def start(
+        self, host: str, port: int, reuse_port: bool = False, sock: socket.socket | None = None
+    ) -> None:
+        """Listen on host:port, or serve on `sock` (already listening: takeover/listeners.py)."""
         self.loop = asyncio.get_running_loop()
         self.capacity = Capacity(
             self.cfg.max_client_connections, self.cfg.fd_reserve, raise_nofile_limit()
         )
-        self._server = await self.loop.create_server(
-            lambda: ClientProtocol(self),
-            host,
-            port,
-            backlog=2048,
-            reuse_address=True,
-            reuse_port=reuse_port or None,
-        )
+        if sock is not None:
+            self._server = await self.loop.create_server(lambda: ClientProtocol(self), sock=sock)
+        else:
+            self._server = await self.loop.create_server(
+                lambda: ClientProtocol(self),
+                host,
+                port,
+                backlog=2048,
+                reuse_address=True,
+                reuse_port=reuse_port or None,
+            )
         self.port = self._server.sockets[0].getsockname()[1]
         self._sweeper = self.loop.create_task(sweep_forever(self))
 
