@@ -29,10 +29,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Debian packages used by the benchmarks (nginx, wrk, h2load) as the side-by-side reference.
+# Debian packages used by the benchmarks (nginx, wrk, h2load) as the side-by-side reference,
+# valgrind for `zerodown bench instructions` (callgrind) and taskset (util-linux) for pinning.
 sysdeps:
-	@command -v nginx >/dev/null && command -v wrk >/dev/null && command -v h2load >/dev/null || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk nghttp2-client)
+	@command -v nginx >/dev/null && command -v wrk >/dev/null && command -v h2load >/dev/null \
+	  && command -v valgrind >/dev/null && command -v taskset >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk \
+	    nghttp2-client valgrind util-linux)
 
 bench: $(STAMP) sysdeps
 	$(BIN)/zerodown bench all

@@ -9,6 +9,7 @@ hsms (benchmarks/hsms_bench.py), all.
 from __future__ import annotations
 
 import argparse
+import importlib
 import shlex
 import sys
 import time
@@ -21,6 +22,9 @@ from .scenarios import BenchConfig, closed, generator_check, machine, steady
 from .targets import PROXIES
 
 SCENARIOS = ("generator", "steady", "propagation", "closed", "datapath", "hsms", "all")
+# Scenarios with options of their own (module.add_arguments / module.run_from_args), results
+# written like the others but never into README.md's generated block.
+OWN_OPTIONS = {"instructions": "instructions"}
 MAX_SECONDS = 300.0
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,7 +69,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "datapath": "Python CPU per request of the HTTP data path, without sockets",
         "hsms": "HSMS S6F11/S6F12 through the proxy vs direct, with switches",
         "all": "every scenario in turn; updates README.md's benchmark section",
+        "instructions": "instructions per proxied request under callgrind, zerodown vs nginx",
     }
+    for name, module in OWN_OPTIONS.items():
+        sp = sub.add_parser(name, help=helps[name])
+        importlib.import_module(f".{module}", __package__).add_arguments(sp)
+        sp.add_argument("--results-dir", default=None, help="default bench-results/<timestamp>/")
+        sp.set_defaults(update_readme=False, no_plots=True)
     for name in SCENARIOS:
         sp = sub.add_parser(name, help=helps[name])
         if name == "hsms":
@@ -172,6 +182,8 @@ def run(args: argparse.Namespace) -> int:
             print("zerodown: the HSMS benchmark is missing", file=sys.stderr)
             return 1
         return int(mod.main(args))
+    if args.scenario in OWN_OPTIONS:
+        return _run_own(args)
     try:
         cfg = config_from_args(args)
     except BenchError as exc:
@@ -179,12 +191,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = Path(args.results_dir or Path("bench-results") / stamp)
-    argv = sys.argv[1:]
-    command = (
-        "zerodown " + " ".join(shlex.quote(a) for a in argv)
-        if argv[:1] == ["bench"]
-        else f"zerodown bench {args.scenario}"
-    )
+    command = _command(args)
     results: dict[str, Any] = {
         "scenario": args.scenario,
         "command": command,
@@ -225,6 +232,31 @@ def run(args: argparse.Namespace) -> int:
     except (BenchError, RuntimeError, OSError) as exc:
         # Every process a scenario started is stopped by now (finally blocks); say why in one line.
         print(f"zerodown: benchmark {which} failed: {exc}", file=sys.stderr)
+        return 1
+    return _finish(results, out_dir, args)
+
+
+def _command(args: argparse.Namespace) -> str:
+    argv = sys.argv[1:]
+    if argv[:1] == ["bench"]:
+        return "zerodown " + " ".join(shlex.quote(a) for a in argv)
+    return f"zerodown bench {args.scenario}"
+
+
+def _run_own(args: argparse.Namespace) -> int:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out_dir = Path(args.results_dir or Path("bench-results") / stamp)
+    module = importlib.import_module(f".{OWN_OPTIONS[args.scenario]}", __package__)
+    results: dict[str, Any] = {
+        "scenario": args.scenario,
+        "command": _command(args),
+        "started": stamp,
+        "machine": machine(),
+    }
+    try:
+        results[args.scenario] = module.run_from_args(args, _log)
+    except (BenchError, RuntimeError, OSError) as exc:
+        print(f"zerodown: benchmark {args.scenario} failed: {exc}", file=sys.stderr)
         return 1
     return _finish(results, out_dir, args)
 

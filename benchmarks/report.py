@@ -156,6 +156,13 @@ def markdown(results: dict[str, Any]) -> str:
         )
     if "hsms" in results:
         parts.append(str(results["hsms"].get("markdown", "")))
+    if "instructions" in results:
+        from .instructions import instructions_table
+
+        parts.append(
+            "### Instructions per request (callgrind)\n\n"
+            + instructions_table(results["instructions"])
+        )
     return "\n".join(parts)
 
 
