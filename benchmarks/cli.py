@@ -24,7 +24,7 @@ from .targets import PROXIES
 SCENARIOS = ("generator", "steady", "propagation", "closed", "datapath", "hsms", "all")
 # Scenarios with options of their own (module.add_arguments / module.run_from_args), results
 # written like the others but never into README.md's generated block.
-OWN_OPTIONS = {"instructions": "instructions"}
+OWN_OPTIONS = {"instructions": "instructions", "fab": "fab"}
 MAX_SECONDS = 300.0
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,6 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "hsms": "HSMS S6F11/S6F12 through the proxy vs direct, with switches",
         "all": "every scenario in turn; updates README.md's benchmark section",
         "instructions": "instructions per proxied request under callgrind, zerodown vs nginx",
+        "fab": "1,000 HSMS tools across switches, 10,000 idle HTTP clients, apps x instances",
     }
     for name, module in OWN_OPTIONS.items():
         sp = sub.add_parser(name, help=helps[name])
@@ -104,6 +105,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         sp.add_argument("--closed-seconds", type=float, default=None,
                         help="each wrk run (default 20, or --seconds if shorter)")  # fmt: skip
         sp.add_argument("--connections", type=int, default=50, help="wrk connections (default 50)")
+        sp.add_argument("--pinning", choices=("both", "pinned", "unpinned"), default="both",
+                        help="closed loop: proxy on one core, wrk + backends on the other (taskset), not, or both (default)")  # fmt: skip
         sp.add_argument("--max-in-flight", type=int, default=1000,
                         help="generator in-flight limit, k6 maxVUs (default 1000)")  # fmt: skip
         sp.add_argument("--processes", type=int, default=0,
@@ -143,6 +146,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         processes=args.processes,
         closed_seconds=args.closed_seconds or min(20.0, seconds),
         check_seconds=min(20.0, seconds),
+        pinning=("unpinned", "pinned") if args.pinning == "both" else (args.pinning,),
     )
     if args.rates:
         cfg = replace(cfg, rates=args.rates)

@@ -167,6 +167,9 @@ class ZerodownProxy(Proxy):
     def __init__(self, backends: Backends, workdir: Path, **kw: Any) -> None:
         super().__init__(backends, workdir, **kw)
         self.extra_config = ""  # TOML appended to proxy.toml (sections not written below)
+        self.hsms_config = "enabled = false\n"  # the [hsms] section's body
+        self.log_level = "warning"
+        self.ports: dict[str, int] = {}  # what the proxy's ready file said (http, admin, hsms)
         self.dir = workdir / "zerodown"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.registry = self.dir / "registry.json"
@@ -174,8 +177,8 @@ class ZerodownProxy(Proxy):
         self.proc: subprocess.Popen | None = None
         self.admin = 0
 
-    def _write_registry(self, active: str) -> None:
-        self.generation += 1
+    def apps(self, active: str) -> dict[str, Any]:
+        """The registry's "apps" with `active` as drimeap's Active group (one app, the backends)."""
         instances = [
             {
                 "id": f"drimeap-{b.name}",
@@ -188,11 +191,11 @@ class ZerodownProxy(Proxy):
             }
             for b in self.backends.items
         ]
-        doc = {
-            "generation": self.generation,
-            "apps": {"drimeap": {"active": active, "instances": instances}},
-            "proxies": [],
-        }
+        return {"drimeap": {"active": active, "instances": instances}}
+
+    def _write_registry(self, active: str) -> None:
+        self.generation += 1
+        doc = {"generation": self.generation, "apps": self.apps(active), "proxies": []}
         write_atomic(self.registry, json.dumps(doc))
 
     def start(self, workers: int) -> int:
@@ -203,9 +206,11 @@ class ZerodownProxy(Proxy):
             'http_listen = "127.0.0.1:0"\nhsms_listen = "127.0.0.1:0"\n'
             'admin_listen = "127.0.0.1:0"\n'
             f"workers = {workers}\n"
-            'log_level = "warning"\naccess_log = false\nshutdown_grace = 5.0\n'
-            "[hsms]\nenabled = false\n"
-            f'[discovery]\nprovider = "file"\nfile = "{self.registry}"\n' + self.extra_config
+            f'log_level = "{self.log_level}"\naccess_log = false\nshutdown_grace = 5.0\n'
+            "[hsms]\n"
+            + self.hsms_config
+            + f'[discovery]\nprovider = "file"\nfile = "{self.registry}"\n'
+            + self.extra_config
         )
         ready = self.dir / "ready.json"
         ready.unlink(missing_ok=True)
@@ -230,6 +235,7 @@ class ZerodownProxy(Proxy):
                 raise BenchError(f"zerodown proxy did not become ready in {self.start_timeout:g} s")
             time.sleep(0.02)
         ports = json.loads(ready.read_text())
+        self.ports = ports
         self.admin = ports["admin"]
         wait_port(ports["http"], self.start_timeout, self.proc)
         self._wait_applied(self.generation, self.start_timeout)

@@ -202,8 +202,13 @@ def test_steady_and_closed_scenarios_end_to_end(tmp_path, capsys):
     )
     assert code == 0, capsys.readouterr().err
     closed = orjson.loads((out2 / "results.json").read_bytes())["closed"]
-    assert set(closed) == {"direct", "zerodown", "nginx-reload"}
-    assert set(closed["zerodown"]) == {"1", "2"}
-    for per_workers in closed.values():
-        for r in per_workers.values():
-            assert r["requests"] > 0 and r["errors"] == 0 and r["non_2xx"] == 0
+    assert set(closed) == {"unpinned", "pinned"}
+    for mode in closed.values():
+        assert set(mode) == {"direct", "zerodown", "nginx-reload"}
+        assert set(mode["zerodown"]) == {"1", "2"}
+        for per_workers in mode.values():
+            for r in per_workers.values():
+                assert r["requests"] > 0 and r["errors"] == 0 and r["non_2xx"] == 0
+        for name in ("zerodown", "nginx-reload"):
+            assert all(r["cpu_us_per_request"] > 0 for r in mode[name].values())
+    assert "| pinned | zerodown | 1 |" in (out2 / "summary.md").read_text()
