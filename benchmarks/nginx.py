@@ -115,12 +115,19 @@ class Nginx:
             self.proc.wait()
 
 
-def backend_conf(prefix: Path, port: int, version: str, name: str) -> str:
-    """A static responder: a fixed body and the X-Backend-Version header, one worker."""
+def backend_conf(
+    prefix: Path, port: int, version: str, name: str, more_ports: tuple[int, ...] = ()
+) -> str:
+    """A static responder: a fixed body and the X-Backend-Version header, one worker
+    (listening on `port` and every one of `more_ports`: many instances, one process)."""
     body = f"drimeap {version} {name}\\n"
+    listens = "".join(f"    listen 127.0.0.1:{p};\n" for p in more_ports)
     return _common(prefix, 1) + (
-        "http {\n" + _http_common(prefix) + f"  server {{ listen 127.0.0.1:{port};\n"
-        "    location / { default_type text/plain;\n"
+        "http {\n"
+        + _http_common(prefix)
+        + f"  server {{ listen 127.0.0.1:{port};\n"
+        + listens
+        + "    location / { default_type text/plain;\n"
         f"      add_header X-Backend-Version {version} always;\n"
         f"      add_header X-Instance {name} always;\n"
         f'      return 200 "{body}"; }}\n'
