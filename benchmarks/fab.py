@@ -59,6 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds between switches (default 6)")  # fmt: skip
     p.add_argument("--period", type=float, default=1.0,
                    help="seconds between two S6F11 of one tool (default 1)")  # fmt: skip
+    p.add_argument("--proxy-nice", type=int, default=0,
+                   help="HSMS part: run the proxy under `nice -n N` (root may give N < 0: the "
+                   "proxy ahead of a busy machine's other work; default 0)")  # fmt: skip
     p.add_argument("--idle-clients", type=int, default=10000,
                    help="idle keep-alive HTTP clients (default 10000)")  # fmt: skip
     p.add_argument("--apps", type=_ints, default=(1, 10, 100), help="app counts (default 1,10,100)")
@@ -86,7 +89,8 @@ def run_from_args(args: argparse.Namespace, log: Any) -> dict[str, Any]:
                 f"{args.switch_every:g} s, an S6F11 every {args.period:g} s per tool")  # fmt: skip
             (base / "hsms").mkdir()
             out["hsms"] = run_fab_hsms(base / "hsms", args.tools, args.switches,
-                                       args.switch_every, args.period, log)  # fmt: skip
+                                       args.switch_every, args.period, log,
+                                       nice=args.proxy_nice)  # fmt: skip
             h = out["hsms"]
             log(f"  {h['disconnects']} disconnects, {h['lost']} lost, handover p99 (worst "
                 f"switch) {h['handover_p99_ms_worst']} ms")  # fmt: skip

@@ -126,7 +126,11 @@ class HttpOk(asyncio.Protocol):
 async def serve(version: str, ready: Path, record_path: Path) -> None:
     loop = asyncio.get_running_loop()
     record = array("I")
-    hsms = await loop.create_server(lambda: HsmsPeer(version.encode(), record), "127.0.0.1", 0)
+    # A switch opens a backend session per tool at once: a backlog of 100 (asyncio's default)
+    # would drop SYNs and delay sessions by the 1 s SYN retransmit, which is not the proxy.
+    hsms = await loop.create_server(
+        lambda: HsmsPeer(version.encode(), record), "127.0.0.1", 0, backlog=4096
+    )
     http = await loop.create_server(HttpOk, "127.0.0.1", 0)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
