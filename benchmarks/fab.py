@@ -130,14 +130,16 @@ def fab_table(r: dict[str, Any]) -> str:
             f"{_f(h['rtt_ms']['max'], 1)} | {_f(h['handover_p99_ms_worst'])} "
             f"| {h['rss_kib_per_session']:.1f} KiB | {_f(h['proxy_cpu_us_per_event'], 0)} |\n\n"
             "| switch | to | proxy applied ms | sessions handed over | handover p50 / p99 / max ms "
-            "| proxy CPU for the switch ms |\n|---|---|---|---|---|---|\n"
+            "| proxy CPU for the switch ms | proxy / backends waiting for a CPU ms |\n"
+            "|---|---|---|---|---|---|---|\n"
         )
         for k, s in enumerate(h["switch_log"], 1):
             m = s["handover_ms"]
             text += (
                 f"| {k} | {s['to']} | {_f(s['applied_ms'])} | {s['sessions_handed_over']} "
                 f"| {_f(m['p50'])} / {_f(m['p99'])} / {_f(m['max'])} "
-                f"| {_f(s.get('switch_cpu_ms'), 0)} |\n"
+                f"| {_f(s.get('switch_cpu_ms'), 0)} | {_f(s.get('switch_runqueue_wait_ms'), 0)} / "
+                f"{_f(s.get('backends_runqueue_wait_ms'), 0)} |\n"
             )
         text += "\n"
     if "idle" in r:

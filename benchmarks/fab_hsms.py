@@ -35,6 +35,16 @@ GROUPS = {"blue": "v1", "green": "v2"}
 FAB_STRIDE = 100_000  # DATAIDs per tool: 1,000 tools x 100,000 stays below 2**32
 
 
+def schedstat(pid: int | None) -> tuple[int, int]:
+    """/proc/<pid>/schedstat: (ns on a CPU, ns runnable but waiting for one); (0, 0) if gone."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            on_cpu, waiting, _ = f.read().split()
+        return int(on_cpu), int(waiting)
+    except (OSError, ValueError):
+        return 0, 0
+
+
 class PacedTool(LoadTool):
     """A tool that sends when told (send_event), not when a reply frees its window."""
 
@@ -135,6 +145,13 @@ class FabHsmsProxy(ZerodownProxy):
         with urllib.request.urlopen(url, timeout=30) as r:
             return json.loads(r.read())
 
+    def schedstat(self) -> tuple[int, int, int]:
+        """(ns on a CPU, ns runnable but waiting for one) of the proxy's main thread, and the
+        second figure for the backends (responders) together."""
+        on_cpu, waiting = schedstat(self.pid())
+        backends = sum(schedstat(r["proc"].pid)[1] for r in self.responders.items)
+        return on_cpu, waiting, backends
+
     def rss(self) -> int:
         import psutil
 
@@ -191,25 +208,29 @@ async def _drive(
     done: list[dict[str, Any]] = []
 
     async def switcher() -> None:
-        # The proxy's CPU in the `window` s after each switch (up to 5 s), less its steady rate (measured
-        # over the same length just before the switch): what the handovers cost in CPU, which
-        # a loaded machine stretches in wall time but does not change.
+        # The proxy's event-loop thread in the `window` s after each switch, less the same
+        # length just before it (/proc/<pid>/schedstat, ns): the CPU the handovers cost, and
+        # the time the proxy was runnable but waiting for a CPU (a loaded machine's share).
         window = max(0.2, min(5.0, switch_every / 2 - 0.1))
         for k in range(1, switches + 1):
             at = t0 + k * switch_every
             await asyncio.sleep(max(0.0, at - window - time.perf_counter()))
-            c_before = await asyncio.to_thread(proxy.cpu_seconds)
+            before = proxy.schedstat()
             await asyncio.sleep(max(0.0, at - time.perf_counter()))
-            c_switch = await asyncio.to_thread(proxy.cpu_seconds)
+            start = proxy.schedstat()
             new = "green" if proxy.active == "blue" else "blue"
             wall = time.time()
             returned, applied = await asyncio.to_thread(proxy.switch, new)
             await asyncio.sleep(max(0.0, at + window - time.perf_counter()))
-            c_after = await asyncio.to_thread(proxy.cpu_seconds)
-            extra = (c_after - c_switch) - (c_switch - c_before)
+            after = proxy.schedstat()
+            cpu, wait, bwait = (
+                (a - s) - (s - b) for a, s, b in zip(after, start, before, strict=True)
+            )
             done.append({"to": new, "wall": wall,
                          "applied_ms": 1000 * ((applied or returned) - returned),
-                         "switch_cpu_ms": round(1000 * extra, 1)})  # fmt: skip
+                         "switch_cpu_ms": round(cpu / 1e6, 1),
+                         "switch_runqueue_wait_ms": round(wait / 1e6, 1),
+                         "backends_runqueue_wait_ms": round(bwait / 1e6, 1)})  # fmt: skip
 
     task = asyncio.create_task(switcher())
     i = 0
