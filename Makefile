@@ -21,7 +21,8 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/zerodown demo
 
-test: $(STAMP)
+# sysdeps: the benchmark smoke tests need nginx, wrk and valgrind (apt-get only if one is missing).
+test: $(STAMP) sysdeps
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 

@@ -2,8 +2,9 @@
 
 Scenarios: generator (the load generator against nginx directly), steady (1k and 10k requests/s
 open loop with switches; also gives switch propagation), propagation (steady at 1k only),
-closed (wrk max throughput at 1 and 2 workers), datapath (Python cost per request, no sockets),
-hsms (benchmarks/hsms_bench.py), all.
+closed (wrk max throughput at 1 and 2 workers, unpinned and pinned), datapath (Python cost per
+request, no sockets), hsms (benchmarks/hsms_bench.py), all; and, with options of their own and
+not in `all`: instructions (callgrind, benchmarks/instructions.py), fab (benchmarks/fab.py).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "generator": "the load generator against one nginx backend: does it reach the rate?",
         "steady": "open loop at 1k and 10k requests/s, a switch every 10 s, per proxy",
         "propagation": "switch propagation per switch (steady at 1,000 requests/s)",
-        "closed": "closed-loop max throughput (wrk -c50), 1 and 2 workers per proxy",
+        "closed": "closed-loop max throughput (wrk -c50), 1 and 2 workers, unpinned and pinned",
         "datapath": "Python CPU per request of the HTTP data path, without sockets",
         "hsms": "HSMS S6F11/S6F12 through the proxy vs direct, with switches",
         "all": "every scenario in turn; updates README.md's benchmark section",
