@@ -21,7 +21,9 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/zerodown demo
 
-test: $(STAMP) browser
+# sysdeps: the benchmark smoke tests need nginx, wrk and valgrind; browser: the dashboard test
+# needs Chromium (each apt-get only if something is missing).
+test: $(STAMP) sysdeps browser
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
@@ -29,10 +31,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Debian packages used by the benchmarks (nginx, wrk, h2load) as the side-by-side reference.
+# Debian packages used by the benchmarks (nginx, wrk, h2load) as the side-by-side reference,
+# valgrind for `zerodown bench instructions` (callgrind) and taskset (util-linux) for pinning.
 sysdeps:
-	@command -v nginx >/dev/null && command -v wrk >/dev/null && command -v h2load >/dev/null || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk nghttp2-client)
+	@command -v nginx >/dev/null && command -v wrk >/dev/null && command -v h2load >/dev/null \
+	  && command -v valgrind >/dev/null && command -v taskset >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk \
+	    nghttp2-client valgrind util-linux)
 
 # Headless Chromium and its WebDriver for the dashboard's browser test (Debian packages); the
 # test skips, saying why, only when they cannot be installed here.
