@@ -1,0 +1,268 @@
+"""Several EAP apps, each on its own HSMS listener, and pilots, through a real proxy process.
+
+Raw HSMS peers run in the test process (tests/hsmspeers.py); tools connect from 127.0.0.2,
+127.0.0.3, ... so a pilot can name a tool by its IP address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ..helpers import async_wait_until, instance, write_registry
+from ..hsmspeers import RawHost, RawTool, metric
+
+HSMS_CFG = """[hsms]
+t3 = 5.0
+t5 = 0.5
+t6 = 3.0
+t7 = 2.0
+t8 = 1.0
+linktest_interval = 1.0
+"""
+
+SOURCES = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
+
+
+def version_of(body: bytes) -> str:
+    """The version in the RawHost's S1F2 body: L[2] <A MDLN> <A version>."""
+    n = body[9]
+    return body[10 : 10 + n].decode()
+
+
+class Load:
+    """Each tool sends S1F1 back to back; every answer is recorded with the time it was sent."""
+
+    def __init__(self, tools: list[RawTool]) -> None:
+        self.tools = tools
+        self.answers: list[list[tuple[float, str]]] = [[] for _ in tools]
+        self.failures: list[str] = []
+        self.stop = asyncio.Event()
+        self.tasks = [asyncio.create_task(self._run(k, t)) for k, t in enumerate(tools)]
+
+    async def _run(self, k: int, tool: RawTool) -> None:
+        deadline = time.monotonic() + 60  # bounded even if the test logic breaks
+        n = 0
+        while not self.stop.is_set() and time.monotonic() < deadline and n < 20000:
+            n += 1
+            sent = time.monotonic()
+            try:
+                rsp = await tool.request(1, 1, timeout=8)
+            except TimeoutError:
+                self.failures.append(f"tool {k}: S1F1 #{n} timed out")
+                continue
+            if (rsp.stype, rsp.stream, rsp.function) != (0, 1, 2):
+                self.failures.append(f"tool {k}: S1F1 #{n} answered {rsp.describe()}")
+                continue
+            self.answers[k].append((sent, version_of(rsp.body)))
+
+    def since(self, k: int, t: float) -> set[str]:
+        return {v for sent, v in self.answers[k] if sent > t}
+
+    async def wait_answers(self, k: int, t: float, n: int, what: str) -> None:
+        await async_wait_until(
+            lambda: sum(1 for sent, _ in self.answers[k] if sent > t) >= n, 20, what
+        )
+
+    async def finish(self) -> None:
+        self.stop.set()
+        await asyncio.gather(*self.tasks)
+        assert not self.failures, self.failures[:5]
+
+
+async def start_hosts(versions: list[str]) -> list[RawHost]:
+    hosts = []
+    for v in versions:
+        h = RawHost(v)
+        await h.start()
+        hosts.append(h)
+    return hosts
+
+
+def app_entry(
+    name: str, active: str, hosts: list[RawHost], versions: list[str], **extra: Any
+) -> dict[str, Any]:
+    groups = ["blue", "green"]
+    insts = [
+        instance(f"{name}-{groups[n]}", groups[n], versions[n], 1, hsms=h.port)
+        for n, h in enumerate(hosts)
+    ]
+    return {"active": active, "instances": insts, "hsms_device_id": 0, **extra}
+
+
+def write_apps(path: Path, generation: int, apps: dict[str, dict[str, Any]], proxies=()) -> None:
+    write_registry(path, {"generation": generation, "apps": apps, "proxies": list(proxies)})
+
+
+async def connect_tools(port: int, sources: list[str]) -> list[RawTool]:
+    tools = []
+    for src in sources:
+        t = RawTool(port)
+        await t.connect(src)
+        assert await t.select() == 0
+        tools.append(t)
+    return tools
+
+
+def sessions_by_tool(proxy) -> dict[str, dict[str, Any]]:  # type: ignore[no-untyped-def]
+    return {s["tool"].rsplit(":", 1)[0]: s for s in proxy.status()["hsms"]["sessions"]}
+
+
+async def test_two_apps_each_on_its_own_listener_switch_one_only_its_tools_move(
+    tmp_path, start_proxy
+):
+    drim = await start_hosts(["v1", "v2"])
+    etch = await start_hosts(["e1", "e2"])
+    reg = tmp_path / "registry.json"
+    listen = {"hsms_listen": "127.0.0.1:0"}
+    apps = {
+        "drimeap": app_entry("drimeap", "blue", drim, ["v1", "v2"], **listen),
+        "etcheap": app_entry("etcheap", "blue", etch, ["e1", "e2"], **listen),
+    }
+    write_apps(reg, 1, apps)
+    proxy = start_proxy(reg, config=HSMS_CFG)
+    listeners = (
+        await async_wait_until(
+            lambda: (ls := proxy.status()["hsms"]["listeners"])
+            and all(ls.get(a, {}).get("port") for a in apps)
+            and ls,
+            10,
+            "both apps' HSMS listeners",
+        )
+    )  # fmt: skip
+    ports = {a: listeners[a]["port"] for a in apps}
+    assert len(set(ports.values()) | {proxy.hsms}) == 3  # two own listeners + the global one
+    drim_tools = await connect_tools(ports["drimeap"], SOURCES[:2])
+    etch_tools = await connect_tools(ports["etcheap"], SOURCES[2:])
+    load = Load(drim_tools + etch_tools)
+    try:
+        t0 = time.monotonic()
+        for k in range(4):
+            await load.wait_answers(k, t0, 20, f"tool {k} answered before the switch")
+        assert [load.since(k, t0) for k in range(4)] == [{"v1"}, {"v1"}, {"e1"}, {"e1"}]
+        by_tool = sessions_by_tool(proxy)
+        assert {by_tool[s]["app"] for s in SOURCES[:2]} == {"drimeap"}
+        assert {by_tool[s]["app"] for s in SOURCES[2:]} == {"etcheap"}
+        etch_sessions_before = [h.sessions for h in etch]
+
+        apps["drimeap"]["active"] = "green"  # switch drimeap only
+        write_apps(reg, 2, apps)
+        await asyncio.to_thread(proxy.wait_generation, 2)
+        switched = time.monotonic()
+        for k in range(4):
+            await load.wait_answers(k, switched, 20, f"tool {k} answered after the switch")
+    finally:
+        await load.finish()
+    assert [load.since(k, switched) for k in range(4)] == [{"v2"}, {"v2"}, {"e1"}, {"e1"}]
+    # etcheap's tools kept their backend sessions: no new session was opened on its hosts.
+    assert [h.sessions for h in etch] == etch_sessions_before
+    for t in drim_tools + etch_tools:
+        assert not t.closed.is_set() and not t.separated
+    assert metric(proxy, "zerodown_hsms_handovers_total") == 2
+    for t in drim_tools + etch_tools:
+        await t.close()
+    for h in drim + etch:
+        await h.stop()
+
+
+async def test_two_apps_with_the_same_hsms_listen_are_refused_and_routing_stays(
+    tmp_path, start_proxy
+):
+    hosts = await start_hosts(["v1", "v2"])
+    reg = tmp_path / "registry.json"
+    one = {"drimeap": app_entry("drimeap", "blue", hosts, ["v1", "v2"])}
+    write_apps(reg, 1, one)
+    proxy = start_proxy(reg, config=HSMS_CFG)
+    clash = {"hsms_listen": "127.0.0.1:15999"}
+    bad = {
+        "drimeap": app_entry("drimeap", "blue", hosts, ["v1", "v2"], **clash),
+        "etcheap": app_entry("etcheap", "blue", hosts, ["v1", "v2"], **clash),
+    }
+    write_apps(reg, 2, bad)
+    st = await async_wait_until(
+        lambda: (s := proxy.status())["discovery"]["last_error"] and s, 10, "the refusal"
+    )
+    assert "hsms_listen 127.0.0.1:15999 is also app drimeap's" in st["discovery"]["last_error"]
+    assert st["generation"] == 1
+    for h in hosts:
+        await h.stop()
+
+
+@pytest.fixture
+async def four_tools(tmp_path, start_proxy):
+    hosts = await start_hosts(["v1", "v2"])
+    reg = tmp_path / "registry.json"
+    apps = {"drimeap": app_entry("drimeap", "blue", hosts, ["v1", "v2"])}
+    write_apps(reg, 1, apps)
+    proxy = start_proxy(reg, config=HSMS_CFG)
+    tools = await connect_tools(proxy.hsms, SOURCES)
+    yield proxy, hosts, reg, apps, tools
+    for t in tools:
+        await t.close()
+    for h in hosts:
+        await h.stop()
+
+
+async def test_pilot_one_of_four_tools_under_load_then_switch_all_on_the_new_version(four_tools):
+    proxy, hosts, reg, apps, tools = four_tools
+    load = Load(tools)
+    try:
+        t0 = time.monotonic()
+        for k in range(4):
+            await load.wait_answers(k, t0, 10, f"tool {k} before the pilot")
+        # Pilot the tool at 127.0.0.3 (the file format of contract/pilots.py).
+        apps["drimeap"]["pilots"] = {"group": "green", "tools": ["127.0.0.3"]}
+        write_apps(reg, 2, apps)
+        await asyncio.to_thread(proxy.wait_generation, 2)
+        piloted = time.monotonic()
+        for k in range(4):
+            await load.wait_answers(k, piloted, 20, f"tool {k} with the pilot")
+        during = [load.since(k, piloted) for k in range(4)]
+        by_tool = sessions_by_tool(proxy)
+        assert by_tool["127.0.0.3"]["pilot"] is True
+        assert by_tool["127.0.0.2"]["pilot"] is False
+
+        apps["drimeap"]["active"] = "green"  # the switch moves the rest, clears the pilots
+        del apps["drimeap"]["pilots"]
+        write_apps(reg, 3, apps)
+        await asyncio.to_thread(proxy.wait_generation, 3)
+        switched = time.monotonic()
+        for k in range(4):
+            await load.wait_answers(k, switched, 20, f"tool {k} after the switch")
+    finally:
+        await load.finish()
+    assert during == [{"v1"}, {"v2"}, {"v1"}, {"v1"}]
+    assert [load.since(k, switched) for k in range(4)] == [{"v2"}] * 4
+    for t in tools:
+        assert not t.closed.is_set() and not t.separated
+    assert metric(proxy, "zerodown_hsms_pilot_moves_total") == 1
+    assert metric(proxy, "zerodown_hsms_handovers_total") == 3  # the three others, at the switch
+    assert metric(proxy, "zerodown_hsms_tool_sessions") == 4
+
+
+async def test_pilot_by_device_id_moves_that_tool_and_remove_moves_it_back(four_tools):
+    proxy, hosts, reg, apps, tools = four_tools
+    tools[2].device_id = 7  # its data messages carry session id 7 (the backend expects 0)
+    for t in tools:
+        await t.request(1, 1)
+    apps["drimeap"]["pilots"] = {"group": "green", "tools": ["device:7"]}
+    write_apps(reg, 2, apps)
+    await asyncio.to_thread(proxy.wait_generation, 2)
+    got = [version_of((await t.request(1, 1)).body) for t in tools]
+    assert got == ["v1", "v1", "v2", "v1"]
+    # An open transaction at the pilot's removal finishes where it started (on v2).
+    hosts[1].reply_delay = 1.0
+    base = len(hosts[1].primaries)
+    open_call = asyncio.create_task(tools[2].request(1, 1, timeout=8))
+    await async_wait_until(lambda: len(hosts[1].primaries) > base, 5, "the S1F1 to reach v2")
+    del apps["drimeap"]["pilots"]
+    write_apps(reg, 3, apps)
+    await asyncio.to_thread(proxy.wait_generation, 3)
+    assert version_of((await tools[2].request(1, 1)).body) == "v1"
+    assert version_of((await open_call).body) == "v2"
+    assert metric(proxy, "zerodown_hsms_pilot_moves_total") == 2
+    assert not any(t.closed.is_set() or t.separated for t in tools)
