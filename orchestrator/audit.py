@@ -107,6 +107,9 @@ def describe(rec: Entry) -> str:
         what += f" {rec.get('version', '?')}"
         if rec.get("group"):
             what += f" to {rec['group']}"
+    elif what.startswith("pilot-"):
+        what += f" {rec.get('tool', '?')} (Standby {rec.get('group') or '-'}; pilots now "
+        what += f"{', '.join(rec.get('pilots') or []) or 'none'})"
     elif rec.get("from") or rec.get("to"):
         versions = ""
         if rec.get("from_version") or rec.get("to_version"):

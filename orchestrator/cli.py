@@ -79,12 +79,19 @@ def print_status(st: AppStatus) -> None:
         for i in g.instances:
             print(f"    {i.id:<22} {i.address}:{i.http_port:<6} {i.version:<8} "
                   f"registered={i.registered:<8} probe={i.probe}")  # fmt: skip
+    pilots = (st.pilots or {}).get("tools") or []
+    if pilots:
+        print(f"  pilots on {st.pilots['group']}: {', '.join(pilots)}")  # type: ignore[index]
     sync = "in sync" if st.in_sync else "NOT in sync"
     print(f"  proxies ({len(st.proxies)}, {sync}):")
     for p in st.proxies:
         gen = p.generation if p.generation is not None else "?"
         extra = f"  ({p.error})" if p.error else ""
         print(f"    {p.name:<22} {p.admin:<22} generation {gen}{extra}")
+        for t in p.tools:
+            if t.app == st.app:  # which tool is on this app, and on which group
+                role = "  pilot" if t.pilot else ""
+                print(f"      tool {t.tool:<22} {t.group or '-':<8} {t.version or '-'}{role}")
 
 
 async def _status(args: argparse.Namespace) -> int:
@@ -113,6 +120,20 @@ async def _rollback(args: argparse.Namespace) -> int:
     out = await make_backend(args).rollback(args.app, _progress)
     print(f"rolled back {out.app} to {out.to_group} ({out.to_version}); {out.proxies} proxy(ies) "
           f"applied generation {out.generation} in {out.propagation_s * 1000:.1f} ms")  # fmt: skip
+    return 0
+
+
+async def _pilot(args: argparse.Namespace) -> int:
+    from . import pilot
+
+    out = await pilot.run(make_backend(args), args.action, args.app, args.tool, _progress)
+    if args.json:
+        print(orjson.dumps(out.to_json()).decode())
+    else:
+        if args.action != "list":
+            print(f"pilot {args.action} {args.tool}: {out.proxies} proxy(ies) applied generation "
+                  f"{out.generation} in {out.propagation_s * 1000:.1f} ms")  # fmt: skip
+        print(pilot.describe(out))
     return 0
 
 
@@ -255,6 +276,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sp = sub.add_parser("rollback", help="switch back to the previous group")
     release_opts(sp)
     sp.set_defaults(afn=_rollback)
+
+    sp = sub.add_parser("pilot", help="run tools on the Standby version before the switch")
+    release_opts(sp)
+    sp.add_argument("action", choices=("add", "remove", "list"))
+    sp.add_argument("tool", nargs="?", default=None,
+                    help="IP address (10.1.2.3), device id (7 or device:7), or HTTP header rule "
+                         "(header:NAME=VALUE)")  # fmt: skip
+    sp.add_argument("--json", action="store_true", help="the pilot list as JSON")
+    sp.set_defaults(afn=_pilot)
 
     sp = sub.add_parser("history", help="the audit trail of deploy/switch/rollback")
     release_opts(sp)

@@ -84,6 +84,8 @@ class Snapshot:
     default: tuple[AppRoute, ...]
     created_at: float = field(default_factory=time.time)
     source: str = ""
+    # Header names HTTP pilots look at (any app): the data path keeps those headers only then.
+    pilot_headers: frozenset[bytes] = frozenset()
 
     def route(self, host: str | None, path: str) -> AppRoute | None:
         """Pick the app for a request: by Host (without port), then longest path prefix."""
@@ -230,6 +232,9 @@ def _assemble(routes: Mapping[str, AppRoute], generation: int, source: str) -> S
         by_host=MappingProxyType({h: order(r) for h, r in by_host.items()}),
         default=order(default),
         source=source,
+        pilot_headers=frozenset(
+            name for r in routes.values() if r.pilots for name, _ in r.pilots.headers
+        ),
     )
 
 
