@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from ..helpers import async_wait_until, instance, write_registry
-from ..hsmspeers import RawHost, RawTool, metric
+from ..hsmsload import SOURCES, Load, connect_tools, start_hosts, version_of
+from ..hsmspeers import RawHost, metric
 
 HSMS_CFG = """[hsms]
 t3 = 5.0
@@ -24,63 +25,6 @@ t7 = 2.0
 t8 = 1.0
 linktest_interval = 1.0
 """
-
-SOURCES = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
-
-
-def version_of(body: bytes) -> str:
-    """The version in the RawHost's S1F2 body: L[2] <A MDLN> <A version>."""
-    n = body[9]
-    return body[10 : 10 + n].decode()
-
-
-class Load:
-    """Each tool sends S1F1 back to back; every answer is recorded with the time it was sent."""
-
-    def __init__(self, tools: list[RawTool]) -> None:
-        self.tools = tools
-        self.answers: list[list[tuple[float, str]]] = [[] for _ in tools]
-        self.failures: list[str] = []
-        self.stop = asyncio.Event()
-        self.tasks = [asyncio.create_task(self._run(k, t)) for k, t in enumerate(tools)]
-
-    async def _run(self, k: int, tool: RawTool) -> None:
-        deadline = time.monotonic() + 60  # bounded even if the test logic breaks
-        n = 0
-        while not self.stop.is_set() and time.monotonic() < deadline and n < 20000:
-            n += 1
-            sent = time.monotonic()
-            try:
-                rsp = await tool.request(1, 1, timeout=8)
-            except TimeoutError:
-                self.failures.append(f"tool {k}: S1F1 #{n} timed out")
-                continue
-            if (rsp.stype, rsp.stream, rsp.function) != (0, 1, 2):
-                self.failures.append(f"tool {k}: S1F1 #{n} answered {rsp.describe()}")
-                continue
-            self.answers[k].append((sent, version_of(rsp.body)))
-
-    def since(self, k: int, t: float) -> set[str]:
-        return {v for sent, v in self.answers[k] if sent > t}
-
-    async def wait_answers(self, k: int, t: float, n: int, what: str) -> None:
-        await async_wait_until(
-            lambda: sum(1 for sent, _ in self.answers[k] if sent > t) >= n, 20, what
-        )
-
-    async def finish(self) -> None:
-        self.stop.set()
-        await asyncio.gather(*self.tasks)
-        assert not self.failures, self.failures[:5]
-
-
-async def start_hosts(versions: list[str]) -> list[RawHost]:
-    hosts = []
-    for v in versions:
-        h = RawHost(v)
-        await h.start()
-        hosts.append(h)
-    return hosts
 
 
 def app_entry(
@@ -96,16 +40,6 @@ def app_entry(
 
 def write_apps(path: Path, generation: int, apps: dict[str, dict[str, Any]], proxies=()) -> None:
     write_registry(path, {"generation": generation, "apps": apps, "proxies": list(proxies)})
-
-
-async def connect_tools(port: int, sources: list[str]) -> list[RawTool]:
-    tools = []
-    for src in sources:
-        t = RawTool(port)
-        await t.connect(src)
-        assert await t.select() == 0
-        tools.append(t)
-    return tools
 
 
 def sessions_by_tool(proxy) -> dict[str, dict[str, Any]]:  # type: ignore[no-untyped-def]
