@@ -200,3 +200,32 @@ async def test_pilot_by_device_id_moves_that_tool_and_remove_moves_it_back(four_
     assert version_of((await open_call).body) == "v2"
     assert metric(proxy, "zerodown_hsms_pilot_moves_total") == 2
     assert not any(t.closed.is_set() or t.separated for t in tools)
+
+
+async def test_a_pilot_that_connects_later_starts_on_standby_and_is_shown_as_pilot(
+    tmp_path, start_proxy
+):
+    hosts = await start_hosts(["v1", "v2"])
+    reg = tmp_path / "registry.json"
+    apps = {"drimeap": app_entry("drimeap", "blue", hosts, ["v1", "v2"])}
+    apps["drimeap"]["pilots"] = {"group": "green", "tools": ["127.0.0.3"]}
+    write_apps(reg, 1, apps)
+    proxy = start_proxy(reg, config=HSMS_CFG)
+    tools = await connect_tools(proxy.hsms, SOURCES[:2])
+    got = [version_of((await t.request(1, 1)).body) for t in tools]
+    assert got == ["v1", "v2"]
+    by_tool = sessions_by_tool(proxy)
+    assert (by_tool["127.0.0.2"]["pilot"], by_tool["127.0.0.3"]["pilot"]) == (False, True)
+    assert metric(proxy, "zerodown_hsms_pilot_sessions") == 1
+    assert metric(proxy, 'zerodown_pilots{app="drimeap"}') == 1
+    del apps["drimeap"]["pilots"]  # removed: it joins the others on Active, as a pilot move
+    write_apps(reg, 2, apps)
+    await asyncio.to_thread(proxy.wait_generation, 2)
+    assert version_of((await tools[1].request(1, 1)).body) == "v1"
+    assert metric(proxy, "zerodown_hsms_pilot_moves_total") == 1
+    assert metric(proxy, "zerodown_hsms_pilot_sessions") == 0
+    for t in tools:
+        assert not t.closed.is_set()
+        await t.close()
+    for h in hosts:
+        await h.stop()

@@ -27,6 +27,7 @@ NO_BACKEND_RETRY = 0.5  # re-check for a routable HSMS instance (a snapshot swap
 class Pick:
     instance: Instance
     device_id: int | None  # session id for messages to it (None: the tool's own)
+    pilot: bool = False  # on the Standby group because the tool is a pilot
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +77,7 @@ class BackendChoice:
             return Wait(NO_BACKEND_RETRY, "every Active instance is down (health checks)")
         self._rr += 1
         device = app.hsms_device_id if app.hsms_device_id is not None else self.device_id
-        return Pick(up[self._rr % len(up)], device)
+        return Pick(up[self._rr % len(up)], device, placed.pilot)
 
     def failed(self, inst: Instance, now: float) -> None:
         """Do not open sessions to `inst` for T5."""

@@ -62,6 +62,7 @@ class BackendSessions:
             tool.retry = p.loop.call_later(choice.seconds, self._retry, tool)
             return
         tool.warned_no_backend = False
+        tool.pilot = choice.pilot
         inst = choice.instance
         link = BackendLink(p, tool, inst, choice.device_id)
         tool.current = link
