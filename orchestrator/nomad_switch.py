@@ -110,7 +110,8 @@ async def switch_active(
         progress(f"warning: could not record the previous group for rollback: {exc}")
     from .pilot import consul_clear  # the pilots are on `target` already; everyone joins them
 
-    await consul_clear(consul, keys.pilots(app), progress)
+    if await consul_clear(consul, keys.pilots(app), progress):
+        entry["pilots_cleared"] = True
     proxies = await view.proxies()
     for p in proxies:
         if p.critical:  # a dead proxy serves nobody; waiting for it would only time out

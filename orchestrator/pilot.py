@@ -229,16 +229,18 @@ async def _consul_change(
     return PilotOutcome(app, standby, new, generation, took, len(proxies))
 
 
-async def consul_clear(consul: Any, key: str, progress: Progress) -> None:
+async def consul_clear(consul: Any, key: str, progress: Progress) -> bool:
     """After a switch or rollback: no pilots any more (written, not deleted: the key's
-    ModifyIndex is part of the app's generation, which must never go back)."""
-    got = await consul.kv_get(key)
-    if got is None or _stored(got[0], key).tools == ():
-        return
+    ModifyIndex is part of the app's generation, which must never go back). True: there were
+    pilots and they are cleared."""
     try:
-        await consul.kv_put(key, CLEARED)
+        got = await consul.kv_get(key)
+        if got is None or not got[0] or _stored(got[0], key).tools == ():
+            return False
+        return bool(await consul.kv_put(key, CLEARED))
     except Refused as exc:
         progress(f"warning: could not clear the pilots ({key}): {exc}; they no longer apply")
+        return False
 
 
 # -- the command ----------------------------------------------------------------------------------
