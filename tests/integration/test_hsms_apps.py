@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from ..helpers import async_wait_until, instance, write_registry
+from ..helpers import ProxyProc, async_wait_until, instance, write_registry
 from ..hsmsload import SOURCES, Load, connect_tools, start_hosts, version_of
 from ..hsmspeers import RawHost, metric
 
@@ -231,3 +231,63 @@ async def test_a_pilot_that_connects_later_starts_on_standby_and_is_shown_as_pil
         await t.close()
     for h in hosts:
         await h.stop()
+
+
+async def test_two_apps_from_consul_meta_hsms_listen_switch_one_by_its_key(
+    tmp_path, consul, backend_factory
+):
+    """The same with the Consul provider: `Meta["hsms_listen"]` on `<app>-hsms` gives each app
+    its listener; a CAS of one app's Active key moves only that app's tools."""
+    hosts = {"drimeap": await start_hosts(["v1", "v2"]), "etcheap": await start_hosts(["e1", "e2"])}
+    versions = {"drimeap": ["v1", "v2"], "etcheap": ["e1", "e2"]}
+    for app, hs in hosts.items():
+        for n, group in enumerate(("blue", "green")):
+            version = versions[app][n]
+            port = await backend_factory(version, f"{app}-{group}")
+            tags = [f"zerodown-group={group}", f"zerodown-version={version}"]
+            meta = {"zerodown-instance": f"{app}-{group}"}
+            consul.register(f"{app}-{group}", app, "127.0.0.1", port, tags=tags, meta=meta)
+            consul.register(f"{app}-{group}-hsms", f"{app}-hsms", "127.0.0.1", hs[n].port,
+                            tags=tags, meta={**meta, "hsms_listen": "127.0.0.1:0",
+                                             "hsms_device_id": "0"})  # fmt: skip
+        consul.kv_set(f"zerodown/{app}/active", "blue")
+    cfg = "\n".join([
+        "[proxy]", 'http_listen = "127.0.0.1:0"', 'hsms_listen = "127.0.0.1:0"',
+        'admin_listen = "127.0.0.1:0"', 'admin_token = "test-token"', "shutdown_grace = 2.0",
+        HSMS_CFG, "[health_check]", "enabled = false", "[discovery]", 'provider = "consul"',
+        "[consul]", f'addr = "{consul.url}"', "wait = 1.0", 'apps = ["drimeap", "etcheap"]',
+        "register_self = false", "",
+    ])  # fmt: skip
+    proxy = ProxyProc(tmp_path, tmp_path / "unused.json", cfg, "proxy")
+    try:
+        listeners = await async_wait_until(
+            lambda: (ls := proxy.status()["hsms"]["listeners"])
+            and all(ls.get(a, {}).get("port") for a in hosts) and ls,
+            20, "both apps' HSMS listeners from Consul Meta",
+        )  # fmt: skip
+        drim = await connect_tools(listeners["drimeap"]["port"], SOURCES[:1])
+        etch = await connect_tools(listeners["etcheap"]["port"], SOURCES[1:2])
+        load = Load(drim + etch)
+        try:
+            t0 = time.monotonic()
+            for k in range(2):
+                await load.wait_answers(k, t0, 10, f"tool {k} before the switch")
+            consul.kv_set("zerodown/etcheap/active", "green")
+            await async_wait_until(
+                lambda: proxy.status()["apps"]["etcheap"]["active"]["group"] == "green",
+                20, "etcheap's switch applied",
+            )  # fmt: skip
+            switched = time.monotonic()
+            for k in range(2):
+                await load.wait_answers(k, switched, 10, f"tool {k} after the switch")
+        finally:
+            await load.finish()
+        assert [load.since(k, switched) for k in range(2)] == [{"v1"}, {"e2"}]
+        assert not any(t.closed.is_set() or t.separated for t in drim + etch)
+        for t in drim + etch:
+            await t.close()
+    finally:
+        proxy.terminate()
+        for hs in hosts.values():
+            for h in hs:
+                await h.stop()
