@@ -82,7 +82,7 @@ def changed(current: PilotList, action: str, tool: str, app: str, standby: str) 
     return PilotList(standby, rest) if rest else NO_PILOTS
 
 
-def _check_standby(app: str, standby: str | None, members: list[tuple[str, bool]]) -> str:
+def check_standby(app: str, standby: str | None, members: list[tuple[str, bool]]) -> str:
     """`members`: (instance id, passing) of the Standby group."""
     if standby is None:
         raise Refused(f"app {app} has no Standby group; a pilot runs on the Standby version")
@@ -126,7 +126,7 @@ async def local_change(
         if action == "add":
             members = [(i["id"], bool(i.get("healthy", True)))
                        for i in a["instances"] if i["group"] == standby]  # fmt: skip
-            _check_standby(app, standby, members)
+            check_standby(app, standby, members)
         assert standby is not None or action == "remove"
         current = parse_pilot_list(a.get("pilots"), f"app {app}")
         new = changed(current, action, tool, app, standby or "")
@@ -205,7 +205,7 @@ async def _consul_change(
     standby = _standby_of(instances, active)
     if action == "add":
         members = [(i.id, i.checks == "passing") for i in instances if i.group == standby]
-        _check_standby(app, standby, members)
+        check_standby(app, standby, members)
     key = b.keys.pilots(app)
     got = await consul.kv_get(key)
     current = _stored(got[0] if got else None, f"Consul key {key}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import http.client
 import os
 import sys
 import time
@@ -188,7 +189,24 @@ async def test_local_pilot_refusals_say_why_and_change_nothing(local):
     assert await asyncio.to_thread(version, {"X-Tool-Id": "ETCH01"}) == "v2"
     assert await asyncio.to_thread(version, {"X-Tool-Id": "ETCH02"}) == "v1"
     assert await asyncio.to_thread(version, {}) == "v1"
-    assert metric(proxy, 'zerodown_pilots{app="drimeap"}') == 1
+    # A client address is an HTTP pilot too (the same pilot that names an HSMS tool).
+    rc, _, err = await cli(state, "pilot", "add", "127.0.0.4")
+    assert rc == 0, err
+
+    def version_from(source: str) -> str:
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.http, timeout=5,
+                                          source_address=(source, 0))  # fmt: skip
+        try:
+            conn.request("GET", "/")
+            return conn.getresponse().headers["X-Backend-Version"]
+        finally:
+            conn.close()
+
+    assert await asyncio.to_thread(version_from, "127.0.0.4") == "v2"
+    assert await asyncio.to_thread(version_from, "127.0.0.5") == "v1"
+    assert metric(proxy, 'zerodown_pilots{app="drimeap"}') == 2
+    rc, out, _ = await cli(state, "pilot", "list")
+    assert "2 pilot(s) on green (in force)" in out and "header:x-tool-id=ETCH01" in out
 
 
 # -- Consul ---------------------------------------------------------------------------------------

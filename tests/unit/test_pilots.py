@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from orchestrator.backend import Refused
-from orchestrator.pilot import changed
+from orchestrator.pilot import changed, check_standby
 from zerodown_proxy.contract.consul import KvValue, parse_health
 from zerodown_proxy.contract.model import ContractError, Instance, RegistryState, validate_state
 from zerodown_proxy.contract.pilots import NO_PILOTS, PilotList, parse_pilot_list, parse_tool
@@ -186,3 +186,11 @@ def test_a_bad_pilots_key_means_no_pilots_and_is_reported(value: str, why: str) 
     assert r.state.pilots == () and r.state.pilot_group is None
     assert why in r.invalid["pilots"]
     assert r.state.active_group == "blue"  # routing goes on
+
+
+def test_a_pilot_needs_a_standby_group_with_a_passing_instance() -> None:
+    with pytest.raises(Refused, match="app drimeap has no Standby group; a pilot runs on"):
+        check_standby("drimeap", None, [])
+    with pytest.raises(Refused, match="Standby group green of drimeap has 0/2 passing instances"):
+        check_standby("drimeap", "green", [("g1", False), ("g2", False)])
+    assert check_standby("drimeap", "green", [("g1", False), ("g2", True)]) == "green"
