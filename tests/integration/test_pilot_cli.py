@@ -17,6 +17,11 @@ from typing import Any
 import orjson
 import pytest
 
+from orchestrator import hashicorp_api
+from orchestrator.backend import Refused
+from orchestrator.pilot import run as pilot_run
+from orchestrator.release_nomad import NomadConsulBackend, Settings
+
 from ..fake_agents import NomadStack
 from ..helpers import ROOT, ProxyProc, instance, write_registry
 from ..hsmsload import SOURCES, Load, connect_tools, start_hosts
@@ -245,3 +250,32 @@ async def test_nomad_pilot_one_of_four_tools_then_switch_and_rollback(on_nomad):
     assert got is not None and orjson.loads(got[0]) == {"group": None, "tools": []}
     rc, out, _ = await cli(state, "history", "--backend", "nomad", env=env)
     assert rc == 0 and "pilot-add 127.0.0.3 (Standby green; pilots now 127.0.0.3)  ok" in out
+
+
+async def test_consul_pilot_change_racing_another_is_refused_not_retried(
+    consul, tmp_path, monkeypatch
+):
+    """Another operator writes the pilots key between this command's read and its CAS write:
+    Consul answers false to `?cas=`, the command says so and changes nothing."""
+    for group in ("blue", "green"):
+        tags = [f"zerodown-group={group}", f"zerodown-version={group}-v"]
+        consul.register(f"drimeap-{group}", "drimeap", "127.0.0.1", 9, tags=tags)
+    consul.kv_set("zerodown/drimeap/active", "blue")
+    key = "zerodown/drimeap/pilots"
+    theirs = orjson.dumps({"group": "green", "tools": ["10.9.9.9"]})
+    real_put = hashicorp_api.ConsulApi.kv_put
+
+    async def racing_put(self, k, value, cas=None):  # type: ignore[no-untyped-def]
+        if k == key:
+            consul.kv_set(key, theirs)  # the other operator got there first
+        return await real_put(self, k, value, cas)
+
+    monkeypatch.setattr(hashicorp_api.ConsulApi, "kv_put", racing_put)
+    backend = NomadConsulBackend(
+        Settings(nomad_addr="", consul_addr=consul.url, audit_log=tmp_path / "history.jsonl")
+    )
+    with pytest.raises(Refused, match=r"someone else changed the pilots of drimeap .* meanwhile"):
+        await pilot_run(backend, "add", "drimeap", "127.0.0.3", lambda m: None)
+    assert orjson.loads(consul.kv_get(key)[0]) == orjson.loads(theirs)  # theirs stands
+    (rec,) = [orjson.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert (rec["action"], rec["result"]) == ("pilot-add", "refused")
