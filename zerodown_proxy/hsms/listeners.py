@@ -93,6 +93,9 @@ class AppListeners:
                       extra={"fields": {"event": "hsms_listen_failed", "app": lst.app,
                                         "listen": lst.listen, "error": lst.error}})  # fmt: skip
             return
+        if proxy.closing:  # shutdown began while it was being bound
+            self._close(lst)
+            return
         lst.port = lst.server.sockets[0].getsockname()[1]
         lst.error = None
         log.info("app %s: HSMS listening on %s (port %d)", lst.app, lst.listen, lst.port,
