@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # The venv installs exactly the locked files (pip checks every hash); `make lock` re-resolves.
 LOCKS := requirements-build.lock requirements.lock requirements-dev.lock
 
-.PHONY: venv demo test lint bench sysdeps clean bundle lock lock-upgrade
+.PHONY: venv demo test lint bench sysdeps browser clean bundle lock lock-upgrade
 
 $(STAMP): pyproject.toml $(LOCKS)
 	$(PY) -m venv $(VENV)
@@ -21,7 +21,7 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/zerodown demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
@@ -33,6 +33,13 @@ lint: $(STAMP)
 sysdeps:
 	@command -v nginx >/dev/null && command -v wrk >/dev/null && command -v h2load >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk nghttp2-client)
+
+# Headless Chromium and its WebDriver for the dashboard's browser test (Debian packages); the
+# test skips, saying why, only when they cannot be installed here.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) || \
+	  echo "warning: could not install chromium and chromium-driver: the browser tests will skip"
 
 bench: $(STAMP) sysdeps
 	$(BIN)/zerodown bench all

@@ -120,6 +120,7 @@ async def switch_active(
     proxies = [p for p in proxies if not p.critical]
     if not proxies:
         progress(f"warning: no live {PROXY_SERVICE} is registered in Consul; nobody to wait for")
+    progress(f"waiting for {len(proxies)} proxy(ies) to apply generation {generation}")
     await wait_proxies(session, [(p.name, p.admin) for p in proxies], generation,
                        s.proxy_timeout)  # fmt: skip
     took = time.perf_counter() - written

@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from .dashboard.routes import Dashboard
 from .metrics import Registry
 from .routing import AppRoute, Instance, Router
 from .watcher import Watcher
@@ -62,6 +63,7 @@ class AdminApi:
         parts: dict[str, Callable[[], dict[str, Any]]],
         reload: Callable[[], bool] | None = None,
         watcher: Watcher | None = None,
+        dashboard: Dashboard | None = None,
     ) -> None:
         self.router = router
         self.watcher = watcher if watcher is not None else Watcher(router)
@@ -77,6 +79,8 @@ class AdminApi:
         self.app.router.add_get("/v1/status", self.status)
         self.app.router.add_get("/metrics", self.prom)
         self.app.router.add_post("/v1/reload", self.do_reload)
+        if dashboard is not None:  # the web dashboard at / (dashboard/routes.py)
+            dashboard.register(self.app)
         self._runner: web.AppRunner | None = None
         self.port = 0
 

@@ -16,6 +16,9 @@ import orjson
 from . import pilot_gauges
 from .admin import AdminApi
 from .config import Config, parse_addr
+from .dashboard.release import ReleaseDesk
+from .dashboard.routes import Dashboard
+from .dashboard.series import Sampler
 from .discovery.file import FileProvider
 from .health.active import ActiveHealthChecker
 from .http.proxy import HttpProxy
@@ -29,9 +32,14 @@ log = logging.getLogger("zerodown.proxy")
 
 class ProxyServer:
     def __init__(
-        self, cfg: Config, reuse_port: bool = False, supervisor_admin: str | None = None
+        self,
+        cfg: Config,
+        reuse_port: bool = False,
+        supervisor_admin: str | None = None,
+        config_path: str | None = None,
     ) -> None:
         self.cfg = cfg
+        self.config_path = config_path  # what the dashboard's release actions pass the CLI
         self.reuse_port = reuse_port
         # A multi-worker supervisor's admin address (it speaks for the whole proxy: this is
         # what the worker registers in Consul); None when running alone.
@@ -49,14 +57,21 @@ class ProxyServer:
         self.checker: ActiveHealthChecker | None = None
         self.admin: AdminApi | None = None
         self.provider: Any = None
+        self.sampler: Sampler | None = None  # per-second traffic samples for the dashboard
         self.stopped = asyncio.Event()
 
     async def start(self) -> dict[str, int]:
         cfg = self.cfg
         admin_host, admin_port = parse_addr(cfg.proxy.admin_listen, "127.0.0.1")
+        dashboard = Dashboard(
+            lambda: self.admin.token if self.admin else "",
+            ReleaseDesk(cfg, self.config_path),
+            self._samples,
+            self._proxies,
+        )
         self.admin = AdminApi(
             self.router, self.metrics, cfg.proxy.admin_token, self.name, parts={},
-            watcher=self.watcher,
+            watcher=self.watcher, dashboard=dashboard,
         )  # fmt: skip
         await self.admin.start(admin_host, admin_port)
         admin_addr = self.supervisor_admin or f"{admin_host}:{self.admin.port}"
@@ -85,6 +100,8 @@ class ProxyServer:
         self.checker.start()
         self.admin.checks = self.checker.verdict
         await self.http.start(http_host, http_port, reuse_port=self.reuse_port)
+        self.sampler = Sampler(self.http.acc.m_requests, self.http.acc.m_latency)
+        self.sampler.start()
         ports = {"http": self.http.port, "admin": self.admin.port, "pid": os.getpid()}
         self.admin.parts["http"] = self.http.status
         self.admin.parts["discovery"] = self.watcher.status
@@ -106,6 +123,18 @@ class ProxyServer:
         log.info("listening", extra={"fields": {"ports": ports, "name": self.name}})
         return ports
 
+    async def _samples(self, since: int) -> dict[str, Any]:
+        if self.sampler is None:
+            return {"buckets": [], "samples": []}
+        return self.sampler.raw(since)
+
+    async def _proxies(self) -> dict[str, Any] | None:
+        if self.cfg.discovery.provider != "consul" or self.provider is None:
+            return None  # the file provider: this proxy (the page reads /v1/status)
+        from .dashboard.proxies import consul_proxies
+
+        return await consul_proxies(self.provider.client)
+
     async def stop(self) -> None:
         grace = self.cfg.proxy.shutdown_grace
         log.info("shutting down", extra={"fields": {"grace_s": grace}})
@@ -117,6 +146,8 @@ class ProxyServer:
         await asyncio.gather(*waits)
         if self.checker is not None:
             await self.checker.close()
+        if self.sampler is not None:
+            await self.sampler.close()
         await self.watcher.stop()
         if self.admin is not None:
             await self.admin.close()
@@ -130,8 +161,9 @@ async def serve(
     ready_file: str | None = None,
     reuse_port: bool = False,
     supervisor_admin: str | None = None,
+    config_path: str | None = None,
 ) -> int:
-    server = ProxyServer(cfg, reuse_port, supervisor_admin)
+    server = ProxyServer(cfg, reuse_port, supervisor_admin, config_path)
     ports = await server.start()
     if ready_file:
         tmp = Path(ready_file + ".tmp")
@@ -167,4 +199,4 @@ def run(
         return run_supervisor(cfg, config_path, ready_file, overrides)
     import uvloop
 
-    return uvloop.run(serve(cfg, ready_file, reuse_port, supervisor_admin))
+    return uvloop.run(serve(cfg, ready_file, reuse_port, supervisor_admin, config_path))

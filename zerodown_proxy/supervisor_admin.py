@@ -19,6 +19,9 @@ import orjson
 from aiohttp import web
 
 from .config import parse_addr
+from .dashboard.release import ReleaseDesk
+from .dashboard.routes import Dashboard
+from .dashboard.series import merge as merge_samples
 from .supervisor_merge import merge_hsms, merge_metrics
 
 if TYPE_CHECKING:
@@ -41,6 +44,14 @@ class SupervisorAdmin:
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_post("/v1/reload", self.reload)
+        sup = self.sup
+        dashboard = Dashboard(
+            lambda: sup.cfg.proxy.admin_token,
+            ReleaseDesk(sup.cfg, sup.config_path),
+            self.samples,
+            self.proxies,
+        )
+        dashboard.register(app)  # the web dashboard at /, over all workers (dashboard/)
         runner = self._runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         host, port = parse_addr(self.sup.cfg.proxy.admin_listen, "127.0.0.1")
@@ -97,6 +108,19 @@ class SupervisorAdmin:
             }
         )
         return web.json_response(body, dumps=lambda o: orjson.dumps(o).decode())
+
+    async def samples(self, since: int) -> dict[str, Any]:
+        """Every worker's per-second traffic samples, summed (dashboard/series.py)."""
+        path = f"/v1/dashboard/samples?since={since}"
+        return merge_samples(await asyncio.gather(*(self._get(a, path) for a in self.sup.admins)))
+
+    async def proxies(self) -> dict[str, Any] | None:
+        """The proxies registered in Consul, as the first worker that answers sees them."""
+        for admin in self.sup.admins:
+            found = await self._get(admin, "/v1/dashboard/proxies")
+            if found is not None:
+                return found
+        return {"error": "no worker answered"}
 
     async def health(self, request: web.Request) -> web.Response:
         results = await asyncio.gather(*(self._get(a, "/health") for a in self.sup.admins))

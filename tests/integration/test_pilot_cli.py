@@ -158,7 +158,8 @@ async def test_local_pilot_one_of_four_tools_then_switch_and_rollback(local):
     check_scenario(r, proxy)
     assert "pilots" not in orjson.loads(reg.read_bytes())["apps"]["drimeap"]
     rc, out, _ = await cli(state, "history")
-    assert rc == 0 and "pilot-add 127.0.0.3 (Standby green; pilots now 127.0.0.3)  ok" in out
+    (line,) = [x for x in out.splitlines() if "pilot-add" in x]
+    assert rc == 0 and "127.0.0.3 -> green" in line and "pilots: 127.0.0.3" in line, out
 
 
 async def test_local_pilot_refusals_say_why_and_change_nothing(local):
@@ -249,7 +250,8 @@ async def test_nomad_pilot_one_of_four_tools_then_switch_and_rollback(on_nomad):
     got = stack.consul.kv_get("zerodown/drimeap/pilots")
     assert got is not None and orjson.loads(got[0]) == {"group": None, "tools": []}
     rc, out, _ = await cli(state, "history", "--backend", "nomad", env=env)
-    assert rc == 0 and "pilot-add 127.0.0.3 (Standby green; pilots now 127.0.0.3)  ok" in out
+    (line,) = [x for x in out.splitlines() if "pilot-add" in x]
+    assert rc == 0 and "127.0.0.3 -> green" in line and "pilots: 127.0.0.3" in line, out
 
 
 async def test_consul_pilot_change_racing_another_is_refused_not_retried(
