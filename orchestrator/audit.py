@@ -120,6 +120,9 @@ def row(rec: Entry) -> tuple[str, ...]:
     if rec.get("action") == "deploy":
         groups = f"-> {rec['group']}" if rec.get("group") else "-"
         versions = f"{rec.get('from_version') or '?'} -> {rec.get('version') or '?'}"
+    elif str(rec.get("action", "")).startswith("pilot-"):
+        groups = f"{rec.get('tool', '?')} -> {rec.get('group') or '-'}"
+        versions = f"pilots: {', '.join(rec.get('pilots') or []) or 'none'}"
     else:
         groups = (f"{rec.get('from') or '?'} -> {rec.get('to') or '?'}"
                   if rec.get("from") or rec.get("to") else "-")  # fmt: skip

@@ -17,6 +17,7 @@ from zerodown_proxy.contract.status import (
     GroupStatus,
     InstanceStatus,
     ProxyStatus,
+    ToolSession,
 )
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "ProxyStatus",
     "Refused",
     "SwitchOutcome",
+    "ToolSession",
 ]
 
 Progress = Callable[[str], None]

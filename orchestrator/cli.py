@@ -142,6 +142,20 @@ async def _rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _pilot(args: argparse.Namespace) -> int:
+    from . import pilot
+
+    out = await pilot.run(make_backend(args), args.action, args.app, args.tool, _progress)
+    if args.json:
+        print(orjson.dumps(out.to_json()).decode())
+    else:
+        if args.action != "list":
+            print(f"pilot {args.action} {args.tool}: {out.proxies} proxy(ies) applied generation "
+                  f"{out.generation} in {out.propagation_s * 1000:.1f} ms")  # fmt: skip
+        print(pilot.describe(out))
+    return 0
+
+
 async def _history(args: argparse.Namespace) -> int:
     from . import audit
 
@@ -315,6 +329,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sp = sub.add_parser("rollback", help="switch back to the previous group")
     release_opts(sp)
     sp.set_defaults(afn=_rollback)
+
+    sp = sub.add_parser("pilot", help="run tools on the Standby version before the switch")
+    release_opts(sp)
+    sp.add_argument("action", choices=("add", "remove", "list"))
+    sp.add_argument("tool", nargs="?", default=None,
+                    help="IP address (10.1.2.3), device id (7 or device:7), or HTTP header rule "
+                         "(header:NAME=VALUE)")  # fmt: skip
+    sp.add_argument("--json", action="store_true", help="the pilot list as JSON")
+    sp.set_defaults(afn=_pilot)
 
     sp = sub.add_parser("history", help="the audit trail of deploy/switch/rollback")
     release_opts(sp)

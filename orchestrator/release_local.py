@@ -125,6 +125,7 @@ class LocalBackend:
             active=groups[active],
             standby=groups[standby] if standby else GroupStatus(None, None),
             proxies=proxies,
+            pilots=a.get("pilots"),
         )
 
     async def deploy(self, app: str, version: str, image: str | None, progress: Progress) -> str:
@@ -302,6 +303,9 @@ class LocalBackend:
                 x = self._app(r, app)
                 x["previous"] = x["active"]
                 x["active"] = target
+                # The pilots are on `target` already; everyone joins them (pilot.py).
+                if x.pop("pilots", None):
+                    entry["pilots_cleared"] = True
 
             new = registry.update(self.paths.registry, flip)
             written = time.perf_counter()

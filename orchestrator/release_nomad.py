@@ -165,6 +165,7 @@ class NomadConsulBackend:
             )
             proxies = await self._proxies(consul)
             pstat = await proxy_statuses(session, [(p.name, p.admin) for p in proxies], generation)
+            stored = await consul.kv_get(self.keys.pilots(app))
         out = {}
         for g in (active, standby):
             members = [
@@ -182,7 +183,13 @@ class NomadConsulBackend:
             )
             members += unregistered(allocs, instances, g)
             out[g] = GroupStatus(g, version, members)
-        return AppStatus(self.name, app, generation, out[active], out[standby], pstat)
+        try:
+            pilots = orjson.loads(stored[0]) if stored and stored[0] else None
+        except orjson.JSONDecodeError:
+            pilots = None  # shown as none; the proxies report it as invalid
+        if not isinstance(pilots, dict) or not pilots.get("tools"):
+            pilots = None
+        return AppStatus(self.name, app, generation, out[active], out[standby], pstat, pilots)
 
     # -- deploy -------------------------------------------------------------------------------
 

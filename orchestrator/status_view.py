@@ -33,6 +33,9 @@ def status_lines(st: AppStatus, style: Style | None = None) -> list[str]:
             ok = i.registered == "passing" and i.probe == "ok"
             out.append(f"    {i.id:<22} {i.address}:{i.http_port:<6} {i.version:<8} "
                        f"{c.health(f'registered={i.registered:<8} probe={i.probe}', ok)}")  # fmt: skip
+    pilots = (st.pilots or {}).get("tools") or []
+    if pilots:
+        out.append(f"  pilots on {(st.pilots or {}).get('group')}: {', '.join(pilots)}")
     sync = c("green", "in sync") if st.in_sync else c("red", "NOT in sync")
     out.append(f"  proxies ({len(st.proxies)}, {sync}):")
     for p in st.proxies:
@@ -40,6 +43,10 @@ def status_lines(st: AppStatus, style: Style | None = None) -> list[str]:
         extra = f"  ({p.error})" if p.error else ""
         line = f"{p.name:<22} {p.admin:<22} generation {gen}{extra}"
         out.append(f"    {line if p.in_sync else c('yellow', line)}")
+        for t in p.tools:
+            if t.app == st.app:  # which tool is on this app, and on which group
+                role = "  pilot" if t.pilot else ""
+                out.append(f"      tool {t.tool:<22} {t.group or '-':<8} {t.version or '-'}{role}")
     return out
 
 

@@ -50,6 +50,9 @@ def _app(a: AppRoute, ejected: dict[str, Any], checks: Checks) -> dict[str, Any]
             "version": a.standby_version,
             "instances": [_instance(i, ejected, checks) for i in a.standby],
         },
+        "hsms_listen": a.hsms_listen,
+        # Pilots in force (on the Standby group): contract/pilots.py.
+        "pilots": {"group": a.pilots.group, "tools": list(a.pilots.tools)} if a.pilots else None,
     }
 
 

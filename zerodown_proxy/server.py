@@ -10,6 +10,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from . import pilot_gauges
 from .admin import AdminApi
 from .config import Config, parse_addr
 from .dashboard.release import ReleaseDesk
@@ -50,6 +51,7 @@ class ProxyServer:
         self.metrics = Registry()
         # The one path from the discovery provider to the router (see watcher.py).
         self.watcher = Watcher(self.router, self.metrics, self.gate, cfg.discovery.stale_after)
+        pilot_gauges.register(self.router, self.metrics)
         self.name = cfg.proxy.name or f"{socket.gethostname()}-{os.getpid()}"
         self.http: HttpProxy | None = None
         self.hsms: Any = None

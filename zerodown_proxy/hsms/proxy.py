@@ -35,6 +35,7 @@ from .budget import PartialBudget
 from .choice import BackendChoice, never_down
 from .codec import Frame
 from .handover import BackendSessions
+from .listeners import AppListeners
 from .metrics import HsmsMetrics
 from .session import Close, PeerRejected, Refused
 from .status import status
@@ -81,8 +82,11 @@ class HsmsProxy:
             backends=lambda: sum(len(t.backends()) for t in tools),
             in_flight=lambda: sum(t.in_flight() for t in tools),
             partial_bytes=lambda: self.budget.used,
+            pilots=lambda: sum(1 for t in tools if t.pilot),
         )
         router.subscribe(self.sessions.on_snapshot)
+        self.listeners = AppListeners(self)
+        router.subscribe(self.listeners.on_snapshot)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -104,6 +108,8 @@ class HsmsProxy:
             )
         self.port = self._server.sockets[0].getsockname()[1]
         self._sweeper = self.loop.create_task(self._sweep_forever())
+        self.listeners.reuse_port = reuse_port
+        await self.listeners.reconcile(self.router.current())
 
     async def close(self, grace: float) -> None:
         """Stop accepting; let open transactions finish (up to `grace` s); then Separate every
@@ -111,6 +117,7 @@ class HsmsProxy:
         self.closing = True
         if self._server is not None:
             self._server.close()
+        self.listeners.close()
         deadline = time.monotonic() + grace
         while any(t.in_flight() for t in self.tools) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -159,6 +166,11 @@ class HsmsProxy:
         tool.switch_kind = "startup"
         tool.switch_started = time.monotonic()
         self.sessions.open(tool)
+
+    def device_learnt(self, tool: ToolLink) -> None:
+        """The tool's device id is known (or changed): a pilot by device id moves now."""
+        if tool.current is not None and tool.session.selected:
+            self.sessions.place(tool, self.router.current())
 
     def tool_deselected(self, tool: ToolLink) -> None:
         log.info("tool %s deselected", tool.peer, extra=_ev("hsms_tool_deselected", tool=tool.peer))

@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from ..config import HttpSection
+from ..contract.pilots import canonical_address
 from ..metrics import Registry
 from ..routing import Instance, Router, Snapshot
 from .accounting import HttpAccounting, register_gauges
@@ -156,6 +157,9 @@ class HttpProxy:
             ):
                 cycle.local = (403, "standby preview needs a valid X-Zerodown-Token")
                 self.count_client_error(403)
+        wanted = self.router.snapshot.pilot_headers
+        if wanted:
+            cycle.pilot_headers = {n: headers[k][1] for k, n in enumerate(lnames) if n in wanted}
         return cycle
 
     def send_request(self, cycle: RequestCycle) -> None:
@@ -171,6 +175,10 @@ class HttpProxy:
             )
             return
         cycle.app = app
+        if app.pilots is not None and not cycle.preview:
+            # A pilot (client address or header rule) goes where the Standby preview goes.
+            addr = canonical_address(cycle.client.peer)
+            cycle.preview = app.pilots.http(addr, cycle.pilot_headers) and bool(app.standby)
         self._attempt(cycle)
 
     def _attempt(self, cycle: RequestCycle) -> None:
