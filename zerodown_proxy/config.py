@@ -132,6 +132,9 @@ class HsmsSection:
     # hsms_device_id; unset: the tool's own session id is forwarded unchanged.
     device_id: int | None = None
     max_queued: int = 1000  # tool primaries held per tool while no backend session is selected
+    # Host primaries and replies remembered per tool, to map the header a Stream 9 message
+    # quotes back to the backend session that sent it (hsms/stream9.py).
+    stream9_memory: int = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,6 +389,8 @@ def _check_hsms(h: HsmsSection) -> None:
         raise ConfigError("[hsms] max_message_bytes must be at least 10 (the HSMS header)")
     if h.max_queued < 0:
         raise ConfigError("[hsms] max_queued must be 0 or more")
+    if not 1 <= h.stream9_memory <= 1_000_000:
+        raise ConfigError("[hsms] stream9_memory must be 1..1000000 messages per tool")
     if h.max_partial_bytes < h.max_message_bytes + 4:
         raise ConfigError(
             f"[hsms] max_partial_bytes ({h.max_partial_bytes}) must hold at least one whole "

@@ -122,6 +122,8 @@ class BackendLink(Link):
                 self.proxy.not_open("backend", self, f)
                 return
             tool.write(codec.rewrite(f, rec.session_id, rec.system))
+            r = tool.recent
+            r.replies[rec.system % r.size] = (rec.system, self, f.system, f.session_id)
             self.proxy.m.fwd_reply_down.inc()
             if self.draining:
                 self.maybe_finish()
@@ -137,6 +139,8 @@ class BackendLink(Link):
             self.tx.host_primary(tsb, HostPrimary(self, f.system, f.session_id, f.byte2, _now()))
         tsid = tool.sid
         tool.write(codec.rewrite(f, f.session_id if tsid is None else tsid, tsb))
+        r = tool.recent
+        r.primaries[tsb % r.size] = (tsb, self, f.system, f.session_id)
         self.proxy.m.fwd_primary_down.inc()
 
     def maybe_finish(self) -> None:

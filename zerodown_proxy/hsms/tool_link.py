@@ -13,6 +13,7 @@ from .codec import Frame, FrameDecoder
 from .links import Link
 from .loglimit import LogLimiter
 from .session import Close, Deselected, HsmsSession, PeerRejected, Refused, Selected
+from .stream9 import Recent, route
 from .transactions import Transactions
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ class ToolLink(Link):
         self.queue: deque[Queued] = deque()
         self.queued_bytes = 0
         self.tx: Transactions[BackendLink] = Transactions()
+        self.recent = Recent(cfg.stream9_memory)  # what was sent to it, for Stream 9 headers
         self.sid: int | None = None  # the tool's device id, as seen in its data messages
         self.connected_at = time.time()
         self.selected_at: float | None = None
@@ -165,6 +167,9 @@ class ToolLink(Link):
                 backend.maybe_finish()
             return
         self.proxy.router.current()  # a committed switch hands this tool over first
+        if f.byte2 & 0x7F == 9:
+            route(self, f)
+            return
         cur = self.current
         if cur is not None and cur.selected and not self.queue:
             cur.send_primary(f)
