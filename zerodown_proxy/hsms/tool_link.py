@@ -12,6 +12,7 @@ from . import codec
 from .codec import Frame, FrameDecoder
 from .links import Link
 from .loglimit import LogLimiter
+from .msglog import ToolLog
 from .session import Close, Deselected, HsmsSession, PeerRejected, Refused, Selected
 from .stream9 import Recent, route
 from .transactions import Transactions
@@ -48,6 +49,8 @@ class ToolLink(Link):
         self.tx: Transactions[BackendLink] = Transactions()
         self.recent = Recent(cfg.stream9_memory)  # what was sent to it, for Stream 9 headers
         self.sid: int | None = None  # the tool's device id, as seen in its data messages
+        self.addr = "-"
+        self.msglog: ToolLog | None = None  # the message log (msglog.py), None when off
         self.connected_at = time.time()
         self.selected_at: float | None = None
         self.switch_kind = "startup"  # why the next backend session is being opened
@@ -65,6 +68,9 @@ class ToolLink(Link):
         self.flow.attach(transport)  # type: ignore[arg-type]
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "-"
+        self.addr = peer[0] if peer else "-"
+        if self.proxy.msglog is not None:
+            self.msglog = self.proxy.msglog.for_tool(self, self.addr)
         self.proxy.tool_connected(self)
         self.run(self.session.connection_made())
 
@@ -74,6 +80,9 @@ class ToolLink(Link):
         if self.retry is not None:
             self.retry.cancel()
         self.proxy.tool_lost(self, exc)
+        if self.msglog is not None:
+            self.msglog.close()
+            self.msglog = None
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -154,7 +163,8 @@ class ToolLink(Link):
     # -- data path ----------------------------------------------------------------------------
 
     def on_data(self, f: Frame) -> None:
-        self.sid = f.session_id
+        if self.sid != f.session_id:
+            self._session_id(f.session_id)
         if not f.byte3 & 1:  # even function: a reply (or SxF0) to a host primary
             rec = self.tx.host_reply(f.system)
             if rec is None:
@@ -162,6 +172,8 @@ class ToolLink(Link):
                 return
             backend = rec.link
             backend.write(codec.rewrite(f, rec.session_id, rec.system))
+            if self.msglog is not None:
+                self.msglog.up(f, backend, rec.system)
             self.proxy.m.fwd_reply_up.inc()
             if backend.draining:
                 backend.maybe_finish()
@@ -175,6 +187,12 @@ class ToolLink(Link):
             cur.send_primary(f)
         else:
             self.proxy.enqueue(self, f)
+
+    def _session_id(self, sid: int) -> None:
+        self.sid = sid
+        ml = self.proxy.msglog
+        if ml is not None and self.msglog is None:  # a message_log_tools rule by device id
+            self.msglog = ml.for_tool(self, self.addr)
 
     def backends(self) -> list[BackendLink]:
         return ([self.current] if self.current is not None else []) + self.draining
