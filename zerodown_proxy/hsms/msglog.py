@@ -126,7 +126,7 @@ class ToolLog:
         link: BackendLink | None, host_sys: int | None,
     ) -> None:  # fmt: skip
         now = time.time()
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
+        stamp = f"{self.owner.second(now)}.{int(now % 1 * 1e6):06d}Z"
         if link is not None:
             i = link.instance
             where = f"backend={i.id} version={i.version} host_sys=0x{host_sys:08x}"
@@ -158,6 +158,7 @@ class MessageLog:
         self.files_per_tool = cfg.message_log_files
         self.addrs, self.ids = parse_tools(cfg.message_log_tools)
         self._open: dict[str, RotatingFile] = {}
+        self._second = (-1, "")
         self._flush: asyncio.TimerHandle | None = None
         self.dir.mkdir(parents=True, exist_ok=True)
 
@@ -194,6 +195,13 @@ class MessageLog:
                 if o is out:
                     del self._open[addr]
             out.close()
+
+    def second(self, now: float) -> str:
+        """`now` as YYYY-MM-DDTHH:MM:SS UTC (formatted once per second, not once per line)."""
+        s = int(now)
+        if s != self._second[0]:
+            self._second = (s, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(s)))
+        return self._second[1]
 
     def dirty(self) -> None:
         if self._flush is None:
