@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # The venv installs exactly the locked files (pip checks every hash); `make lock` re-resolves.
 LOCKS := requirements-build.lock requirements.lock requirements-dev.lock
 
-.PHONY: venv demo test lint bench sysdeps clean bundle lock lock-upgrade
+.PHONY: venv demo test lint bench sysdeps clean bundle lock lock-upgrade node-peers
 
 $(STAMP): pyproject.toml $(LOCKS)
 	$(PY) -m venv $(VENV)
@@ -21,9 +21,20 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/zerodown demo
 
-test: $(STAMP)
+test: $(STAMP) node-peers
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
+
+# The second HSMS implementation the integration tests use (secs4js, tests/peers/secs4js):
+# `npm ci` from the committed package-lock.json; Debian's nodejs + npm only if node is missing.
+PEERS := tests/peers/secs4js
+$(PEERS)/node_modules/.installed: $(PEERS)/package.json $(PEERS)/package-lock.json
+	@command -v node >/dev/null && command -v npm >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm)
+	cd $(PEERS) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+node-peers: $(PEERS)/node_modules/.installed
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -65,4 +76,4 @@ lock-upgrade:
 	$(MAKE) lock LOCK_ARGS=--upgrade
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info $(PEERS)/node_modules
