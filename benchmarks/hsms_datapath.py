@@ -3,7 +3,7 @@
 The real HsmsProxy, ToolLink and BackendLink forward S6F11 W / S6F12 (a tool transaction) and
 S2F41 W / S2F42 (a host transaction) through in-memory transports, so what is timed is only the
 proxy's own Python work (decoding headers, renumbering, the transaction table, Stream 9 memory,
-the message-log test, metrics). CPU time (process_time), best of several rounds: robust on a busy
+the message-log test, metrics); and S2F99 W answered by the tool with S9F5 (Stream 9 routing). CPU time (process_time), best of several rounds: robust on a busy
 machine, for before/after comparisons. Run from a checkout:
 
     python -m benchmarks.hsms_datapath                       # message log off (the default)
@@ -78,13 +78,25 @@ def measure(transactions: int = 20000, rounds: int = 7, message_log: str = "") -
             tsb = _SYS.unpack_from(tool_out.out[-1], 10)[0]
             tool.data_received(_msg(0, 2, 42, tsb, b"\x01\x02\x21\x01\x00\x01\x00"))
 
+        def s9_tx() -> None:  # a host primary the tool cannot handle: S9F5 naming it
+            n[0] = sb = (n[0] % 0xFFFFFFFF) + 1
+            link.data_received(_msg(0, 0x82, 99, sb))
+            head = tool_out.out[-1][4:14]
+            tool.data_received(_msg(0, 9, 5, sb, b"\x21\x0a" + head))
+
         out: dict[str, Any] = {"transactions": transactions, "rounds": rounds,
                                "message_log": bool(message_log)}  # fmt: skip
-        for name, one, check in (("tool", tool_tx, tool_out), ("host", host_tx, back_out)):
+        kinds = [("tool", tool_tx, tool_out, (b"\x06\x0c",)),
+                 ("host", host_tx, back_out, (b"\x02\x2a",))]  # fmt: skip
+        if hasattr(tool, "recent"):  # Stream 9 routing (absent in a checkout from before it)
+            kinds.append(("s9", s9_tx, back_out, (b"\x09\x05",)))
+        for name, one, check, want in kinds:
             for _ in range(2000):
                 one()
-            if check.out[-1][6:8] not in (b"\x06\x0c", b"\x02\x2a"):
+            if check.out[-1][6:8] not in want:
                 raise RuntimeError(f"unexpected reply on the data path: {check.out[-1][:14]!r}")
+            if name == "s9" and _SYS.unpack_from(check.out[-1], 22)[0] != n[0]:
+                raise RuntimeError("the S9's header does not carry the backend's system bytes")
             best = float("inf")
             for _ in range(rounds):
                 tool_out.out.clear()
@@ -118,6 +130,11 @@ def main() -> None:
         f"transaction (S6F11 W/S6F12), {r['us_per_host_transaction']:.2f} us per host "
         f"transaction (S2F41 W/S2F42); best of {r['rounds']} x {r['transactions']}"
     )
+    if "us_per_s9_transaction" in r:
+        print(
+            f"Stream 9: {r['us_per_s9_transaction']:.2f} us per S2F99 W forwarded to the tool and "
+            "the tool's S9F5 naming it, mapped and sent to the backend session that sent it"
+        )
 
 
 if __name__ == "__main__":
