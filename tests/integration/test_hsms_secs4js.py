@@ -7,6 +7,8 @@ each (a second Select.req gets status 3), so each group here has one host and th
 from __future__ import annotations
 
 import asyncio
+import re
+import struct
 import time
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import pytest
 from ..helpers import async_wait_until, instance, registry, write_registry
 from ..hsmspeers import metric
 from ..secs4js_peer import Secs4js
-from .test_hsms_proxy import HSMS_CFG
+from .test_hsms_proxy import HSMS_CFG, _http
 
 GROUPS = {"blue": "v1", "green": "v2"}
 
@@ -128,6 +130,64 @@ async def test_secs4js_switches_under_load_lose_nothing_and_never_disconnect(sec
     assert not t.seen("disconnected") and len(t.seen("selected")) == 1
     assert metric(proxy, "zerodown_hsms_handovers_total") >= 4
     assert metric(proxy, "zerodown_hsms_aborted_total") == 0
+
+
+async def test_secs4js_equipment_against_secsgem_hosts_across_a_switch(
+    tmp_path, start_proxy, sample_app
+):
+    """Mixed: secs4js in front, secsgem (the sample app) behind."""
+    apps = {g: await asyncio.to_thread(sample_app, f"drimeap-{g}-1", v, True)
+            for g, v in GROUPS.items()}  # fmt: skip
+    reg = tmp_path / "registry.json"
+
+    def write(generation: int, active: str) -> None:
+        insts = [instance(f"drimeap-{g}-1", g, v, apps[g].port, hsms=apps[g].hsms_port)
+                 for g, v in GROUPS.items()]  # fmt: skip
+        write_registry(reg, registry(generation, active, insts, hsms_device_id=0))
+
+    write(1, "blue")
+    proxy = start_proxy(reg, config=HSMS_CFG.replace("t3 = 3.0", "t3 = 8.0"))
+    t = await Secs4js.equipment(proxy.hsms, t3=8.0)
+    try:
+        rsp = await t.send(1, 1)
+        assert (rsp["s"], rsp["f"]) == (1, 2) and '"v1"' in rsp["sml"], rsp
+        for k in range(10):
+            assert (await t.send(6, 11, _event(500 + k)))["f"] == 12
+        code, body = await asyncio.to_thread(
+            _http, "POST", apps["blue"].port, "/hsms/command?rcmd=START&timeout=5"
+        )
+        assert (code, body) == (200, {"hcack": 0, "version": "v1"})
+        await _switch(proxy, write, 2, "green")
+        rsp = await t.send(1, 1)
+        assert '"v2"' in rsp["sml"], rsp
+        code, body = await asyncio.to_thread(_http, "GET", apps["blue"].port, "/hsms/received")
+        assert body["s6f11"] == [500 + k for k in range(10)]
+        assert not t.seen("disconnected") and len(t.seen("selected")) == 1
+    finally:
+        await t.stop()
+
+
+async def test_secs4js_equipment_s9_reaches_the_host_with_its_own_header(secs4js_stack):
+    """Stream 9 with the second peer on both ends: the S9F5 the secs4js tool writes quotes the
+    proxy's numbering; the secs4js host receives the header of its own primary."""
+    proxy, hosts, _, tool = secs4js_stack
+    t = await tool()
+    await t.send(1, 1)
+    host = hosts["blue"]
+    sent = await host.send(2, 99, "<L>", w=False)
+    (seen,) = await async_wait_until(lambda: _messages(t, 2), 10, "S2F99 at the tool")
+    assert seen["f"] == 99 and not seen["w"]
+    head = struct.pack(">HBBBBI", seen["session"], 2, 99, 0, 0, seen["sys"])
+    await t.send(9, 5, "<B " + " ".join(f"0x{b:02x}" for b in head) + ">", w=False)
+    (s9,) = await async_wait_until(lambda: _messages(host, 9), 10, "S9F5 at the host")
+    assert s9["f"] == 5
+    quoted = bytes(int(x, 16) for x in re.findall(r"0x([0-9a-fA-F]{2})", s9["sml"]))
+    assert struct.unpack(">HBBBBI", quoted) == (0, 2, 99, 0, 0, sent["sent_sys"])
+    assert metric(proxy, "zerodown_hsms_stream9_total", 'outcome="routed"') == 1
+
+
+def _messages(peer: Secs4js, stream: int) -> list[dict]:
+    return [e for e in peer.seen("message") if e["s"] == stream]
 
 
 def _count(host: Secs4js) -> int:

@@ -98,7 +98,7 @@ async function run(cmd) {
       return rsp
         ? { s: rsp.stream, f: rsp.func, sys: rsp.systemBytes, session: rsp.deviceId,
             sml: rsp.body ? rsp.body.toSml() : "" }
-        : {};
+        : { sent_sys: comm._systemBytesCounter }; // no W-bit: the system bytes it went with
     }
     case "linktest":
       await comm.sendLinkTestReq();
