@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .hsms.msglog import MIN_FILE_BYTES, parse_tools
+from .hsms.msglog import config_problem as msglog_problem
 
 
 class ConfigError(ValueError):
@@ -400,7 +400,9 @@ def _check_hsms(h: HsmsSection) -> None:
         raise ConfigError("[hsms] max_queued must be 0 or more")
     if not 1 <= h.stream9_memory <= 1_000_000:
         raise ConfigError("[hsms] stream9_memory must be 1..1000000 messages per tool")
-    _check_message_log(h)
+    problem = msglog_problem(h.message_log_files, h.message_log_max_bytes, h.message_log_tools)
+    if problem:
+        raise ConfigError(f"[hsms] {problem}")
     if h.max_partial_bytes < h.max_message_bytes + 4:
         raise ConfigError(
             f"[hsms] max_partial_bytes ({h.max_partial_bytes}) must hold at least one whole "
@@ -410,20 +412,6 @@ def _check_hsms(h: HsmsSection) -> None:
         raise ConfigError("[hsms] warn_limit must be 0 or more and warn_interval more than 0")
     if h.device_id is not None and not 0 <= h.device_id <= 0x7FFF:
         raise ConfigError(f"[hsms] device_id must be 0..32767 (E37 session id), got {h.device_id}")
-
-
-def _check_message_log(h: HsmsSection) -> None:
-    if not 1 <= h.message_log_files <= 100:
-        raise ConfigError("[hsms] message_log_files must be 1..100")
-    if h.message_log_max_bytes < h.message_log_files * MIN_FILE_BYTES:
-        raise ConfigError(
-            f"[hsms] message_log_max_bytes must be at least message_log_files x {MIN_FILE_BYTES}"
-            f" = {h.message_log_files * MIN_FILE_BYTES}"
-        )
-    try:
-        parse_tools(h.message_log_tools)
-    except ValueError as exc:
-        raise ConfigError(f"[hsms] message_log_tools: {exc}") from None
 
 
 _CONSUL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")

@@ -60,6 +60,20 @@ def parse_tools(text: str) -> tuple[frozenset[str], frozenset[int]]:
     return frozenset(addrs), frozenset(ids)
 
 
+def config_problem(files: int, max_bytes: int, tools: str) -> str | None:
+    """What is wrong with the [hsms] message_log_* keys, or None."""
+    if not 1 <= files <= 100:
+        return "message_log_files must be 1..100"
+    if max_bytes < files * MIN_FILE_BYTES:
+        return (f"message_log_max_bytes must be at least message_log_files x {MIN_FILE_BYTES} "
+                f"= {files * MIN_FILE_BYTES}")  # fmt: skip
+    try:
+        parse_tools(tools)
+    except ValueError as exc:
+        return f"message_log_tools: {exc}"
+    return None
+
+
 class RotatingFile:
     """`path`, rotated to path.1 .. path.<files-1> before a line would take it past its share."""
 
