@@ -108,6 +108,7 @@ class RawHost:
         self.answer_data = True  # False (with the above): reads everything, answers nothing
         self.deselects = 0
         self.separates = 0
+        self.select_delay = 0.0  # seconds before answering Select.req (a slow-to-select host)
         self._sys = 1000
         self._server: asyncio.AbstractServer | None = None
         self.port = 0
@@ -131,6 +132,8 @@ class RawHost:
                 if f is None:
                     return
                 if f.stype == codec.SELECT_REQ:
+                    if self.select_delay:
+                        await asyncio.sleep(self.select_delay)
                     writer.write(codec.select_rsp(f.system, 1 if conn.selected else 0))
                     conn.selected = True
                 elif f.stype == codec.LINKTEST_REQ:

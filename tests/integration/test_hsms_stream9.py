@@ -111,6 +111,32 @@ async def test_s9_naming_a_message_of_a_closed_session_goes_to_its_successor(hsm
     await tool.close()
 
 
+async def test_s9_during_a_failover_waits_for_the_successor_session(hsms_stack):
+    proxy, hosts, _ = hsms_stack
+    tool = await _tool(proxy)
+    dead = _serving(hosts)
+    spare = next(h for (_, grp, _), h in zip(SPECS, hosts, strict=True)
+                 if grp == "blue" and h is not dead)  # fmt: skip
+    spare_id = next(i for (i, _, _), h in zip(SPECS, hosts, strict=True) if h is spare)
+    dead.selected_conns()[-1].writer.write(codec.data_message(0, 10, 3, False, 6000, b"\x01\x00"))
+    await async_wait_until(lambda: tool.host_primaries, 5, "S10F3 to reach the tool")
+    spare.select_delay = 1.5
+    dead.kill()  # the proxy fails over to `spare`, which takes 1.5 s to answer Select
+    await async_wait_until(
+        lambda: (b := proxy.status()["hsms"]["sessions"][0]["backend"])
+        and b["instance"] == spare_id and b["state"] != "selected",
+        5, "the failover to start",
+    )  # fmt: skip
+    tool.send_s9(5, tool.host_primaries[-1])
+    await async_wait_until(lambda: spare.stream9, 10, "S9F5 at the successor")
+    h = s9_header(spare.stream9[0].body)
+    assert (h.system, h.byte2, h.byte3) == (6000, 10, 3)
+    assert metric(proxy, S9, 'outcome="successor"') == 1
+    assert metric(proxy, S9, 'outcome="unmatched"') == 0
+    _no_stream9_to(tool)
+    await tool.close()
+
+
 async def test_s9_naming_a_host_reply_and_s9f9_naming_a_tool_primary(hsms_stack):
     proxy, hosts, _ = hsms_stack
     tool = await _tool(proxy)

@@ -6,8 +6,9 @@ S9F9 (SHEAD) when a transaction it opened timed out (E5). The body is one `<B[10
 (links.py), so the header a tool quotes is in the numbering of the tool's connection, which no
 backend knows. Here it is mapped back to the numbering of the backend session that sent (or
 received) the offending message, and the S9 is sent on that session, even if it is draining
-after a switch; if that session is gone, on its successor (the tool's current session) with the
-old numbering, the best the proxy knows. The S9 message itself has no reply.
+after a switch; if that session is gone, on its successor (the tool's current session, queued
+while a failover opens it) with the old numbering, the best the proxy knows. The S9 message
+itself has no reply.
 
 Which message a header names, by its function:
 - S9F9: a tool primary (the tool's own system bytes). Found among the open transactions (and
@@ -108,24 +109,27 @@ def route(tool: ToolLink, f: Frame) -> None:
         return
     origin, host_system, host_session = target
     link = origin
-    outcome = "routed"
-    if link.closed or link.finishing or not link.selected:
-        successor = tool.current
-        if successor is None or not successor.selected or successor.closed:
-            _refuse(tool, f, "unmatched", f"session {link.label} is gone and has no successor")
-            return
-        outcome = "successor"
-        log.info(
-            "tool %s: %s names a message of %s, which is gone; sent to %s", tool.peer,
-            f.describe(), link.label, successor.label,
-            extra=_ev("hsms_stream9", tool=tool.peer, message=f.describe(), outcome=outcome,
-                      instance=successor.instance.id, version=successor.instance.version),
-        )  # fmt: skip
-        link = successor
     inner = Frame(host_session, h.byte2, h.byte3, h.ptype, h.stype, host_system)
-    link.send_primary(f._replace(body=header_body(inner)))
-    tool.proxy.m.stream9.inc((str(fn), outcome))
-    origin.maybe_finish()  # the S9 may have closed the last transaction of a draining session
+    s9 = f._replace(body=header_body(inner))
+    if not (link.closed or link.finishing or not link.selected):
+        link.send_primary(s9)
+        tool.proxy.m.stream9.inc((str(fn), "routed"))
+        origin.maybe_finish()  # the S9 may have closed the last transaction of a draining session
+        return
+    # That session is gone: its successor, the tool's current one (queued like any primary
+    # while it is being opened after a failover; bounded by T3 and max_queued like them).
+    tool.proxy.m.stream9.inc((str(fn), "successor"))
+    cur = tool.current
+    log.info(
+        "tool %s: %s names a message of %s, which is gone; sent to %s", tool.peer, f.describe(),
+        link.label, cur.label if cur is not None else "the next session",
+        extra=_ev("hsms_stream9", tool=tool.peer, message=f.describe(), outcome="successor",
+                  gone=link.instance.id, version=link.instance.version),
+    )  # fmt: skip
+    if cur is not None and cur.selected and not cur.closed and not tool.queue:
+        cur.send_primary(s9)
+    else:
+        tool.proxy.enqueue(tool, s9)
 
 
 def _find(tool: ToolLink, h: Frame, fn: int) -> tuple[BackendLink, int, int] | None:
