@@ -111,3 +111,14 @@ def test_message_log_config_refusals(values, message):
 def test_off_by_default():
     h = load_config(env={}).hsms
     assert h.message_log_dir == "" and MessageLog.from_config(h) is None
+
+
+async def test_a_write_that_fails_never_reaches_the_data_path(tmp_path, caplog):
+    ml = MessageLog(HsmsSection(message_log_dir=str(tmp_path)))
+    tl = ml.for_tool(SimpleNamespace(sid=None, peer="10.0.0.3:9"), "10.0.0.3")  # type: ignore[arg-type]
+    assert tl is not None
+    ml.close()  # e.g. the proxy shutting down while a late message is forwarded
+    for _ in range(3):
+        tl.proxy_reply(Frame(0, 0x81, 1, 0, 0, 1))
+    assert tl.failed
+    assert sum("lines are missing" in r.getMessage() for r in caplog.records) == 1

@@ -152,7 +152,8 @@ class ToolLog:
         text = f"{stamp} {way} {self.peer} session={session} sys=0x{system:08x} {where} {sml}\n"
         try:
             self.out.write(text.encode("utf-8", "replace"))
-        except OSError as exc:  # a full disk must not stop the traffic: the log has a gap
+        except (OSError, ValueError) as exc:  # a full disk (or a log closed at shutdown) must
+            # not stop the traffic: the log has a gap
             if not self.failed:
                 self.failed = True
                 log.warning("HSMS message log %s: %s; lines are missing", self.out.path, exc)
