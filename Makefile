@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # The venv installs exactly the locked files (pip checks every hash); `make lock` re-resolves.
 LOCKS := requirements-build.lock requirements.lock requirements-dev.lock
 
-.PHONY: venv demo test lint bench sysdeps clean bundle lock lock-upgrade
+.PHONY: venv demo test lint bench sysdeps testdeps clean bundle lock lock-upgrade
 
 $(STAMP): pyproject.toml $(LOCKS)
 	$(PY) -m venv $(VENV)
@@ -21,7 +21,7 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/zerodown demo
 
-test: $(STAMP)
+test: $(STAMP) testdeps
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
@@ -33,6 +33,15 @@ lint: $(STAMP)
 sysdeps:
 	@command -v nginx >/dev/null && command -v wrk >/dev/null && command -v h2load >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk nghttp2-client)
+
+# Debian packages some tests use: promtool (package prometheus) checks /metrics, ip (iproute2)
+# builds the multi-host network namespaces. Installed only when missing; without root the
+# install fails softly and those tests skip, saying which command is missing.
+testdeps:
+	@command -v promtool >/dev/null && command -v ip >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends prometheus iproute2) || \
+	  echo "warning: could not install prometheus/iproute2; their tests will skip"
 
 bench: $(STAMP) sysdeps
 	$(BIN)/zerodown bench all

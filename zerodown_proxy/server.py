@@ -18,7 +18,7 @@ from .config import Config, parse_addr
 from .discovery.file import FileProvider
 from .health.active import ActiveHealthChecker
 from .http.proxy import HttpProxy
-from .metrics import Registry
+from .metrics import Registry, register_process_info, register_routing_info
 from .routing import Router
 from .switch_gate import WorkerGate
 from .watcher import Watcher
@@ -39,6 +39,7 @@ class ProxyServer:
         self.gate = WorkerGate.from_env() if reuse_port else None
         self.router = Router()
         self.metrics = Registry()
+        register_process_info(self.metrics)
         # The one path from the discovery provider to the router (see watcher.py).
         self.watcher = Watcher(self.router, self.metrics, self.gate, cfg.discovery.stale_after)
         self.name = cfg.proxy.name or f"{socket.gethostname()}-{os.getpid()}"
@@ -81,6 +82,7 @@ class ProxyServer:
         self.checker = ActiveHealthChecker(self.router, cfg.health_check, self.metrics)
         self.http.balancer.attach(self.router, cfg.outlier_detection, self.checker)
         self.checker.start()
+        register_routing_info(self.metrics, self.router, self.checker)
         self.admin.checks = self.checker.verdict
         await self.http.start(http_host, http_port, reuse_port=self.reuse_port)
         ports = {"http": self.http.port, "admin": self.admin.port, "pid": os.getpid()}
