@@ -41,6 +41,9 @@ class ProxySection:
     http_listen: str = "0.0.0.0:8080"
     hsms_listen: str = "0.0.0.0:5000"
     admin_listen: str = "127.0.0.1:8081"
+    # What the proxy registers in Consul as its admin address (discovery/advertise.py):
+    # host[:port]; empty: admin_listen, or a routable address when that is 0.0.0.0 or ::.
+    advertise_admin: str = ""
     admin_token: str = ""
     access_log: bool = False
     log_level: str = "info"
@@ -269,6 +272,7 @@ ENV_MAP = {
     "ZERODOWN_HTTP_LISTEN": ("proxy", "http_listen"),
     "ZERODOWN_HSMS_LISTEN": ("proxy", "hsms_listen"),
     "ZERODOWN_ADMIN_LISTEN": ("proxy", "admin_listen"),
+    "ZERODOWN_ADVERTISE_ADMIN": ("proxy", "advertise_admin"),
     "ZERODOWN_REGISTRY": ("discovery", "file"),
     "ZERODOWN_DISCOVERY": ("discovery", "provider"),
     "CONSUL_HTTP_ADDR": ("consul", "addr"),
@@ -320,6 +324,13 @@ def load_config(
         raise ConfigError("[discovery] provider must be file or consul")
     for addr in (cfg.proxy.http_listen, cfg.proxy.hsms_listen, cfg.proxy.admin_listen):
         parse_addr(addr)
+    if cfg.proxy.advertise_admin:
+        from .discovery.advertise import split_host_port
+
+        try:
+            split_host_port(cfg.proxy.advertise_admin)
+        except ValueError as exc:
+            raise ConfigError(f"[proxy] advertise_admin: {exc}") from None
     if cfg.discovery.stale_after < 0:
         raise ConfigError("[discovery] stale_after must be 0 (off) or a number of seconds")
     if cfg.discovery.provider == "consul":

@@ -15,6 +15,7 @@ import orjson
 
 from .admin import AdminApi
 from .config import Config, parse_addr
+from .discovery.advertise import advertised_admin, consul_addr
 from .discovery.file import FileProvider
 from .health.active import ActiveHealthChecker
 from .http.proxy import HttpProxy
@@ -58,7 +59,10 @@ class ProxyServer:
             watcher=self.watcher,
         )  # fmt: skip
         await self.admin.start(admin_host, admin_port)
-        admin_addr = self.supervisor_admin or f"{admin_host}:{self.admin.port}"
+        # What the CLI on another host uses to reach this proxy (discovery/advertise.py).
+        admin_addr = self.supervisor_admin or advertised_admin(
+            cfg.proxy.advertise_admin, admin_host, self.admin.port, consul_addr(cfg)
+        )
 
         if cfg.discovery.provider == "consul":
             from .discovery.consul import ConsulProvider

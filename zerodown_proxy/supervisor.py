@@ -51,6 +51,7 @@ from typing import Any
 import orjson
 
 from .config import Config, parse_addr
+from .discovery.advertise import advertised_admin, consul_addr
 from .supervised import worker_argv
 from .supervisor_admin import SupervisorAdmin
 from .supervisor_merge import merge_hsms, merge_metrics
@@ -302,8 +303,9 @@ class Supervisor:
         except OSError as exc:
             log.error("cannot bind the admin API on %s: %s", self.cfg.proxy.admin_listen, exc)
             return 1
-        self.admin_addr = (
-            f"[{host}]:{ports['admin']}" if ":" in host else f"{host}:{ports['admin']}"
+        # What worker 0 registers in Consul for the whole proxy (discovery/advertise.py).
+        self.admin_addr = advertised_admin(
+            self.cfg.proxy.advertise_admin, host, ports["admin"], consul_addr(self.cfg)
         )
         try:
             await asyncio.gather(*(self.spawn(i) for i in range(self.n)))
