@@ -14,10 +14,11 @@ from typing import Any
 import orjson
 
 from .admin import AdminApi
-from .config import Config, parse_addr
+from .config import Config, access_log_target, parse_addr
 from .discovery.advertise import advertised_admin, consul_addr
 from .discovery.file import FileProvider
 from .health.active import ActiveHealthChecker
+from .http.access_log import AccessLogError, open_access_log
 from .http.proxy import HttpProxy
 from .metrics import Registry, register_process_info, register_routing_info
 from .routing import Router
@@ -44,6 +45,9 @@ class ProxyServer:
         # The one path from the discovery provider to the router (see watcher.py).
         self.watcher = Watcher(self.router, self.metrics, self.gate, cfg.discovery.stale_after)
         self.name = cfg.proxy.name or f"{socket.gethostname()}-{os.getpid()}"
+        self.access_log = open_access_log(access_log_target(cfg), cfg.proxy.access_log_format)
+        if self.access_log is not None:
+            self.router.subscribe(self.access_log.on_snapshot)  # a line per switch
         self.http: HttpProxy | None = None
         self.hsms: Any = None
         self.checker: ActiveHealthChecker | None = None
@@ -79,7 +83,7 @@ class ProxyServer:
 
         http_host, http_port = parse_addr(cfg.proxy.http_listen)
         self.http = HttpProxy(
-            self.router, cfg.http, self.metrics, cfg.proxy.admin_token, cfg.proxy.access_log
+            self.router, cfg.http, self.metrics, cfg.proxy.admin_token, self.access_log
         )
         # The proxy's own view of instance health (health/): active checks and outlier
         # ejection, consulted by the balancer; the HSMS proxy may read checker.is_down.
@@ -126,6 +130,8 @@ class ProxyServer:
             await self.admin.close()
         if self.gate is not None:
             self.gate.close()
+        if self.access_log is not None:
+            self.access_log.close()
         self.stopped.set()
 
 
@@ -135,7 +141,11 @@ async def serve(
     reuse_port: bool = False,
     supervisor_admin: str | None = None,
 ) -> int:
-    server = ProxyServer(cfg, reuse_port, supervisor_admin)
+    try:
+        server = ProxyServer(cfg, reuse_port, supervisor_admin)
+    except AccessLogError as exc:
+        log.error("%s", exc)
+        return 1
     ports = await server.start()
     if ready_file:
         tmp = Path(ready_file + ".tmp")
@@ -145,6 +155,8 @@ async def serve(
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if server.access_log is not None:  # logrotate's convention (nginx: reopen log files)
+        loop.add_signal_handler(signal.SIGUSR1, server.access_log.reopen)
     await stop.wait()
     await server.stop()
     return 0

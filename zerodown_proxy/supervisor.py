@@ -264,6 +264,8 @@ class Supervisor:
         # stop them with us rather than kill us and leave them holding the ports.
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        # Every worker writes its own access log lines: each reopens the file (logrotate).
+        loop.add_signal_handler(signal.SIGUSR1, self._signal_workers, signal.SIGUSR1)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         startup = loop.create_task(self._start())
         stopped = loop.create_task(stop.wait())
@@ -333,6 +335,11 @@ class Supervisor:
             self.gate.close()
         # The run dir (ready files, the gate) belongs to this supervisor alone: leave nothing.
         shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _signal_workers(self, sig: int) -> None:
+        for p in self.procs:
+            if p is not None and p.returncode is None:
+                p.send_signal(sig)
 
     async def stop(self) -> None:
         self.stopping = True

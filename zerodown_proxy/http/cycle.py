@@ -55,6 +55,8 @@ class RequestCycle:
         "aborted",
         "sent_once",
         "body_seen",
+        "first_byte",
+        "sent",
     )
 
     def __init__(
@@ -92,6 +94,8 @@ class RequestCycle:
         self.aborted = False
         self.sent_once = False
         self.body_seen = 0
+        self.first_byte = 0.0  # monotonic time the response head arrived (access log's ttfb)
+        self.sent = 0  # response body bytes written to the client (access log)
         self.start = time.perf_counter()
 
     # -- request body -------------------------------------------------------------------------

@@ -287,7 +287,9 @@ class ClientProtocol(asyncio.Protocol):
         close = not cycle.request_done or not cycle.keep_alive or self.proxy.draining
         if close:
             cycle.keep_alive = False
-        self.write(error_response(status, message, close, cycle.request_id))
+        data = error_response(status, message, close, cycle.request_id)
+        cycle.sent = len(data) - data.index(b"\r\n\r\n") - 4  # its body, for the access log
+        self.write(data)
         if cycle is self.current:
             self.response_complete(cycle)
 

@@ -22,6 +22,7 @@ from typing import Any
 from ..config import HttpSection
 from ..metrics import Registry
 from ..routing import Instance, Router, Snapshot
+from .access_log import AccessLog
 from .accounting import HttpAccounting, register_gauges
 from .balancer import Balancer
 from .capacity import Capacity, nofile_limit, raise_nofile_limit
@@ -43,7 +44,7 @@ class HttpProxy:
         cfg: HttpSection,
         metrics: Registry,
         admin_token: str = "",
-        access_log: bool = False,
+        access_log: AccessLog | None = None,
     ) -> None:
         self.router = router
         self.cfg = cfg

@@ -1,0 +1,190 @@
+"""The HTTP access log: one line per response, to stdout or a file reopened on SIGUSR1.
+
+Fields are nginx's `combined` log format (remote address, remote user, local time, request
+line with its query string, status, body bytes sent, Referer, User-Agent) plus what a
+blue/green proxy adds: the app, the upstream instance and its address and version, the request
+id (X-Request-Id, sent to the backend too), the time to the backend's response head (`ttfb`)
+and the total time, both from the moment the request head was read. Two formats:
+`json` (one object per line, orjson; the default) and `combined` (nginx's line with the extra
+fields appended as key=value). A switch is written as a line of its own (`event: switch`),
+so a change of version in the log can be read where it happened.
+
+Every line is one write(2) on an O_APPEND descriptor, so lines are never held in a buffer and
+workers sharing a file never interleave within a line. `reopen()` (SIGUSR1, as logrotate's
+`postrotate` sends to nginx) opens the path again, so a rotated file is released at once.
+Nothing here runs when the access log is off: the accounting holds None and checks it once.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from ..routing import Snapshot, switch_events
+
+if TYPE_CHECKING:
+    from ..routing import Instance
+    from .cycle import RequestCycle
+
+log = logging.getLogger("zerodown.http.access")
+
+FORMATS = ("json", "combined")
+STDOUT = ("-", "stdout")
+
+
+def _header(head: bytes, lname: bytes) -> str:
+    """A header's value in a request head as forwarded ("-" when absent); only when logging."""
+    at = head.lower().find(b"\r\n" + lname + b":")
+    if at < 0:
+        return "-"
+    start = at + len(lname) + 3
+    end = head.find(b"\r\n", start)
+    return head[start:end].strip().decode("latin-1")
+
+
+def _remote_user(head: bytes) -> str:
+    auth = _header(head, b"authorization")
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() != "basic":
+        return "-"
+    try:
+        return base64.b64decode(value.strip(), validate=True).decode("latin-1").partition(":")[0]
+    except ValueError:
+        return "-"
+
+
+def _quote(value: str) -> str:
+    """nginx's escaping of a quoted field: `"`, `\\` and control bytes as \\xHH."""
+    out = []
+    for ch in value:
+        if ch in '"\\' or ord(ch) < 0x20 or ord(ch) > 0x7E:
+            out.append("".join(f"\\x{b:02X}" for b in ch.encode("latin-1", "replace")))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+class AccessLogError(RuntimeError):
+    """The access log file cannot be opened; the message says which and why."""
+
+
+def open_access_log(target: str | None, fmt: str) -> AccessLog | None:
+    """The access log for [proxy] access_log's target (None: off)."""
+    if target is None:
+        return None
+    try:
+        return AccessLog(target, fmt)
+    except OSError as exc:
+        raise AccessLogError(f"cannot open the access log {target}: {exc.strerror}") from None
+
+
+class AccessLog:
+    def __init__(self, target: str, fmt: str = "json") -> None:
+        if fmt not in FORMATS:
+            raise ValueError(f"access log format must be one of {', '.join(FORMATS)}")
+        self.path = None if target in STDOUT else target
+        self.fmt = fmt
+        self.fd = self._open()
+        self.pid = os.getpid()
+
+    def _open(self) -> int:
+        if self.path is None:
+            return sys.stdout.fileno()
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+    def reopen(self) -> None:
+        """Open the path again (after logrotate moved it away); stdout stays as it is."""
+        if self.path is None:
+            return
+        try:
+            fd = self._open()
+        except OSError as exc:
+            log.error("cannot reopen the access log %s (still writing the old one): %s",
+                      self.path, exc)  # fmt: skip
+            return
+        old, self.fd = self.fd, fd
+        os.close(old)
+        log.info("access log reopened", extra={"fields": {"path": self.path}})
+
+    def close(self) -> None:
+        if self.path is not None and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _write(self, line: bytes) -> None:
+        try:
+            os.write(self.fd, line)
+        except OSError as exc:  # a full disk must not stop the traffic; say so once per error
+            log.error("access log write failed: %s", exc)
+
+    # -- lines --------------------------------------------------------------------------------
+
+    def request(self, cycle: RequestCycle, app: str, inst: Instance | None, total: float) -> None:
+        """One response: `total` seconds since the request head was read."""
+        now = time.time()
+        head = cycle.head
+        line_end = head.find(b"\r\n")
+        method, _, rest = head[:line_end].partition(b" ")
+        uri = rest.rpartition(b" ")[0].decode("latin-1")
+        protocol = "HTTP/1.1" if cycle.http11 else "HTTP/1.0"
+        ttfb = None
+        if cycle.first_byte:
+            # first_byte is a monotonic stamp; total runs on perf_counter: go through "now".
+            ttfb = max(total - (time.monotonic() - cycle.first_byte), 0.0)
+        fields: dict[str, Any] = {
+            "remote_addr": cycle.client.peer or "-",
+            "remote_user": _remote_user(head),
+            "method": method.decode("latin-1"),
+            "uri": uri,
+            "protocol": protocol,
+            "status": cycle.status,
+            "body_bytes_sent": cycle.sent,
+            "referer": _header(head, b"referer"),
+            "user_agent": _header(head, b"user-agent"),
+            "host": cycle.host.decode("latin-1"),
+            "app": app,
+            "instance": inst.id if inst is not None else None,
+            "upstream_addr": f"{inst.address}:{inst.http_port}" if inst is not None else None,
+            "version": inst.version if inst is not None else None,
+            "id": cycle.request_id,
+            "ttfb_ms": round(ttfb * 1000, 3) if ttfb is not None else None,
+            "total_ms": round(total * 1000, 3),
+        }
+        if self.fmt == "json":
+            fields["path"] = cycle.path.decode("latin-1")
+            self._write(orjson.dumps({"ts": round(now, 6), "event": "access", **fields}) + b"\n")
+            return
+        local = time.strftime("%d/%b/%Y:%H:%M:%S %z", time.localtime(now))
+        request = f"{fields['method']} {uri} {protocol}"
+        extra = " ".join(
+            f"{k}={v if v is not None else '-'}"
+            for k, v in (
+                ("request_id", fields["id"]), ("app", app), ("upstream", fields["instance"]),
+                ("upstream_addr", fields["upstream_addr"]), ("version", fields["version"]),
+                ("ttfb", f"{ttfb:.3f}" if ttfb is not None else None), ("rt", f"{total:.3f}"),
+            )
+        )  # fmt: skip
+        self._write(
+            (
+                f"{fields['remote_addr']} - {_quote(fields['remote_user'])} [{local}] "
+                f'"{_quote(request)}" {cycle.status} {cycle.sent} "{_quote(fields["referer"])}" '
+                f'"{_quote(fields["user_agent"])}" {extra}\n'
+            ).encode("latin-1", "replace")
+        )
+
+    def on_snapshot(self, old: Snapshot, new: Snapshot) -> None:
+        """Router listener: a line per app whose Active group changed."""
+        for event in switch_events(old, new):
+            if self.fmt == "json":
+                line = orjson.dumps({"ts": round(time.time(), 6), "event": "switch", **event})
+            else:
+                local = time.strftime("%d/%b/%Y:%H:%M:%S %z")
+                pairs = " ".join(f"{k}={v}" for k, v in event.items())
+                line = f"- - - [{local}] switch {pairs}".encode()
+            self._write(line + b"\n")
