@@ -354,7 +354,7 @@ async def test_admin_api(tmp_path, backend_factory, start_proxy):
         assert st["discovery"]["provider"] == "file" and st["discovery"]["errors"] == 0
         async with s.get(f"{base}/metrics") as r:
             text = await r.text()
-        assert 'zerodown_http_requests_total{app="drimeap",code="200"} 1' in text
+        assert 'zerodown_http_requests_total{app="drimeap",version="v1",code="200"} 1' in text
         assert "zerodown_http_request_duration_seconds_bucket" in text
         assert "zerodown_routing_generation 1" in text
         async with s.post(f"{base}/v1/reload") as r:

@@ -51,6 +51,9 @@ async def test_two_workers_share_the_port_and_switch_together(
         line for line in text.splitlines() if line.startswith("zerodown_http_requests_total{")
     ]
     assert {line.split('"')[1] for line in served} == {"0", "1"}, served
+    # Responses are counted per version served: the metric a release verdict compares.
+    assert any('version="v1"' in line for line in served), served
+    assert any('version="v2"' in line for line in served), served
 
     # A worker that dies is restarted and catches up with the registry.
     victim = st["workers"][0]["pid"]

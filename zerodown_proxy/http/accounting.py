@@ -29,18 +29,19 @@ class HttpAccounting:
     def __init__(self, metrics: Registry, balancer: Balancer, access_log: AccessLog | None) -> None:
         self.balancer = balancer
         self.access_log = access_log
-        # app -> status -> its bound counter: the hot path builds no label tuple per response.
-        self._answered: dict[str, dict[int, BoundCounter]] = {}
+        # (app, version) -> status -> its bound counter: one small key per response, no label
+        # tuple of three and no string of the status built on the hot path.
+        self._answered: dict[tuple[str, str], dict[int, BoundCounter]] = {}
         m = metrics
         self.m_requests = m.counter(
             "zerodown_http_requests_total",
-            "HTTP responses sent, by app and status",
-            ("app", "code"),
+            "HTTP responses sent, by app, version served ('-': no backend answered) and status",
+            ("app", "version", "code"),
         )
         self.m_latency = m.histogram(
             "zerodown_http_request_duration_seconds",
-            "Time from request head to last response byte",
-            ("app",),
+            "Time from request head to last response byte, by app and version served",
+            ("app", "version"),
         )
         self.m_upstream_errors = m.counter(
             "zerodown_http_upstream_errors_total",
@@ -64,14 +65,15 @@ class HttpAccounting:
             self.balancer.finished(inst, cycle.status)
             cycle.instance = None
         elapsed = time.perf_counter() - cycle.start
-        by_status = self._answered.get(app)
+        key = (app, inst.version if inst is not None else "-")
+        by_status = self._answered.get(key)
         if by_status is None:
-            by_status = self._answered[app] = {}
+            by_status = self._answered[key] = {}
         bound = by_status.get(cycle.status)
         if bound is None:
-            bound = by_status[cycle.status] = self.m_requests.bind((app, str(cycle.status)))
+            bound = by_status[cycle.status] = self.m_requests.bind(key + (str(cycle.status),))
         bound.inc()
-        self.m_latency.observe(elapsed, (app,))
+        self.m_latency.observe(elapsed, key)
         if self.access_log is not None:
             self.access_log.request(cycle, app, inst, elapsed)
 
