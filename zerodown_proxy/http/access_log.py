@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from ..routing import Snapshot, switch_events
+from .upstream import UpstreamProtocol
 
 if TYPE_CHECKING:
     from ..routing import Instance
@@ -68,6 +69,28 @@ def _quote(value: str) -> str:
         else:
             out.append(ch)
     return "".join(out)
+
+
+class LoggedUpstream(UpstreamProtocol):
+    """A backend connection that also notes, on its request cycle, what the access log reports:
+    when the response head arrived (`first_byte`, the monotonic time data_received stamped: no
+    clock read) and the body bytes relayed (`sent`). The proxy uses it only while the access
+    log is on, so with the log off no request pays for either."""
+
+    __slots__ = ()
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None:  # an interim (1xx) head first, then the final one overwrites
+            cycle.first_byte = self.last_activity
+            cycle.sent = 0
+
+    def on_body(self, body: bytes) -> None:
+        cycle = self.cycle
+        if cycle is not None and self.frame is not None and not self._done:
+            cycle.sent += len(body)  # what on_body relays (not an interim's, not extra bytes)
+        super().on_body(body)
 
 
 class AccessLogError(RuntimeError):
@@ -134,9 +157,11 @@ class AccessLog:
         uri = rest.rpartition(b" ")[0].decode("latin-1")
         protocol = "HTTP/1.1" if cycle.http11 else "HTTP/1.0"
         ttfb = None
-        if cycle.first_byte:
+        first_byte = getattr(cycle, "first_byte", 0.0)  # unset: no backend answered
+        sent = getattr(cycle, "sent", 0)
+        if first_byte:
             # first_byte is a monotonic stamp; total runs on perf_counter: go through "now".
-            ttfb = max(total - (time.monotonic() - cycle.first_byte), 0.0)
+            ttfb = max(total - (time.monotonic() - first_byte), 0.0)
         fields: dict[str, Any] = {
             "remote_addr": cycle.client.peer or "-",
             "remote_user": _remote_user(head),
@@ -144,7 +169,7 @@ class AccessLog:
             "uri": uri,
             "protocol": protocol,
             "status": cycle.status,
-            "body_bytes_sent": cycle.sent,
+            "body_bytes_sent": sent,
             "referer": _header(head, b"referer"),
             "user_agent": _header(head, b"user-agent"),
             "host": cycle.host.decode("latin-1"),
@@ -173,7 +198,7 @@ class AccessLog:
         self._write(
             (
                 f"{fields['remote_addr']} - {_quote(fields['remote_user'])} [{local}] "
-                f'"{_quote(request)}" {cycle.status} {cycle.sent} "{_quote(fields["referer"])}" '
+                f'"{_quote(request)}" {cycle.status} {sent} "{_quote(fields["referer"])}" '
                 f'"{_quote(fields["user_agent"])}" {extra}\n'
             ).encode("latin-1", "replace")
         )

@@ -55,6 +55,8 @@ class RequestCycle:
         "aborted",
         "sent_once",
         "body_seen",
+        # Set only when the access log is on (access_log.LoggedUpstream; proxy answers set
+        # `sent` too): unset slots cost a request nothing.
         "first_byte",
         "sent",
     )
@@ -94,8 +96,6 @@ class RequestCycle:
         self.aborted = False
         self.sent_once = False
         self.body_seen = 0
-        self.first_byte = 0.0  # monotonic time the response head arrived (access log's ttfb)
-        self.sent = 0  # response body bytes written to the client (access log)
         self.start = time.perf_counter()
 
     # -- request body -------------------------------------------------------------------------

@@ -310,7 +310,6 @@ class UpstreamProtocol(asyncio.Protocol):
                 cycle.keep_alive = False
         head = self._build_head(status, frame.drop)  # type: ignore[union-attr]
         cycle.status = status
-        cycle.first_byte = self.last_activity  # stamped by data_received: no clock read
         if frame.body == NO_BODY:  # type: ignore[union-attr]
             cycle.client.write(head)
             # httptools cannot be told that a response to HEAD has no body: it is finished
@@ -326,9 +325,7 @@ class UpstreamProtocol(asyncio.Protocol):
             return
         if self.frame is None:
             return  # the body of an interim response (none is valid; ignored)
-        cycle = self.cycle
-        cycle.sent += len(body)  # type: ignore[union-attr]
-        client = cycle.client  # type: ignore[union-attr]
+        client = self.cycle.client  # type: ignore[union-attr]
         if self._rechunk:
             frame = b"%x\r\n" % len(body)
             if self._pending_head is not None:
