@@ -166,3 +166,45 @@ async def test_multi_worker_supervisor_passes_sigusr1_to_every_worker(
             break
         time.sleep(0.1)
     assert len(lines(log_path)) >= 20
+
+
+async def test_body_bytes_of_chunked_and_head_responses(tmp_path, backend_factory, start_proxy):
+    from aiohttp import web
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"X-Backend-Version": "v1"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        for part in (b"a" * 1000, b"b" * 3000, b"c" * 17):
+            await resp.write(part)
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/stream", stream)
+    port = await backend_factory("v1", "blue-0", app)
+    reg = tmp_path / "registry.json"
+    write_registry(reg, registry(1, "blue", [instance("blue-0", "blue", "v1", port)]))
+    log_path = tmp_path / "access.log"
+    proxy = start_proxy(reg, f'access_log = "{log_path}"')
+    proxy.wait_generation(1)
+    r = await request(proxy.http, b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert r.status == 200 and len(r.body) == 4017
+    h = await request(proxy.http, b"HEAD /stream HTTP/1.1\r\nHost: x\r\n\r\n", head_only=True)
+    assert h.status == 200
+    got = wait_until(lambda: len(x := lines(log_path)) == 2 and x, 10, "two access lines")
+    assert [(x["method"], x["body_bytes_sent"]) for x in got] == [("GET", 4017), ("HEAD", 0)]
+
+
+async def test_unparseable_input_is_logged_too(tmp_path, backend_factory, start_proxy):
+    blue = await backend_factory("v1", "blue-0")
+    reg = tmp_path / "registry.json"
+    write_registry(reg, registry(1, "blue", [instance("blue-0", "blue", "v1", blue)]))
+    log_path = tmp_path / "access.log"
+    proxy = start_proxy(reg, f'access_log = "{log_path}"')
+    proxy.wait_generation(1)
+    r = await request(proxy.http, b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+    assert r.status == 400
+    bad = wait_until(lambda: lines(log_path), 10, "an access line for the 400")[0]
+    assert bad["status"] == 400 and bad["remote_addr"] == "127.0.0.1"
+    assert bad["body_bytes_sent"] == len(r.body) and bad["instance"] is None

@@ -150,56 +150,80 @@ class AccessLog:
 
     def request(self, cycle: RequestCycle, app: str, inst: Instance | None, total: float) -> None:
         """One response: `total` seconds since the request head was read."""
-        now = time.time()
-        head = cycle.head
+        head = cycle.head  # the head as forwarded: request line and the client's headers
         line_end = head.find(b"\r\n")
-        method, _, rest = head[:line_end].partition(b" ")
-        uri = rest.rpartition(b" ")[0].decode("latin-1")
-        protocol = "HTTP/1.1" if cycle.http11 else "HTTP/1.0"
+        method, _, rest = head[: max(line_end, 0)].partition(b" ")
         ttfb = None
         first_byte = getattr(cycle, "first_byte", 0.0)  # unset: no backend answered
-        sent = getattr(cycle, "sent", 0)
         if first_byte:
             # first_byte is a monotonic stamp; total runs on perf_counter: go through "now".
             ttfb = max(total - (time.monotonic() - first_byte), 0.0)
-        fields: dict[str, Any] = {
-            "remote_addr": cycle.client.peer or "-",
-            "remote_user": _remote_user(head),
-            "method": method.decode("latin-1"),
-            "uri": uri,
-            "protocol": protocol,
-            "status": cycle.status,
-            "body_bytes_sent": sent,
-            "referer": _header(head, b"referer"),
-            "user_agent": _header(head, b"user-agent"),
-            "host": cycle.host.decode("latin-1"),
-            "app": app,
-            "instance": inst.id if inst is not None else None,
-            "upstream_addr": f"{inst.address}:{inst.http_port}" if inst is not None else None,
-            "version": inst.version if inst is not None else None,
-            "id": cycle.request_id,
+        self._emit(
+            {
+                "remote_addr": cycle.client.peer or "-",
+                "remote_user": _remote_user(head),
+                "method": (method or cycle.method).decode("latin-1"),
+                "uri": rest.rpartition(b" ")[0].decode("latin-1") or "-",
+                "path": cycle.path.decode("latin-1") or "-",
+                "protocol": "HTTP/1.1" if cycle.http11 else "HTTP/1.0",
+                "status": cycle.status,
+                "body_bytes_sent": getattr(cycle, "sent", 0),
+                "referer": _header(head, b"referer"),
+                "user_agent": _header(head, b"user-agent"),
+                "host": cycle.host.decode("latin-1") or "-",
+                "app": app,
+                "instance": inst.id if inst is not None else None,
+                "upstream_addr": f"{inst.address}:{inst.http_port}" if inst is not None else None,
+                "version": inst.version if inst is not None else None,
+                "id": cycle.request_id,
+            },
+            ttfb,
+            total,
+        )
+
+    def refused(self, peer: str, status: int, body_bytes: int) -> None:
+        """Input the proxy could not parse as a request (400, 408, 431, ...): answered and
+        closed before any request line could be trusted, so most fields are unknown."""
+        self._emit(
+            {
+                "remote_addr": peer or "-", "remote_user": "-", "method": "-", "uri": "-",
+                "path": "-", "protocol": "-", "status": status, "body_bytes_sent": body_bytes,
+                "referer": "-", "user_agent": "-", "host": "-", "app": "-", "instance": None,
+                "upstream_addr": None, "version": None, "id": "",
+            },
+            None,
+            None,
+        )  # fmt: skip
+
+    def _emit(self, fields: dict[str, Any], ttfb: float | None, total: float | None) -> None:
+        now = time.time()
+        ms = {
             "ttfb_ms": round(ttfb * 1000, 3) if ttfb is not None else None,
-            "total_ms": round(total * 1000, 3),
+            "total_ms": round(total * 1000, 3) if total is not None else None,
         }
         if self.fmt == "json":
-            fields["path"] = cycle.path.decode("latin-1")
-            self._write(orjson.dumps({"ts": round(now, 6), "event": "access", **fields}) + b"\n")
+            self._write(
+                orjson.dumps({"ts": round(now, 6), "event": "access", **fields, **ms}) + b"\n"
+            )
             return
         local = time.strftime("%d/%b/%Y:%H:%M:%S %z", time.localtime(now))
-        request = f"{fields['method']} {uri} {protocol}"
+        method = fields["method"]
+        request = "-" if method == "-" else f"{method} {fields['uri']} {fields['protocol']}"
         extra = " ".join(
-            f"{k}={v if v is not None else '-'}"
+            f"{k}={v if v is not None and v != '' else '-'}"
             for k, v in (
-                ("request_id", fields["id"]), ("app", app), ("upstream", fields["instance"]),
-                ("upstream_addr", fields["upstream_addr"]), ("version", fields["version"]),
-                ("ttfb", f"{ttfb:.3f}" if ttfb is not None else None), ("rt", f"{total:.3f}"),
+                ("request_id", fields["id"]), ("app", fields["app"]),
+                ("upstream", fields["instance"]), ("upstream_addr", fields["upstream_addr"]),
+                ("version", fields["version"]),
+                ("ttfb", f"{ttfb:.3f}" if ttfb is not None else None),
+                ("rt", f"{total:.3f}" if total is not None else None),
             )
         )  # fmt: skip
         self._write(
             (
                 f"{fields['remote_addr']} - {_quote(fields['remote_user'])} [{local}] "
-                f'"{_quote(request)}" {cycle.status} {sent} "{_quote(fields["referer"])}" '
-                f'"{_quote(fields["user_agent"])}" {extra}\n'
+                f'"{_quote(request)}" {fields["status"]} {fields["body_bytes_sent"]} '
+                f'"{_quote(fields["referer"])}" "{_quote(fields["user_agent"])}" {extra}\n'
             ).encode("latin-1", "replace")
         )
 

@@ -80,6 +80,11 @@ class HttpAccounting:
     def count_client_error(self, status: int) -> None:
         self.m_client_errors.inc((str(status),))
 
+    def log_refused(self, peer: str, status: int, body_bytes: int) -> None:
+        """Bad input answered without a request cycle: an access line too, when it is on."""
+        if self.access_log is not None:
+            self.access_log.refused(peer, status, body_bytes)
+
     def count_client_abort(self, cycle: RequestCycle) -> None:
         inst = cycle.instance
         if inst is not None:
