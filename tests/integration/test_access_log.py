@@ -62,6 +62,17 @@ async def test_json_lines_carry_combined_fields_upstream_and_durations_and_reope
     assert switch[0]["from_group"] == "blue" and switch[0]["from_version"] == "v1"
     assert switch[0]["to_group"] == "green" and switch[0]["to_version"] == "v2"
     assert switch[0]["generation"] == 2
+    # ... and in the process log (stderr), with the same fields.
+    logged = wait_until(
+        lambda: [
+            x
+            for x in (orjson.loads(t) for t in proxy.output(100_000).splitlines() if t[:1] == "{")
+            if x.get("event") == "switch"
+        ],
+        10, "the switch in the process log",
+    )  # fmt: skip
+    assert logged[0]["msg"] == "switch: drimeap blue (v1) -> green (v2), generation 2"
+    assert logged[0]["to_version"] == "v2" and logged[0]["from_group"] == "blue"
 
     # logrotate: move the file away, SIGUSR1, the next lines go to a new file at the path.
     rotated = tmp_path / "access.log.1"
