@@ -114,6 +114,10 @@ class ProxyServer:
         log.info("listening", extra={"fields": {"ports": ports, "name": self.name}})
         return ports
 
+    def reopen_logs(self) -> None:
+        if self.access_log is not None:
+            self.access_log.reopen()
+
     async def stop(self) -> None:
         grace = self.cfg.proxy.shutdown_grace
         log.info("shutting down", extra={"fields": {"grace_s": grace}})
@@ -155,8 +159,9 @@ async def serve(
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if server.access_log is not None:  # logrotate's convention (nginx: reopen log files)
-        loop.add_signal_handler(signal.SIGUSR1, server.access_log.reopen)
+    # logrotate's convention (nginx: reopen log files); handled even with the log off, so a
+    # rotation script's signal never kills the proxy (SIGUSR1's default action).
+    loop.add_signal_handler(signal.SIGUSR1, server.reopen_logs)
     await stop.wait()
     await server.stop()
     return 0

@@ -219,3 +219,16 @@ async def test_unparseable_input_is_logged_too(tmp_path, backend_factory, start_
     bad = wait_until(lambda: lines(log_path), 10, "an access line for the 400")[0]
     assert bad["status"] == 400 and bad["remote_addr"] == "127.0.0.1"
     assert bad["body_bytes_sent"] == len(r.body) and bad["instance"] is None
+
+
+async def test_sigusr1_without_an_access_log_does_not_stop_the_proxy(
+    tmp_path, backend_factory, start_proxy
+):
+    blue = await backend_factory("v1", "blue-0")
+    reg = tmp_path / "registry.json"
+    write_registry(reg, registry(1, "blue", [instance("blue-0", "blue", "v1", blue)]))
+    proxy = start_proxy(reg)
+    proxy.wait_generation(1)
+    os.kill(proxy.pid, signal.SIGUSR1)
+    r = await request(proxy.http, b"GET /info HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert r.status == 200 and proxy.proc.poll() is None
