@@ -19,6 +19,7 @@ import orjson
 from aiohttp import web
 
 from .config import parse_addr
+from .metrics import Registry, register_process_info
 from .supervisor_merge import merge_hsms, merge_metrics
 
 if TYPE_CHECKING:
@@ -30,6 +31,9 @@ WORKER_TIMEOUT = 1.0  # a hung worker must not make the supervisor's own answers
 class SupervisorAdmin:
     def __init__(self, sup: Supervisor) -> None:
         self.sup = sup
+        # The supervisor's own process (memory, CPU, fds) and build, next to its workers'.
+        self.own = Registry()
+        register_process_info(self.own)
         self.session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
 
@@ -107,7 +111,9 @@ class SupervisorAdmin:
 
     async def metrics(self, request: web.Request) -> web.Response:
         texts = await asyncio.gather(*(self._get(a, "/metrics") for a in self.sup.admins))
-        return web.Response(text=merge_metrics([t or "" for t in texts]), content_type="text/plain")
+        labels = [str(i) for i in range(len(texts))] + ["supervisor"]
+        merged = merge_metrics([t or "" for t in texts] + [self.own.render()], labels)
+        return web.Response(text=merged, content_type="text/plain")
 
     async def reload(self, request: web.Request) -> web.Response:
         supplied = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()

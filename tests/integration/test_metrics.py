@@ -130,5 +130,8 @@ async def test_merged_metrics_of_workers_pass_promtool(tmp_path, backend_factory
     text = await scrape_until(metrics_url, 2)  # one instance, seen by each worker
     promtool_check(text)
     info = samples(text, "zerodown_build_info")
-    assert sorted(k.split(",")[0] for k in info) == ['{worker="0"', '{worker="1"'], info
-    assert len(samples(text, "process_resident_memory_bytes")) == 2
+    assert sorted(k.split(",")[0] for k in info) == [
+        '{worker="0"', '{worker="1"', '{worker="supervisor"',
+    ], info  # fmt: skip
+    rss = samples(text, "process_resident_memory_bytes")
+    assert sorted(rss) == ['{worker="0"}', '{worker="1"}', '{worker="supervisor"}'], rss
