@@ -350,8 +350,8 @@ def load_config(
     if cfg.proxy.access_log_format not in ("json", "combined"):
         raise ConfigError("[proxy] access_log_format must be json or combined")
     log_path = access_log_target(cfg)
-    if log_path not in (None, "-") and not Path(log_path).parent.is_dir():  # type: ignore[arg-type]
-        raise ConfigError(f"[proxy] access_log: directory {Path(log_path).parent} does not exist")  # type: ignore[arg-type]
+    if log_path is not None and log_path != "-" and not Path(log_path).parent.is_dir():
+        raise ConfigError(f"[proxy] access_log: directory {Path(log_path).parent} does not exist")
     if cfg.proxy.workers < 1:
         raise ConfigError("[proxy] workers must be at least 1")
     if cfg.http.balance not in ("round_robin", "least_conn"):

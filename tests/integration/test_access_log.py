@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import orjson
+import pytest
 
 from ..helpers import instance, registry, wait_until, write_registry
 from ..rawhttp import request
@@ -232,3 +233,12 @@ async def test_sigusr1_without_an_access_log_does_not_stop_the_proxy(
     os.kill(proxy.pid, signal.SIGUSR1)
     r = await request(proxy.http, b"GET /info HTTP/1.1\r\nHost: x\r\n\r\n")
     assert r.status == 200 and proxy.proc.poll() is None
+
+
+def test_an_access_log_that_cannot_be_opened_stops_the_start_saying_why(tmp_path, start_proxy):
+    from ..helpers import ChildFailed
+
+    reg = tmp_path / "registry.json"
+    write_registry(reg, registry(1, "blue", [instance("blue-0", "blue", "v1", 9)]))
+    with pytest.raises(ChildFailed, match=r"exited early \(1\).*cannot open the access log"):
+        start_proxy(reg, f'access_log = "{tmp_path}"')  # a directory

@@ -12,7 +12,9 @@ so a change of version in the log can be read where it happened.
 Every line is one write(2) on an O_APPEND descriptor, so lines are never held in a buffer and
 workers sharing a file never interleave within a line. `reopen()` (SIGUSR1, as logrotate's
 `postrotate` sends to nginx) opens the path again, so a rotated file is released at once.
-Nothing here runs when the access log is off: the accounting holds None and checks it once.
+Nothing here runs when the access log is off: the accounting holds None and checks it once
+per response, and backend connections are plain UpstreamProtocols (LoggedUpstream, which notes
+the time to first byte and the body bytes, is used only while the log is on).
 """
 
 from __future__ import annotations
@@ -114,7 +116,7 @@ class AccessLog:
         self.path = None if target in STDOUT else target
         self.fmt = fmt
         self.fd = self._open()
-        self.pid = os.getpid()
+        self.failing = False  # a write failed: logged once, until one succeeds again
 
     def _open(self) -> int:
         if self.path is None:
@@ -143,8 +145,14 @@ class AccessLog:
     def _write(self, line: bytes) -> None:
         try:
             os.write(self.fd, line)
-        except OSError as exc:  # a full disk must not stop the traffic; say so once per error
-            log.error("access log write failed: %s", exc)
+        except OSError as exc:  # a full disk must not stop the traffic: say so, once
+            if not self.failing:
+                log.error("access log write failed (lines are lost until it works): %s", exc)
+            self.failing = True
+            return
+        if self.failing:
+            log.info("access log writes work again")
+            self.failing = False
 
     # -- lines --------------------------------------------------------------------------------
 
