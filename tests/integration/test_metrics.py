@@ -135,3 +135,21 @@ async def test_merged_metrics_of_workers_pass_promtool(tmp_path, backend_factory
     ], info  # fmt: skip
     rss = samples(text, "process_resident_memory_bytes")
     assert sorted(rss) == ['{worker="0"}', '{worker="1"}', '{worker="supervisor"}'], rss
+
+
+async def test_metrics_in_consul_mode_pass_promtool(consul, backend_factory, tmp_path):
+    from ..helpers import ProxyProc
+    from .test_consul_discovery import config
+
+    blue = await backend_factory("v1", "blue-0")
+    tags = ["zerodown-group=blue", "zerodown-version=v1"]
+    consul.register("drimeap-blue-0", "drimeap", "127.0.0.1", blue, tags=tags)
+    gen = consul.kv_set("zerodown/drimeap/active", "blue")
+    proxy = ProxyProc(tmp_path, tmp_path / "unused.json", config(consul), "consul-proxy")
+    try:
+        proxy.wait_generation(gen, timeout=20)
+        text = await fetch(f"http://127.0.0.1:{proxy.admin}/metrics")
+    finally:
+        proxy.terminate()
+    assert "zerodown_consul_last_contact_age_seconds" in text
+    promtool_check(text)
