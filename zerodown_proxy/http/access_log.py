@@ -41,19 +41,20 @@ FORMATS = ("json", "combined")
 STDOUT = ("-", "stdout")
 
 
-def _header(head: bytes, lname: bytes) -> str:
-    """A header's value in a request head as forwarded ("-" when absent); only when logging."""
-    at = head.lower().find(b"\r\n" + lname + b":")
+def _header(head: bytes, low: bytes, lname: bytes) -> str:
+    """A header's value in a request head as forwarded ("-" when absent); `low` is the head
+    lower-cased once per line."""
+    at = low.find(b"\r\n" + lname + b":")
     if at < 0:
         return "-"
     start = at + len(lname) + 3
-    end = head.find(b"\r\n", start)
-    return head[start:end].strip().decode("latin-1")
+    return head[start : head.find(b"\r\n", start)].strip().decode("latin-1")
 
 
-def _remote_user(head: bytes) -> str:
-    auth = _header(head, b"authorization")
-    scheme, _, value = auth.partition(" ")
+def _remote_user(head: bytes, low: bytes) -> str:
+    if low.find(b"\r\nauthorization:") < 0:
+        return "-"
+    scheme, _, value = _header(head, low, b"authorization").partition(" ")
     if scheme.lower() != "basic":
         return "-"
     try:
@@ -64,6 +65,8 @@ def _remote_user(head: bytes) -> str:
 
 def _quote(value: str) -> str:
     """nginx's escaping of a quoted field: `"`, `\\` and control bytes as \\xHH."""
+    if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
+        return value  # the common case, checked in C
     out = []
     for ch in value:
         if ch in '"\\' or ord(ch) < 0x20 or ord(ch) > 0x7E:
@@ -71,6 +74,38 @@ def _quote(value: str) -> str:
         else:
             out.append(ch)
     return "".join(out)
+
+
+_local_time = (0, "")  # (second, nginx's $time_local of it): formatted once per second
+
+
+def _time_local(now: float) -> str:
+    global _local_time
+    second = int(now)
+    if _local_time[0] != second:
+        _local_time = (second, time.strftime("%d/%b/%Y:%H:%M:%S %z", time.localtime(second)))
+    return _local_time[1]
+
+
+def _combined(fields: dict[str, Any], ttfb: float | None, total: float | None) -> bytes:
+    """nginx's combined line, then the fields it lacks as key=value (`-` when unknown)."""
+    method = fields["method"]
+    request = "-" if method == "-" else f"{method} {fields['uri']} {fields['protocol']}"
+    extra = " ".join(
+        f"{k}={v if v is not None and v != '' else '-'}"
+        for k, v in (
+            ("request_id", fields["id"]), ("app", fields["app"]),
+            ("upstream", fields["instance"]), ("upstream_addr", fields["upstream_addr"]),
+            ("version", fields["version"]),
+            ("ttfb", f"{ttfb:.3f}" if ttfb is not None else None),
+            ("rt", f"{total:.3f}" if total is not None else None),
+        )
+    )  # fmt: skip
+    return (
+        f"{fields['remote_addr']} - {_quote(fields['remote_user'])} [{_time_local(fields['ts'])}] "
+        f'"{_quote(request)}" {fields["status"]} {fields["body_bytes_sent"]} '
+        f'"{_quote(fields["referer"])}" "{_quote(fields["user_agent"])}" {extra}\n'
+    ).encode("latin-1", "replace")
 
 
 class LoggedUpstream(UpstreamProtocol):
@@ -159,81 +194,56 @@ class AccessLog:
     def request(self, cycle: RequestCycle, app: str, inst: Instance | None, total: float) -> None:
         """One response: `total` seconds since the request head was read."""
         head = cycle.head  # the head as forwarded: request line and the client's headers
-        line_end = head.find(b"\r\n")
-        method, _, rest = head[: max(line_end, 0)].partition(b" ")
-        ttfb = None
+        low = head.lower()
+        method, _, rest = head[: head.find(b"\r\n") if head else 0].partition(b" ")
         first_byte = getattr(cycle, "first_byte", 0.0)  # unset: no backend answered
-        if first_byte:
-            # first_byte is a monotonic stamp; total runs on perf_counter: go through "now".
-            ttfb = max(total - (time.monotonic() - first_byte), 0.0)
-        self._emit(
-            {
-                "remote_addr": cycle.client.peer or "-",
-                "remote_user": _remote_user(head),
-                "method": (method or cycle.method).decode("latin-1"),
-                "uri": rest.rpartition(b" ")[0].decode("latin-1") or "-",
-                "path": cycle.path.decode("latin-1") or "-",
-                "protocol": "HTTP/1.1" if cycle.http11 else "HTTP/1.0",
-                "status": cycle.status,
-                "body_bytes_sent": getattr(cycle, "sent", 0),
-                "referer": _header(head, b"referer"),
-                "user_agent": _header(head, b"user-agent"),
-                "host": cycle.host.decode("latin-1") or "-",
-                "app": app,
-                "instance": inst.id if inst is not None else None,
-                "upstream_addr": f"{inst.address}:{inst.http_port}" if inst is not None else None,
-                "version": inst.version if inst is not None else None,
-                "id": cycle.request_id,
-            },
-            ttfb,
-            total,
-        )
+        # first_byte is a monotonic stamp; total runs on perf_counter: go through "now".
+        ttfb = max(total - (time.monotonic() - first_byte), 0.0) if first_byte else None
+        fields = {
+            "ts": time.time(),
+            "event": "access",
+            "remote_addr": cycle.client.peer or "-",
+            "remote_user": _remote_user(head, low),
+            "method": (method or cycle.method).decode("latin-1"),
+            "uri": rest[: rest.rfind(b" ")].decode("latin-1") or "-",
+            "path": cycle.path.decode("latin-1") or "-",
+            "protocol": "HTTP/1.1" if cycle.http11 else "HTTP/1.0",
+            "status": cycle.status,
+            "body_bytes_sent": getattr(cycle, "sent", 0),
+            "referer": _header(head, low, b"referer"),
+            "user_agent": _header(head, low, b"user-agent"),
+            "host": cycle.host.decode("latin-1") or "-",
+            "app": app,
+            "instance": None,
+            "upstream_addr": None,
+            "version": None,
+            "id": cycle.request_id,
+            "ttfb_ms": round(ttfb * 1000, 3) if ttfb is not None else None,
+            "total_ms": round(total * 1000, 3),
+        }
+        if inst is not None:
+            fields["instance"] = inst.id
+            fields["upstream_addr"] = f"{inst.address}:{inst.http_port}"
+            fields["version"] = inst.version
+        if self.fmt == "json":
+            self._write(orjson.dumps(fields) + b"\n")
+        else:
+            self._write(_combined(fields, ttfb, total))
 
     def refused(self, peer: str, status: int, body_bytes: int) -> None:
         """Input the proxy could not parse as a request (400, 408, 431, ...): answered and
         closed before any request line could be trusted, so most fields are unknown."""
-        self._emit(
-            {
-                "remote_addr": peer or "-", "remote_user": "-", "method": "-", "uri": "-",
-                "path": "-", "protocol": "-", "status": status, "body_bytes_sent": body_bytes,
-                "referer": "-", "user_agent": "-", "host": "-", "app": "-", "instance": None,
-                "upstream_addr": None, "version": None, "id": "",
-            },
-            None,
-            None,
-        )  # fmt: skip
-
-    def _emit(self, fields: dict[str, Any], ttfb: float | None, total: float | None) -> None:
-        now = time.time()
-        ms = {
-            "ttfb_ms": round(ttfb * 1000, 3) if ttfb is not None else None,
-            "total_ms": round(total * 1000, 3) if total is not None else None,
-        }
+        fields = {
+            "ts": time.time(), "event": "access", "remote_addr": peer or "-", "remote_user": "-",
+            "method": "-", "uri": "-", "path": "-", "protocol": "-", "status": status,
+            "body_bytes_sent": body_bytes, "referer": "-", "user_agent": "-", "host": "-",
+            "app": "-", "instance": None, "upstream_addr": None, "version": None, "id": "",
+            "ttfb_ms": None, "total_ms": None,
+        }  # fmt: skip
         if self.fmt == "json":
-            self._write(
-                orjson.dumps({"ts": round(now, 6), "event": "access", **fields, **ms}) + b"\n"
-            )
-            return
-        local = time.strftime("%d/%b/%Y:%H:%M:%S %z", time.localtime(now))
-        method = fields["method"]
-        request = "-" if method == "-" else f"{method} {fields['uri']} {fields['protocol']}"
-        extra = " ".join(
-            f"{k}={v if v is not None and v != '' else '-'}"
-            for k, v in (
-                ("request_id", fields["id"]), ("app", fields["app"]),
-                ("upstream", fields["instance"]), ("upstream_addr", fields["upstream_addr"]),
-                ("version", fields["version"]),
-                ("ttfb", f"{ttfb:.3f}" if ttfb is not None else None),
-                ("rt", f"{total:.3f}" if total is not None else None),
-            )
-        )  # fmt: skip
-        self._write(
-            (
-                f"{fields['remote_addr']} - {_quote(fields['remote_user'])} [{local}] "
-                f'"{_quote(request)}" {fields["status"]} {fields["body_bytes_sent"]} '
-                f'"{_quote(fields["referer"])}" "{_quote(fields["user_agent"])}" {extra}\n'
-            ).encode("latin-1", "replace")
-        )
+            self._write(orjson.dumps(fields) + b"\n")
+        else:
+            self._write(_combined(fields, None, None))
 
     def on_snapshot(self, old: Snapshot, new: Snapshot) -> None:
         """Router listener: a line per app whose Active group changed."""
