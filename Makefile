@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # The venv installs exactly the locked files (pip checks every hash); `make lock` re-resolves.
 LOCKS := requirements-build.lock requirements.lock requirements-dev.lock
 
-.PHONY: venv demo test lint bench sysdeps testdeps clean bundle lock lock-upgrade
+.PHONY: venv demo test lint bench sysdeps browser testdeps clean bundle lock lock-upgrade
 
 $(STAMP): pyproject.toml $(LOCKS)
 	$(PY) -m venv $(VENV)
@@ -21,7 +21,9 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/zerodown demo
 
-test: $(STAMP) testdeps
+# sysdeps: the benchmark smoke tests need nginx, wrk and valgrind; browser: the dashboard test
+# needs Chromium; testdeps: promtool and ip (each apt-get only if something is missing).
+test: $(STAMP) sysdeps browser testdeps
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
@@ -29,10 +31,20 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Debian packages used by the benchmarks (nginx, wrk, h2load) as the side-by-side reference.
+# Debian packages used by the benchmarks (nginx, wrk, h2load) as the side-by-side reference,
+# valgrind for `zerodown bench instructions` (callgrind) and taskset (util-linux) for pinning.
 sysdeps:
-	@command -v nginx >/dev/null && command -v wrk >/dev/null && command -v h2load >/dev/null || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk nghttp2-client)
+	@command -v nginx >/dev/null && command -v wrk >/dev/null && command -v h2load >/dev/null \
+	  && command -v valgrind >/dev/null && command -v taskset >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk \
+	    nghttp2-client valgrind util-linux)
+
+# Headless Chromium and its WebDriver for the dashboard's browser test (Debian packages); the
+# test skips, saying why, only when they cannot be installed here.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) || \
+	  echo "warning: could not install chromium and chromium-driver: the browser tests will skip"
 
 # Debian packages some tests use: promtool (package prometheus) checks /metrics, ip (iproute2)
 # builds the multi-host network namespaces. Installed only when missing; without root the

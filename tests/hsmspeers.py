@@ -217,8 +217,12 @@ class RawTool:
         self._sys = 0
         self._task: asyncio.Task | None = None
 
-    async def connect(self) -> None:
-        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+    async def connect(self, source: str | None = None) -> None:
+        """`source`: the local address to connect from (127.0.0.2 ...: a tool's own IP)."""
+        local = (source, 0) if source else None
+        self.reader, self.writer = await asyncio.open_connection(
+            "127.0.0.1", self.port, local_addr=local
+        )
         self._task = asyncio.create_task(self._read_loop())
 
     async def select(self, timeout: float = 5.0) -> int:

@@ -174,6 +174,21 @@ class ConsulSection:
 
 
 @dataclass(frozen=True, slots=True)
+class VerifySection:
+    """Defaults of `zerodown switch --verify` (read by the release commands, not the proxy;
+    meaning: orchestrator/verify.py). Durations: "60s", "2m", "500ms"."""
+
+    window: str = "0s"  # watch the new Active this long after a switch; 0s: off
+    baseline: str = "5s"  # measure the old version this long before the flip
+    min_requests: int = 50  # responses needed before HTTP is judged
+    max_5xx_increase: float = 0.01  # 5xx rate allowed above the baseline's (0.01: 1 point)
+    latency_factor: float = 2.0  # p99 allowed up to this times the baseline's ...
+    latency_min_increase: str = "50ms"  # ... and at least this much above it
+    min_hsms_primaries: int = 20  # HSMS primaries needed before HSMS is judged
+    max_hsms_error_increase: float = 0.01  # SxF0/Reject rate allowed above the baseline's
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     proxy: ProxySection = field(default_factory=ProxySection)
     http: HttpSection = field(default_factory=HttpSection)
@@ -182,6 +197,7 @@ class Config:
     outlier_detection: OutlierSection = field(default_factory=OutlierSection)
     discovery: DiscoverySection = field(default_factory=DiscoverySection)
     consul: ConsulSection = field(default_factory=ConsulSection)
+    verify: VerifySection = field(default_factory=VerifySection)
     base_dir: Path = field(default_factory=Path.cwd)
 
     def registry_path(self) -> Path:
@@ -197,6 +213,7 @@ _SECTIONS = {
     "outlier_detection": OutlierSection,
     "discovery": DiscoverySection,
     "consul": ConsulSection,
+    "verify": VerifySection,
 }
 
 

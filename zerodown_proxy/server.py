@@ -6,15 +6,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import socket
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import orjson
-
+from . import pilot_gauges
 from .admin import AdminApi
 from .config import Config, access_log_target, parse_addr
+from .dashboard.release import ReleaseDesk
+from .dashboard.routes import Dashboard
+from .dashboard.series import Sampler
 from .discovery.advertise import advertised_admin, consul_addr
 from .discovery.file import FileProvider
 from .health.active import ActiveHealthChecker
@@ -23,6 +24,7 @@ from .http.proxy import HttpProxy
 from .metrics import Registry, register_process_info, register_routing_info
 from .routing import Router
 from .switch_gate import WorkerGate
+from .takeover.listeners import Listeners
 from .watcher import Watcher
 
 log = logging.getLogger("zerodown.proxy")
@@ -30,9 +32,17 @@ log = logging.getLogger("zerodown.proxy")
 
 class ProxyServer:
     def __init__(
-        self, cfg: Config, reuse_port: bool = False, supervisor_admin: str | None = None
+        self,
+        cfg: Config,
+        reuse_port: bool = False,
+        supervisor_admin: str | None = None,
+        config_path: str | None = None,
+        inherited: dict[str, socket.socket] | None = None,
     ) -> None:
         self.cfg = cfg
+        self.config_path = config_path  # what the dashboard's release actions pass the CLI
+        # Every listening socket by name: bound here, or inherited from a takeover (takeover/).
+        self.listeners = Listeners(inherited)
         self.reuse_port = reuse_port
         # A multi-worker supervisor's admin address (it speaks for the whole proxy: this is
         # what the worker registers in Consul); None when running alone.
@@ -44,25 +54,36 @@ class ProxyServer:
         register_process_info(self.metrics)
         # The one path from the discovery provider to the router (see watcher.py).
         self.watcher = Watcher(self.router, self.metrics, self.gate, cfg.discovery.stale_after)
+        pilot_gauges.register(self.router, self.metrics)
         self.name = cfg.proxy.name or f"{socket.gethostname()}-{os.getpid()}"
         self.access_log = open_access_log(access_log_target(cfg), cfg.proxy.access_log_format)
-        if self.access_log is not None:
-            self.router.subscribe(self.access_log.on_snapshot)  # a line per switch
+        self.router.subscribe(self._log_switch)  # a line per switch in the access log
         self.http: HttpProxy | None = None
         self.hsms: Any = None
         self.checker: ActiveHealthChecker | None = None
         self.admin: AdminApi | None = None
         self.provider: Any = None
+        self.sampler: Sampler | None = None  # per-second traffic samples for the dashboard
         self.stopped = asyncio.Event()
+        # Awaited once routing is started, before the data planes listen (a takeover's new
+        # process waits there until it routes what the old one did).
+        self.before_serving: Callable[[], Awaitable[None]] | None = None
 
     async def start(self) -> dict[str, int]:
         cfg = self.cfg
         admin_host, admin_port = parse_addr(cfg.proxy.admin_listen, "127.0.0.1")
+        dashboard = Dashboard(
+            lambda: self.admin.token if self.admin else "",
+            ReleaseDesk(cfg, self.config_path),
+            self._samples,
+            self._proxies,
+        )
         self.admin = AdminApi(
             self.router, self.metrics, cfg.proxy.admin_token, self.name, parts={},
-            watcher=self.watcher,
+            watcher=self.watcher, dashboard=dashboard,
         )  # fmt: skip
-        await self.admin.start(admin_host, admin_port)
+        sock = self.listeners.get("admin", admin_host, admin_port)
+        await self.admin.start(admin_host, admin_port, sock=sock)
         # What the CLI on another host uses to reach this proxy (discovery/advertise.py).
         admin_addr = self.supervisor_admin or advertised_admin(
             cfg.proxy.advertise_admin, admin_host, self.admin.port, consul_addr(cfg)
@@ -81,6 +102,8 @@ class ProxyServer:
             self.admin.reload = self.watcher.reload
         self.watcher.start(self.provider)
 
+        if self.before_serving is not None:
+            await self.before_serving()
         http_host, http_port = parse_addr(cfg.proxy.http_listen)
         self.http = HttpProxy(
             self.router, cfg.http, self.metrics, cfg.proxy.admin_token, self.access_log
@@ -92,7 +115,10 @@ class ProxyServer:
         self.checker.start()
         register_routing_info(self.metrics, self.router, self.checker)
         self.admin.checks = self.checker.verdict
-        await self.http.start(http_host, http_port, reuse_port=self.reuse_port)
+        sock = self.listeners.get("http", http_host, http_port, self.reuse_port)
+        await self.http.start(http_host, http_port, sock=sock)
+        self.sampler = Sampler(self.http.acc.m_requests, self.http.acc.m_latency)
+        self.sampler.start()
         ports = {"http": self.http.port, "admin": self.admin.port, "pid": os.getpid()}
         self.admin.parts["http"] = self.http.status
         self.admin.parts["discovery"] = self.watcher.status
@@ -106,7 +132,8 @@ class ProxyServer:
             self.hsms = HsmsProxy(
                 self.router, cfg.hsms, self.metrics, instance_down=self.checker.is_down
             )
-            await self.hsms.start(hsms_host, hsms_port, reuse_port=self.reuse_port)
+            sock = self.listeners.get("hsms", hsms_host, hsms_port, self.reuse_port)
+            await self.hsms.start(hsms_host, hsms_port, sock=sock)
             ports["hsms"] = self.hsms.port
             self.admin.parts["hsms"] = self.hsms.status
         if hasattr(self.provider, "set_listen_ports"):
@@ -115,8 +142,39 @@ class ProxyServer:
         return ports
 
     def reopen_logs(self) -> None:
+        """SIGUSR1 (logrotate): reopen the access log file."""
         if self.access_log is not None:
             self.access_log.reopen()
+
+    def set_access_log(self, cfg: Config) -> None:
+        """[proxy] access_log or access_log_format changed (SIGHUP): the new log is opened
+        first and swapped in; one that cannot be opened leaves the old one writing."""
+        try:
+            new = open_access_log(access_log_target(cfg), cfg.proxy.access_log_format)
+        except AccessLogError as exc:
+            log.error("%s; keeping the access log as it was", exc)
+            return
+        old, self.access_log = self.access_log, new
+        if self.http is not None:
+            self.http.set_access_log(new)
+        if old is not None:
+            old.close()
+
+    def _log_switch(self, old: Any, new: Any) -> None:
+        if self.access_log is not None:
+            self.access_log.on_snapshot(old, new)
+
+    async def _samples(self, since: int) -> dict[str, Any]:
+        if self.sampler is None:
+            return {"buckets": [], "samples": []}
+        return self.sampler.raw(since)
+
+    async def _proxies(self) -> dict[str, Any] | None:
+        if self.cfg.discovery.provider != "consul" or self.provider is None:
+            return None  # the file provider: this proxy (the page reads /v1/status)
+        from .dashboard.proxies import consul_proxies
+
+        return await consul_proxies(self.provider.client)
 
     async def stop(self) -> None:
         grace = self.cfg.proxy.shutdown_grace
@@ -129,6 +187,8 @@ class ProxyServer:
         await asyncio.gather(*waits)
         if self.checker is not None:
             await self.checker.close()
+        if self.sampler is not None:
+            await self.sampler.close()
         await self.watcher.stop()
         if self.admin is not None:
             await self.admin.close()
@@ -136,6 +196,7 @@ class ProxyServer:
             self.gate.close()
         if self.access_log is not None:
             self.access_log.close()
+        self.listeners.close()
         self.stopped.set()
 
 
@@ -144,27 +205,15 @@ async def serve(
     ready_file: str | None = None,
     reuse_port: bool = False,
     supervisor_admin: str | None = None,
+    config_path: str | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
 ) -> int:
-    try:
-        server = ProxyServer(cfg, reuse_port, supervisor_admin)
-    except AccessLogError as exc:
-        log.error("%s", exc)
-        return 1
-    ports = await server.start()
-    if ready_file:
-        tmp = Path(ready_file + ".tmp")
-        tmp.write_bytes(orjson.dumps(ports))
-        os.replace(tmp, ready_file)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    # logrotate's convention (nginx: reopen log files); handled even with the log off, so a
-    # rotation script's signal never kills the proxy (SIGUSR1's default action).
-    loop.add_signal_handler(signal.SIGUSR1, server.reopen_logs)
-    await stop.wait()
-    await server.stop()
-    return 0
+    """Run one proxy process until SIGTERM/SIGINT or a takeover (takeover/lifecycle.py)."""
+    from .takeover import lifecycle
+
+    return await lifecycle.serve(
+        cfg, ready_file, reuse_port, supervisor_admin, config_path, overrides
+    )
 
 
 def run(
@@ -188,4 +237,4 @@ def run(
         return run_supervisor(cfg, config_path, ready_file, overrides)
     import uvloop
 
-    return uvloop.run(serve(cfg, ready_file, reuse_port, supervisor_admin))
+    return uvloop.run(serve(cfg, ready_file, reuse_port, supervisor_admin, config_path, overrides))

@@ -242,3 +242,24 @@ def test_an_access_log_that_cannot_be_opened_stops_the_start_saying_why(tmp_path
     write_registry(reg, registry(1, "blue", [instance("blue-0", "blue", "v1", 9)]))
     with pytest.raises(ChildFailed, match=r"exited early \(1\).*cannot open the access log"):
         start_proxy(reg, f'access_log = "{tmp_path}"')  # a directory
+
+
+async def test_sighup_turns_the_access_log_on_without_a_restart(
+    tmp_path, backend_factory, start_proxy
+):
+    blue = await backend_factory("v1", "blue-0")
+    reg = tmp_path / "registry.json"
+    write_registry(reg, registry(1, "blue", [instance("blue-0", "blue", "v1", blue)]))
+    proxy = start_proxy(reg, "access_log = false")
+    proxy.wait_generation(1)
+    cfg = tmp_path / "proxy.toml"  # the file ProxyProc wrote
+    log_path = tmp_path / "access.log"
+    cfg.write_text(cfg.read_text().replace("access_log = false", f'access_log = "{log_path}"'))
+    os.kill(proxy.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 15
+    while not lines(log_path):
+        assert time.monotonic() < deadline, f"no access line after SIGHUP: {proxy.output()}"
+        r = await request(proxy.http, b"GET /info HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert r.status == 200
+        time.sleep(0.05)
+    assert lines(log_path)[0]["version"] == "v1" and lines(log_path)[0]["ttfb_ms"] is not None

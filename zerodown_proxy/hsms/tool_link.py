@@ -7,6 +7,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from ..contract.pilots import canonical_address
 from ..flow import Pause
 from . import codec
 from .codec import Frame, FrameDecoder
@@ -34,9 +35,12 @@ class Queued(NamedTuple):
 class ToolLink(Link):
     """One tool connection (HSMS passive side)."""
 
-    def __init__(self, proxy: HsmsProxy) -> None:
+    def __init__(self, proxy: HsmsProxy, app: str | None = None) -> None:
         super().__init__()
         self.proxy = proxy
+        self.app = app  # the app whose listener accepted it (None: [proxy] hsms_listen's)
+        self.address = ""  # the tool's IP address, as pilots name it
+        self.pilot = False  # served by the Standby group as a pilot
         cfg = proxy.cfg
         self.session = HsmsSession("passive", cfg.t6, cfg.t7, 0.0, cfg.max_message_bytes)
         self.peer = "-"
@@ -55,6 +59,10 @@ class ToolLink(Link):
         self.warnings = LogLimiter(cfg.warn_limit, cfg.warn_interval, _now())
         # Decoder offset of the incomplete message that holds a partial-budget reservation.
         self.partial_at = -1
+        # A takeover is handing this connection to a new process (takeover/tools.py): the
+        # tool's new primaries are kept here, encoded, for the new process; not forwarded.
+        self.holding: list[bytes] | None = None
+        self.handed_over = False
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -63,6 +71,7 @@ class ToolLink(Link):
         self.flow.attach(transport)  # type: ignore[arg-type]
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "-"
+        self.address = canonical_address(peer[0]) if peer else ""
         self.proxy.tool_connected(self)
         self.run(self.session.connection_made())
 
@@ -152,7 +161,9 @@ class ToolLink(Link):
     # -- data path ----------------------------------------------------------------------------
 
     def on_data(self, f: Frame) -> None:
-        self.sid = f.session_id
+        if f.session_id != self.sid:
+            self.sid = f.session_id
+            self.proxy.device_learnt(self)  # a pilot by device id moves before this message
         if not f.byte3 & 1:  # even function: a reply (or SxF0) to a host primary
             rec = self.tx.host_reply(f.system)
             if rec is None:
@@ -163,6 +174,9 @@ class ToolLink(Link):
             self.proxy.m.fwd_reply_up.inc()
             if backend.draining:
                 backend.maybe_finish()
+            return
+        if self.holding is not None:
+            self.holding.append(f.encode())
             return
         self.proxy.router.current()  # a committed switch hands this tool over first
         cur = self.current

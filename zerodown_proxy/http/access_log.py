@@ -87,12 +87,16 @@ def _time_local(now: float) -> str:
     return _local_time[1]
 
 
+def _or_dash(value: Any) -> Any:
+    return "-" if value is None else value
+
+
 def _combined(fields: dict[str, Any], ttfb: float | None, total: float | None) -> bytes:
     """nginx's combined line, then the fields it lacks as key=value (`-` when unknown)."""
     method = fields["method"]
     request = "-" if method == "-" else f"{method} {fields['uri']} {fields['protocol']}"
     extra = " ".join(
-        f"{k}={v if v is not None and v != '' else '-'}"
+        f"{k}={_or_dash(v or None)}"
         for k, v in (
             ("request_id", fields["id"]), ("app", fields["app"]),
             ("upstream", fields["instance"]), ("upstream_addr", fields["upstream_addr"]),
@@ -103,7 +107,7 @@ def _combined(fields: dict[str, Any], ttfb: float | None, total: float | None) -
     )  # fmt: skip
     return (
         f"{fields['remote_addr']} - {_quote(fields['remote_user'])} [{_time_local(fields['ts'])}] "
-        f'"{_quote(request)}" {fields["status"]} {fields["body_bytes_sent"]} '
+        f'"{_quote(request)}" {fields["status"]} {_or_dash(fields["body_bytes_sent"])} '
         f'"{_quote(fields["referer"])}" "{_quote(fields["user_agent"])}" {extra}\n'
     ).encode("latin-1", "replace")
 
@@ -209,7 +213,8 @@ class AccessLog:
             "path": cycle.path.decode("latin-1") or "-",
             "protocol": "HTTP/1.1" if cycle.http11 else "HTTP/1.0",
             "status": cycle.status,
-            "body_bytes_sent": getattr(cycle, "sent", 0),
+            # Unset: a backend connection opened before the log was turned on (SIGHUP).
+            "body_bytes_sent": getattr(cycle, "sent", None),
             "referer": _header(head, low, b"referer"),
             "user_agent": _header(head, low, b"user-agent"),
             "host": cycle.host.decode("latin-1") or "-",

@@ -16,10 +16,12 @@ import functools
 import hmac
 import logging
 import os
+import socket
 import time
 from typing import Any
 
 from ..config import HttpSection
+from ..contract.pilots import canonical_address
 from ..metrics import Registry
 from ..routing import Instance, Router, Snapshot
 from .access_log import AccessLog, LoggedUpstream
@@ -67,10 +69,9 @@ class HttpProxy:
         # Sized from the open-files limit at start(); until then from the current one.
         self.capacity = Capacity(cfg.max_client_connections, cfg.fd_reserve, nofile_limit())
 
-        # With the access log on, backend connections also note what it reports (time to
-        # the response head, body bytes); off, the data path runs exactly as without it.
-        self.upstream_class = UpstreamProtocol if access_log is None else LoggedUpstream
+        self.upstream_class: type[UpstreamProtocol] = UpstreamProtocol
         self.acc = acc = HttpAccounting(metrics, self.balancer, access_log)
+        self.set_access_log(access_log)
         # Bound once: the hot path calls proxy.count_response etc. with no extra lookup.
         self.count_response = acc.count_response
         self.count_client_error = acc.count_client_error
@@ -81,19 +82,25 @@ class HttpProxy:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
+    async def start(
+        self, host: str, port: int, reuse_port: bool = False, sock: socket.socket | None = None
+    ) -> None:
+        """Listen on host:port, or serve on `sock` (already listening: takeover/listeners.py)."""
         self.loop = asyncio.get_running_loop()
         self.capacity = Capacity(
             self.cfg.max_client_connections, self.cfg.fd_reserve, raise_nofile_limit()
         )
-        self._server = await self.loop.create_server(
-            lambda: ClientProtocol(self),
-            host,
-            port,
-            backlog=2048,
-            reuse_address=True,
-            reuse_port=reuse_port or None,
-        )
+        if sock is not None:
+            self._server = await self.loop.create_server(lambda: ClientProtocol(self), sock=sock)
+        else:
+            self._server = await self.loop.create_server(
+                lambda: ClientProtocol(self),
+                host,
+                port,
+                backlog=2048,
+                reuse_address=True,
+                reuse_port=reuse_port or None,
+            )
         self.port = self._server.sockets[0].getsockname()[1]
         self._sweeper = self.loop.create_task(sweep_forever(self))
 
@@ -116,6 +123,17 @@ class HttpProxy:
             self._sweeper.cancel()
 
     # -- per request --------------------------------------------------------------------------
+
+    def set_access_log(self, access_log: AccessLog | None) -> None:
+        """With the access log on, backend connections also note what it reports (time to the
+        response head, body bytes); off, the data path runs exactly as without it."""
+        cls = UpstreamProtocol if access_log is None else LoggedUpstream
+        if cls is not self.upstream_class:
+            # Idle connections of the other kind are closed (a live reload), so the next
+            # requests get connections that note what the log reports.
+            self.pool.close_all()
+        self.acc.access_log = access_log
+        self.upstream_class = cls
 
     def new_request_id(self) -> bytes:
         self._rid += 1
@@ -153,6 +171,9 @@ class HttpProxy:
             ):
                 cycle.local = (403, "standby preview needs a valid X-Zerodown-Token")
                 self.count_client_error(403)
+        wanted = self.router.snapshot.pilot_headers
+        if wanted:
+            cycle.pilot_headers = {n: headers[k][1] for k, n in enumerate(lnames) if n in wanted}
         return cycle
 
     def send_request(self, cycle: RequestCycle) -> None:
@@ -168,6 +189,10 @@ class HttpProxy:
             )
             return
         cycle.app = app
+        if app.pilots is not None and not cycle.preview:
+            # A pilot (client address or header rule) goes where the Standby preview goes.
+            addr = canonical_address(cycle.client.peer)
+            cycle.preview = app.pilots.http(addr, cycle.pilot_headers) and bool(app.standby)
         self._attempt(cycle)
 
     def _attempt(self, cycle: RequestCycle) -> None:
