@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # The venv installs exactly the locked files (pip checks every hash); `make lock` re-resolves.
 LOCKS := requirements-build.lock requirements.lock requirements-dev.lock
 
-.PHONY: venv demo test lint bench sysdeps browser clean bundle lock lock-upgrade node-peers
+.PHONY: venv demo test lint bench sysdeps browser testdeps clean bundle lock lock-upgrade node-peers
 
 $(STAMP): pyproject.toml $(LOCKS)
 	$(PY) -m venv $(VENV)
@@ -22,8 +22,9 @@ demo: $(STAMP)
 	$(BIN)/zerodown demo
 
 # sysdeps: the benchmark smoke tests need nginx, wrk and valgrind; browser: the dashboard test
-# needs Chromium; node-peers: the second HSMS peer, secs4js (each apt-get only if something is missing).
-test: $(STAMP) sysdeps browser node-peers
+# needs Chromium; testdeps: promtool and ip; node-peers: the second HSMS peer, secs4js
+# (each apt-get only if something is missing).
+test: $(STAMP) sysdeps browser testdeps node-peers
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
@@ -56,6 +57,15 @@ browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) || \
 	  echo "warning: could not install chromium and chromium-driver: the browser tests will skip"
+
+# Debian packages some tests use: promtool (package prometheus) checks /metrics, ip (iproute2)
+# builds the multi-host network namespaces. Installed only when missing; without root the
+# install fails softly and those tests skip, saying which command is missing.
+testdeps:
+	@command -v promtool >/dev/null && command -v ip >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends prometheus iproute2) || \
+	  echo "warning: could not install prometheus/iproute2; their tests will skip"
 
 bench: $(STAMP) sysdeps
 	$(BIN)/zerodown bench all

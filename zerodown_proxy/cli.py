@@ -18,6 +18,7 @@ OVERRIDES: tuple[tuple[str, str, str], ...] = (
     ("--http-listen", "proxy", "http_listen"),
     ("--hsms-listen", "proxy", "hsms_listen"),
     ("--admin-listen", "proxy", "admin_listen"),
+    ("--advertise-admin", "proxy", "advertise_admin"),
     ("--workers", "proxy", "workers"),
     ("--name", "proxy", "name"),
     ("--registry", "discovery", "file"),
@@ -31,6 +32,9 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--http-listen", default=None, help="override [proxy] http_listen")
     sp.add_argument("--hsms-listen", default=None, help="override [proxy] hsms_listen")
     sp.add_argument("--admin-listen", default=None, help="override [proxy] admin_listen")
+    sp.add_argument(
+        "--advertise-admin", default=None, help="override [proxy] advertise_admin (host[:port])"
+    )
     sp.add_argument("--registry", default=None, help="override [discovery] file")
     sp.add_argument("--discovery", choices=("file", "consul"), default=None)
     sp.add_argument("--ready-file", default=None, help="write bound ports as JSON here")

@@ -43,8 +43,14 @@ class ProxySection:
     http_listen: str = "0.0.0.0:8080"
     hsms_listen: str = "0.0.0.0:5000"
     admin_listen: str = "127.0.0.1:8081"
+    # What the proxy registers in Consul as its admin address (discovery/advertise.py):
+    # host[:port]; empty: admin_listen, or a routable address when that is 0.0.0.0 or ::.
+    advertise_admin: str = ""
     admin_token: str = ""
-    access_log: bool = False
+    # HTTP access log (http/access_log.py): false (off), true or "-" (stdout), or a file path
+    # (appended, reopened on SIGUSR1); access_log_format "json" or "combined" (nginx's).
+    access_log: bool | str = False
+    access_log_format: str = "json"
     log_level: str = "info"
     shutdown_grace: float = 20.0
     name: str = ""
@@ -225,6 +231,8 @@ _SECTIONS = {
 
 def _coerce(section: str, name: str, default: Any, value: Any) -> Any:
     expected = type(default) if default is not None else None
+    if section == "proxy" and name == "access_log":
+        return _access_log(value)
     if section == "health_check" and name == "apps":
         return _app_overrides(section, value)
     if name == "apps":
@@ -252,6 +260,33 @@ def _coerce(section: str, name: str, default: Any, value: Any) -> Any:
             raise ConfigError(f"[{section}] {name} must be a string, got {value!r}")
         return value
     return value
+
+
+def _access_log(value: Any) -> bool | str:
+    """[proxy] access_log: a switch (true = stdout) or where to write ("-": stdout, a path)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in ("", "0", "false", "no", "off"):
+            return False
+        if word in ("1", "true", "yes", "on"):
+            return True
+        return value
+    raise ConfigError(f'[proxy] access_log must be true, false, "-" or a file path, got {value!r}')
+
+
+def access_log_target(cfg: Config) -> str | None:
+    """Where the access log goes: "-" (stdout), a path (relative to the config file), or None."""
+    value = cfg.proxy.access_log
+    if value is True:
+        return "-"
+    if not value:
+        return None
+    if value in ("-", "stdout"):
+        return "-"
+    p = Path(value)
+    return str(p if p.is_absolute() else cfg.base_dir / p)
 
 
 _MOVED = {
@@ -298,6 +333,7 @@ ENV_MAP = {
     "ZERODOWN_HTTP_LISTEN": ("proxy", "http_listen"),
     "ZERODOWN_HSMS_LISTEN": ("proxy", "hsms_listen"),
     "ZERODOWN_ADMIN_LISTEN": ("proxy", "admin_listen"),
+    "ZERODOWN_ADVERTISE_ADMIN": ("proxy", "advertise_admin"),
     "ZERODOWN_REGISTRY": ("discovery", "file"),
     "ZERODOWN_DISCOVERY": ("discovery", "provider"),
     "CONSUL_HTTP_ADDR": ("consul", "addr"),
@@ -340,6 +376,11 @@ def load_config(
             cfg = _apply(cfg, section, {key: value})
     for section, values in (overrides or {}).items():
         cfg = _apply(cfg, section, {k: v for k, v in values.items() if v is not None})
+    if cfg.proxy.access_log_format not in ("json", "combined"):
+        raise ConfigError("[proxy] access_log_format must be json or combined")
+    log_path = access_log_target(cfg)
+    if log_path is not None and log_path != "-" and not Path(log_path).parent.is_dir():
+        raise ConfigError(f"[proxy] access_log: directory {Path(log_path).parent} does not exist")
     if cfg.proxy.workers < 1:
         raise ConfigError("[proxy] workers must be at least 1")
     if cfg.http.balance not in ("round_robin", "least_conn"):
@@ -349,6 +390,13 @@ def load_config(
         raise ConfigError("[discovery] provider must be file or consul")
     for addr in (cfg.proxy.http_listen, cfg.proxy.hsms_listen, cfg.proxy.admin_listen):
         parse_addr(addr)
+    if cfg.proxy.advertise_admin:
+        from .discovery.advertise import split_host_port
+
+        try:
+            split_host_port(cfg.proxy.advertise_admin)
+        except ValueError as exc:
+            raise ConfigError(f"[proxy] advertise_admin: {exc}") from None
     if cfg.discovery.stale_after < 0:
         raise ConfigError("[discovery] stale_after must be 0 (off) or a number of seconds")
     if cfg.discovery.provider == "consul":

@@ -8,7 +8,8 @@ Applied live (new values are used from the next request, connection, probe or ti
   for sessions opened from now on; T3/T8 and max_queued at once), warn_limit/warn_interval;
 - [health_check] everything (probes are rebuilt), [outlier_detection] everything (ejection
   counters restart);
-- [proxy] log_level, access_log, shutdown_grace, admin_token.
+- [proxy] log_level, access_log and access_log_format (the new log is opened, then swapped in),
+  shutdown_grace, admin_token.
 Everything else (listen addresses, workers, name, [discovery], [consul], [hsms] enabled and
 max_partial_bytes, the two [http] keys above) is reported as `needs_takeover`, not applied.
 """
@@ -26,7 +27,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("zerodown.proxy")
 
-LIVE_PROXY = frozenset({"log_level", "access_log", "shutdown_grace", "admin_token"})
+LIVE_PROXY = frozenset(
+    {"log_level", "access_log", "access_log_format", "shutdown_grace", "admin_token"}
+)
 TAKEOVER_HTTP = frozenset({"max_client_connections", "fd_reserve"})
 TAKEOVER_HSMS = frozenset({"enabled", "max_partial_bytes"})
 LIVE_SECTIONS = ("proxy", "http", "hsms", "health_check", "outlier_detection")
@@ -113,7 +116,11 @@ class LiveConfig:
                 srv.admin.token = cfg.proxy.admin_token
             if srv.http is not None:
                 srv.http.admin_token = cfg.proxy.admin_token.encode()
-                srv.http.acc.access_log = cfg.proxy.access_log
+            if (old.proxy.access_log, old.proxy.access_log_format) != (
+                cfg.proxy.access_log,
+                cfg.proxy.access_log_format,
+            ):
+                srv.set_access_log(cfg)
         if srv.http is not None and "http" in sections:
             srv.http.cfg = srv.http.pool.cfg = srv.http.balancer.cfg = cfg.http
         if srv.hsms is not None and "hsms" in sections:

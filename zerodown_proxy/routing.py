@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
+from typing import Any
 
 from .contract.model import AppState, Instance, RegistryState
 from .contract.pilots import Pilots
@@ -263,6 +264,21 @@ def active_changed(a: Snapshot, b: Snapshot) -> bool:
         if prev is None or prev.active_group != route.active_group:
             return True
     return False
+
+
+def switch_events(a: Snapshot, b: Snapshot) -> list[dict[str, Any]]:
+    """Each app of `b` whose Active group is not `a`'s (a switch; not an app's first routing):
+    what the process log and the access log say about it."""
+    out = []
+    for name, route in b.apps.items():
+        prev = a.apps.get(name)
+        if prev is not None and prev.active_group != route.active_group:
+            out.append({
+                "app": name, "from_group": prev.active_group, "from_version": prev.active_version,
+                "to_group": route.active_group, "to_version": route.active_version,
+                "generation": b.generation,
+            })  # fmt: skip
+    return out
 
 
 # -- the data path's view ---------------------------------------------------------------------

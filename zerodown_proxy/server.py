@@ -12,14 +12,16 @@ from typing import Any
 
 from . import pilot_gauges
 from .admin import AdminApi
-from .config import Config, parse_addr
+from .config import Config, access_log_target, parse_addr
 from .dashboard.release import ReleaseDesk
 from .dashboard.routes import Dashboard
 from .dashboard.series import Sampler
+from .discovery.advertise import advertised_admin, consul_addr
 from .discovery.file import FileProvider
 from .health.active import ActiveHealthChecker
+from .http.access_log import AccessLogError, open_access_log
 from .http.proxy import HttpProxy
-from .metrics import Registry
+from .metrics import Registry, register_process_info, register_routing_info
 from .routing import Router
 from .switch_gate import WorkerGate
 from .takeover.listeners import Listeners
@@ -49,10 +51,13 @@ class ProxyServer:
         self.gate = WorkerGate.from_env() if reuse_port else None
         self.router = Router()
         self.metrics = Registry()
+        register_process_info(self.metrics)
         # The one path from the discovery provider to the router (see watcher.py).
         self.watcher = Watcher(self.router, self.metrics, self.gate, cfg.discovery.stale_after)
         pilot_gauges.register(self.router, self.metrics)
         self.name = cfg.proxy.name or f"{socket.gethostname()}-{os.getpid()}"
+        self.access_log = open_access_log(access_log_target(cfg), cfg.proxy.access_log_format)
+        self.router.subscribe(self._log_switch)  # a line per switch in the access log
         self.http: HttpProxy | None = None
         self.hsms: Any = None
         self.checker: ActiveHealthChecker | None = None
@@ -79,7 +84,10 @@ class ProxyServer:
         )  # fmt: skip
         sock = self.listeners.get("admin", admin_host, admin_port)
         await self.admin.start(admin_host, admin_port, sock=sock)
-        admin_addr = self.supervisor_admin or f"{admin_host}:{self.admin.port}"
+        # What the CLI on another host uses to reach this proxy (discovery/advertise.py).
+        admin_addr = self.supervisor_admin or advertised_admin(
+            cfg.proxy.advertise_admin, admin_host, self.admin.port, consul_addr(cfg)
+        )
 
         if cfg.discovery.provider == "consul":
             from .discovery.consul import ConsulProvider
@@ -98,13 +106,14 @@ class ProxyServer:
             await self.before_serving()
         http_host, http_port = parse_addr(cfg.proxy.http_listen)
         self.http = HttpProxy(
-            self.router, cfg.http, self.metrics, cfg.proxy.admin_token, cfg.proxy.access_log
+            self.router, cfg.http, self.metrics, cfg.proxy.admin_token, self.access_log
         )
         # The proxy's own view of instance health (health/): active checks and outlier
         # ejection, consulted by the balancer; the HSMS proxy may read checker.is_down.
         self.checker = ActiveHealthChecker(self.router, cfg.health_check, self.metrics)
         self.http.balancer.attach(self.router, cfg.outlier_detection, self.checker)
         self.checker.start()
+        register_routing_info(self.metrics, self.router, self.checker)
         self.admin.checks = self.checker.verdict
         sock = self.listeners.get("http", http_host, http_port, self.reuse_port)
         await self.http.start(http_host, http_port, sock=sock)
@@ -131,6 +140,29 @@ class ProxyServer:
             self.provider.set_listen_ports(ports)
         log.info("listening", extra={"fields": {"ports": ports, "name": self.name}})
         return ports
+
+    def reopen_logs(self) -> None:
+        """SIGUSR1 (logrotate): reopen the access log file."""
+        if self.access_log is not None:
+            self.access_log.reopen()
+
+    def set_access_log(self, cfg: Config) -> None:
+        """[proxy] access_log or access_log_format changed (SIGHUP): the new log is opened
+        first and swapped in; one that cannot be opened leaves the old one writing."""
+        try:
+            new = open_access_log(access_log_target(cfg), cfg.proxy.access_log_format)
+        except AccessLogError as exc:
+            log.error("%s; keeping the access log as it was", exc)
+            return
+        old, self.access_log = self.access_log, new
+        if self.http is not None:
+            self.http.set_access_log(new)
+        if old is not None:
+            old.close()
+
+    def _log_switch(self, old: Any, new: Any) -> None:
+        if self.access_log is not None:
+            self.access_log.on_snapshot(old, new)
 
     async def _samples(self, since: int) -> dict[str, Any]:
         if self.sampler is None:
@@ -162,6 +194,8 @@ class ProxyServer:
             await self.admin.close()
         if self.gate is not None:
             self.gate.close()
+        if self.access_log is not None:
+            self.access_log.close()
         self.listeners.close()
         self.stopped.set()
 

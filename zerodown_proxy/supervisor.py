@@ -51,6 +51,7 @@ from typing import Any
 import orjson
 
 from .config import Config, parse_addr
+from .discovery.advertise import advertised_admin, consul_addr
 from .supervised import worker_argv
 from .supervisor_admin import SupervisorAdmin
 from .supervisor_merge import merge_hsms, merge_metrics
@@ -285,6 +286,8 @@ class Supervisor:
         # stop them with us rather than kill us and leave them holding the ports.
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        # Every worker writes its own access log lines: each reopens the file (logrotate).
+        loop.add_signal_handler(signal.SIGUSR1, self._signal_workers, signal.SIGUSR1)
         loop.add_signal_handler(signal.SIGUSR2, self.donor.signalled)
         loop.add_signal_handler(signal.SIGHUP, self._sighup)
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -333,8 +336,9 @@ class Supervisor:
         except OSError as exc:
             log.error("cannot bind the admin API on %s: %s", self.cfg.proxy.admin_listen, exc)
             return 1
-        self.admin_addr = (
-            f"[{host}]:{ports['admin']}" if ":" in host else f"{host}:{ports['admin']}"
+        # What worker 0 registers in Consul for the whole proxy (discovery/advertise.py).
+        self.admin_addr = advertised_admin(
+            self.cfg.proxy.advertise_admin, host, ports["admin"], consul_addr(self.cfg)
         )
         try:
             await asyncio.gather(*(self.spawn(i) for i in range(self.n)))
@@ -363,6 +367,11 @@ class Supervisor:
             self.gate.close()
         # The run dir (ready files, the gate) belongs to this supervisor alone: leave nothing.
         shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _signal_workers(self, sig: int) -> None:
+        for p in self.procs:
+            if p is not None and p.returncode is None:
+                p.send_signal(sig)
 
     async def stop(self) -> None:
         self.stopping = True

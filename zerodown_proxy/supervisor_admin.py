@@ -23,6 +23,7 @@ from .config import parse_addr
 from .dashboard.release import ReleaseDesk
 from .dashboard.routes import Dashboard
 from .dashboard.series import merge as merge_samples
+from .metrics import Registry, register_process_info
 from .supervisor_merge import merge_hsms, merge_metrics
 from .takeover.donor import TakeoverFailed
 from .takeover.listeners import bind
@@ -36,6 +37,9 @@ WORKER_TIMEOUT = 1.0  # a hung worker must not make the supervisor's own answers
 class SupervisorAdmin:
     def __init__(self, sup: Supervisor) -> None:
         self.sup = sup
+        # The supervisor's own process (memory, CPU, fds) and build, next to its workers'.
+        self.own = Registry()
+        register_process_info(self.own)
         self.session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self._site: web.SockSite | None = None
@@ -153,7 +157,9 @@ class SupervisorAdmin:
 
     async def metrics(self, request: web.Request) -> web.Response:
         texts = await asyncio.gather(*(self._get(a, "/metrics") for a in self.sup.admins))
-        return web.Response(text=merge_metrics([t or "" for t in texts]), content_type="text/plain")
+        labels = [str(i) for i in range(len(texts))] + ["supervisor"]
+        merged = merge_metrics([t or "" for t in texts] + [self.own.render()], labels)
+        return web.Response(text=merged, content_type="text/plain")
 
     def unauthorized(self, request: web.Request) -> web.Response | None:
         supplied = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()

@@ -6,11 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 
-def merge_metrics(texts: list[str]) -> str:
-    """Merge Prometheus text from several workers: one HELP/TYPE per family, samples labelled
-    with the worker index, families kept contiguous."""
+def merge_metrics(texts: list[str], workers: list[str] | None = None) -> str:
+    """Merge Prometheus text from several processes: one HELP/TYPE per family, samples labelled
+    `worker` (the index, or `workers[i]`: the supervisor's own are "supervisor"), families
+    kept contiguous."""
     families: dict[str, tuple[list[str], list[str]]] = {}
-    for index, text in enumerate(texts):
+    for position, text in enumerate(texts):
+        index = workers[position] if workers is not None else position
         current: list[str] | None = None
         for line in text.splitlines():
             if not line:

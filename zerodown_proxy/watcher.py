@@ -36,6 +36,7 @@ from .routing import (
     resolve,
     same_routing,
     snapshot_target,
+    switch_events,
 )
 from .switch_gate import WorkerGate
 
@@ -328,6 +329,12 @@ class Watcher:
         self.applied_at = time.time()
         if old is not EMPTY and active_changed(old, snap):
             self.switches += 1
+            for e in switch_events(old, snap):
+                log.info(
+                    "switch: %s %s (%s) -> %s (%s), generation %s", e["app"], e["from_group"],
+                    e["from_version"], e["to_group"], e["to_version"], e["generation"],
+                    extra={"fields": {"event": "switch", **e}},
+                )  # fmt: skip
         log.info("applied generation %s (%s)", snap.generation, snap.source)
         for listener in router.listeners:
             try:

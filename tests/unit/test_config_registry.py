@@ -300,3 +300,21 @@ def test_metrics_render():
     assert 'lat_seconds_bucket{app="a",le="+Inf"} 2' in text
     assert 'lat_seconds_count{app="a"} 2' in text
     assert "g 7" in text
+
+
+def test_access_log_accepts_a_switch_stdout_or_a_path(tmp_path):
+    from zerodown_proxy.config import access_log_target
+
+    def target(value):
+        cfg = load_config(None, {"proxy": {"access_log": value}}, env={})
+        return access_log_target(cfg)
+
+    assert target(False) is None and target("off") is None
+    assert target(True) == "-" and target("-") == "-" and target("stdout") == "-"
+    assert target(str(tmp_path / "access.log")) == str(tmp_path / "access.log")
+    with pytest.raises(ConfigError, match=r"\[proxy\] access_log: directory .* does not exist"):
+        target(str(tmp_path / "missing" / "access.log"))
+    with pytest.raises(ConfigError, match=r"\[proxy\] access_log must be"):
+        target(3)
+    with pytest.raises(ConfigError, match="access_log_format must be json or combined"):
+        load_config(None, {"proxy": {"access_log_format": "apache"}}, env={})

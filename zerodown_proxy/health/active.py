@@ -327,6 +327,10 @@ class ActiveHealthChecker:
             "path": t.cfg.path,
         }
 
+    def verdicts(self) -> list[tuple[Instance, str]]:
+        """Every checked instance with its state (unknown, up, down), for /metrics."""
+        return [(t.instance, t.state) for t in self.targets.values()]
+
     def status(self) -> dict[str, Any]:
         return {
             "enabled": self.cfg.enabled,

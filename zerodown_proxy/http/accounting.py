@@ -1,4 +1,5 @@
-"""What the HTTP side counts: its metrics, the per-response accounting and the access log.
+"""What the HTTP side counts: its metrics, the per-response accounting and the access log hook
+(the lines themselves: access_log.py).
 
 `HttpAccounting` owns the counters and histograms; `count_response` runs once per response on
 the hot path (label sets bound once per app and status, no tuple built per response).
@@ -7,16 +8,14 @@ the hot path (label sets bound once per app and status, no tuple built per respo
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import TYPE_CHECKING
-
-import orjson
 
 from ..metrics import BoundCounter, Registry
 from .balancer import Balancer
 
 if TYPE_CHECKING:
+    from .access_log import AccessLog
     from .cycle import RequestCycle
     from .proxy import HttpProxy
 
@@ -27,7 +26,7 @@ class HttpAccounting:
         "m_retries", "m_client_errors", "m_client_aborts",
     )  # fmt: skip
 
-    def __init__(self, metrics: Registry, balancer: Balancer, access_log: bool) -> None:
+    def __init__(self, metrics: Registry, balancer: Balancer, access_log: AccessLog | None) -> None:
         self.balancer = balancer
         self.access_log = access_log
         # (app, version) -> status -> its bound counter: one small key per response, no label
@@ -75,28 +74,16 @@ class HttpAccounting:
             bound = by_status[cycle.status] = self.m_requests.bind(key + (str(cycle.status),))
         bound.inc()
         self.m_latency.observe(elapsed, key)
-        if self.access_log:
-            sys.stdout.buffer.write(
-                orjson.dumps(
-                    {
-                        "ts": time.time(),
-                        "event": "access",
-                        "id": cycle.request_id,
-                        "client": cycle.client.peer,
-                        "method": cycle.method.decode("latin-1"),
-                        "path": cycle.path.decode("latin-1"),
-                        "status": cycle.status,
-                        "app": app,
-                        "instance": inst.id if inst else None,
-                        "version": inst.version if inst else None,
-                        "ms": round(elapsed * 1000, 3),
-                    }
-                )
-                + b"\n"
-            )
+        if self.access_log is not None:
+            self.access_log.request(cycle, app, inst, elapsed)
 
     def count_client_error(self, status: int) -> None:
         self.m_client_errors.inc((str(status),))
+
+    def log_refused(self, peer: str, status: int, body_bytes: int) -> None:
+        """Bad input answered without a request cycle: an access line too, when it is on."""
+        if self.access_log is not None:
+            self.access_log.refused(peer, status, body_bytes)
 
     def count_client_abort(self, cycle: RequestCycle) -> None:
         inst = cycle.instance

@@ -56,6 +56,10 @@ class RequestCycle:
         "aborted",
         "sent_once",
         "body_seen",
+        # Set only when the access log is on (access_log.LoggedUpstream; proxy answers set
+        # `sent` too): unset slots cost a request nothing.
+        "first_byte",
+        "sent",
     )
 
     def __init__(

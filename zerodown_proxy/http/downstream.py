@@ -20,7 +20,7 @@ import httptools
 from ..flow import FlowControl, Pause
 from .cycle import BUFFER_LIMIT, RequestCycle
 from .framing import HOP_BY_HOP, NO_BODY, Refusal, RequestFrame, request_frame
-from .headers import error_response
+from .headers import body_size, error_response
 
 if TYPE_CHECKING:
     from .proxy import HttpProxy
@@ -287,7 +287,9 @@ class ClientProtocol(asyncio.Protocol):
         close = not cycle.request_done or not cycle.keep_alive or self.proxy.draining
         if close:
             cycle.keep_alive = False
-        self.write(error_response(status, message, close, cycle.request_id))
+        data = error_response(status, message, close, cycle.request_id)
+        cycle.sent = body_size(data)  # for the access log
+        self.write(data)
         if cycle is self.current:
             self.response_complete(cycle)
 
@@ -299,7 +301,9 @@ class ClientProtocol(asyncio.Protocol):
         self.receiving = None
         self.closing = True  # stop parsing further input
         if self.current is None:
-            self.transport.write(error_response(status, message, close=True))
+            data = error_response(status, message, close=True)
+            self.proxy.acc.log_refused(self.peer, status, body_size(data))
+            self.transport.write(data)
             self.close()
         else:
             # Let the exchange in progress finish, then answer this one and close.

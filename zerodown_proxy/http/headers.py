@@ -48,6 +48,11 @@ def error_response(status: int, message: str, close: bool, request_id: str = "")
     return b"".join(head) + body
 
 
+def body_size(response: bytes) -> int:
+    """The body bytes of a complete response the proxy produced (error_response's)."""
+    return len(response) - response.index(b"\r\n\r\n") - 4
+
+
 def upstream_head(
     method: bytes,
     frame: RequestFrame,

@@ -24,6 +24,7 @@ from ..config import HttpSection
 from ..contract.pilots import canonical_address
 from ..metrics import Registry
 from ..routing import Instance, Router, Snapshot
+from .access_log import AccessLog, LoggedUpstream
 from .accounting import HttpAccounting, register_gauges
 from .balancer import Balancer
 from .capacity import Capacity, nofile_limit, raise_nofile_limit
@@ -45,7 +46,7 @@ class HttpProxy:
         cfg: HttpSection,
         metrics: Registry,
         admin_token: str = "",
-        access_log: bool = False,
+        access_log: AccessLog | None = None,
     ) -> None:
         self.router = router
         self.cfg = cfg
@@ -68,7 +69,9 @@ class HttpProxy:
         # Sized from the open-files limit at start(); until then from the current one.
         self.capacity = Capacity(cfg.max_client_connections, cfg.fd_reserve, nofile_limit())
 
+        self.upstream_class: type[UpstreamProtocol] = UpstreamProtocol
         self.acc = acc = HttpAccounting(metrics, self.balancer, access_log)
+        self.set_access_log(access_log)
         # Bound once: the hot path calls proxy.count_response etc. with no extra lookup.
         self.count_response = acc.count_response
         self.count_client_error = acc.count_client_error
@@ -120,6 +123,17 @@ class HttpProxy:
             self._sweeper.cancel()
 
     # -- per request --------------------------------------------------------------------------
+
+    def set_access_log(self, access_log: AccessLog | None) -> None:
+        """With the access log on, backend connections also note what it reports (time to the
+        response head, body bytes); off, the data path runs exactly as without it."""
+        cls = UpstreamProtocol if access_log is None else LoggedUpstream
+        if cls is not self.upstream_class:
+            # Idle connections of the other kind are closed (a live reload), so the next
+            # requests get connections that note what the log reports.
+            self.pool.close_all()
+        self.acc.access_log = access_log
+        self.upstream_class = cls
 
     def new_request_id(self) -> bytes:
         self._rid += 1
@@ -221,7 +235,7 @@ class HttpProxy:
         loop = self.loop
         task = loop.create_task(
             loop.create_connection(
-                lambda: UpstreamProtocol(self, inst.http_key, inst.id),
+                lambda: self.upstream_class(self, inst.http_key, inst.id),
                 inst.address,
                 inst.http_port,
             )

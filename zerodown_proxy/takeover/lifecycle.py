@@ -57,7 +57,15 @@ async def serve(
         except (wire.ChannelError, OSError) as exc:
             log.error("takeover: cannot get the sockets from the old process: %s", exc)
             return 1
-    server = ProxyServer(cfg, reuse_port, supervisor_admin, config_path, inherited)
+    from ..http.access_log import AccessLogError
+
+    try:
+        server = ProxyServer(cfg, reuse_port, supervisor_admin, config_path, inherited)
+    except AccessLogError as exc:
+        log.error("not starting: %s", exc)
+        if receiver is not None:
+            receiver.fail(str(exc))
+        return 1
     if receiver is not None:
         server.before_serving = lambda: receiver.caught_up(server)
     try:
@@ -80,6 +88,9 @@ async def serve(
     donor = Donor(server)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # logrotate's convention (nginx: reopen log files); handled even with the access log off,
+    # so a rotation script's signal never ends the proxy (SIGUSR1's default action).
+    loop.add_signal_handler(signal.SIGUSR1, server.reopen_logs)
     if reuse_port:  # a worker: its supervisor is the process replaced
         loop.add_signal_handler(
             signal.SIGUSR2, lambda: log.warning("SIGUSR2 ignored: send it to the supervisor")

@@ -141,7 +141,9 @@ class FakeConsul:
         leader: str = "127.0.0.1:8300",
         ssl_context: ssl.SSLContext | None = None,
         session_ttl_min: float = 10.0,
+        host: str = "127.0.0.1",  # (extra) the address to listen on (a multi-host test's)
     ) -> None:
+        self.host = host
         self.datacenter = datacenter
         self.ssl_context = ssl_context  # serve HTTPS (url becomes https://...)
         self.leader = leader
@@ -203,7 +205,7 @@ class FakeConsul:
         if failure:
             raise RuntimeError(f"FakeConsul did not start: {failure[0]}")
         scheme = "https" if self.ssl_context is not None else "http"
-        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        self.url = f"{scheme}://{self.host}:{self.port}"
         return self.url
 
     def stop(self) -> None:
@@ -241,7 +243,7 @@ class FakeConsul:
         )
         await self._runner.setup()
         self._site = web.TCPSite(
-            self._runner, "127.0.0.1", port, reuse_address=True, ssl_context=self.ssl_context
+            self._runner, self.host, port, reuse_address=True, ssl_context=self.ssl_context
         )
         await self._site.start()
         self.port = self._site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
