@@ -1,0 +1,147 @@
+"""A takeover with several EAP apps, each on its own HSMS listener, and a pilot.
+
+A real proxy process; raw HSMS hosts and tools in the test process (tests/hsmspeers.py). Tools
+connect from 127.0.0.2, ... so the pilot can name one by its IP address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+
+from ..helpers import async_wait_until, wait_until
+from ..hsmsload import SOURCES, connect_tools, start_hosts
+from ..hsmspeers import RawHost, RawTool, s6f11_body
+from .test_hsms_apps import HSMS_CFG, app_entry, sessions_by_tool, write_apps
+from .test_takeover import _gone, _taken_over
+
+REQUEST_TIMEOUT = 20.0  # a held primary waits for the drain and the new backend session
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class S6F11Load:
+    """Each tool sends S6F11 back to back (bounded); the DATAIDs answered S6F12 per tool."""
+
+    def __init__(self, tools: list[RawTool]) -> None:
+        self.answered: list[list[int]] = [[] for _ in tools]
+        self.failures: list[str] = []
+        self.stop = asyncio.Event()
+        self.tasks = [asyncio.create_task(self._run(k, t)) for k, t in enumerate(tools)]
+
+    async def _run(self, k: int, tool: RawTool) -> None:
+        deadline = time.monotonic() + 120
+        n = 0
+        while not self.stop.is_set() and time.monotonic() < deadline and n < 100_000:
+            n += 1
+            dataid = (k + 1) * 1_000_000 + n
+            try:
+                rsp = await tool.request(6, 11, s6f11_body(dataid), timeout=REQUEST_TIMEOUT)
+            except TimeoutError:
+                self.failures.append(f"tool {k}: no reply to DATAID {dataid}")
+                continue
+            if (rsp.stype, rsp.stream, rsp.function) != (0, 6, 12):
+                self.failures.append(f"tool {k}: DATAID {dataid} answered {rsp.describe()}")
+                continue
+            self.answered[k].append(dataid)
+            await asyncio.sleep(0.005)
+
+    async def wait_more(self, k: int, than: int, what: str) -> None:
+        await async_wait_until(lambda: len(self.answered[k]) >= than + 10, 60, what)
+
+    async def finish(self) -> None:
+        self.stop.set()
+        await asyncio.wait_for(asyncio.gather(*self.tasks), REQUEST_TIMEOUT + 10)
+
+
+async def test_takeover_hands_over_each_apps_listener_and_its_tools_pilot_included(
+    tmp_path, start_proxy
+):
+    drim = await start_hosts(["v1", "v2"])
+    etch = await start_hosts(["e1", "e2"])
+    hosts: list[RawHost] = drim + etch
+    reg = tmp_path / "registry.json"
+    # One app on a fixed address (the new process could not bind it while the old one holds
+    # it), one on port 0 (a new bind would get another port): both must be the same sockets.
+    apps = {
+        "drimeap": app_entry(
+            "drimeap", "blue", drim, ["v1", "v2"], hsms_listen=f"127.0.0.1:{free_port()}",
+            pilots={"group": "green", "tools": [SOURCES[1]]},
+        ),
+        "etcheap": app_entry("etcheap", "blue", etch, ["e1", "e2"], hsms_listen="127.0.0.1:0"),
+    }  # fmt: skip
+    write_apps(reg, 1, apps)
+    proxy = start_proxy(reg, config=HSMS_CFG)
+    listeners = await async_wait_until(
+        lambda: (ls := proxy.status()["hsms"]["listeners"])
+        and all(ls.get(a, {}).get("port") for a in apps)
+        and ls,
+        10,
+        "both apps' HSMS listeners",
+    )
+    ports = {a: listeners[a]["port"] for a in apps}
+    # drimeap: a tool on Active (v1) and the pilot on Standby (v2); etcheap: one tool (e1).
+    tools = await connect_tools(ports["drimeap"], SOURCES[:2])
+    tools += await connect_tools(ports["etcheap"], SOURCES[2:3])
+    expected = [drim[0], drim[1], etch[0]]
+    old_pid = proxy.pid
+    load = S6F11Load(tools)
+    new_tools: list[RawTool] = []
+    new_pid = 0
+    try:
+        for k in range(3):
+            await load.wait_more(k, 0, f"tool {k} answered before the takeover")
+        before = sessions_by_tool(proxy)
+        sessions_before = [h.sessions for h in hosts]
+        counts = [len(a) for a in load.answered]
+        os.kill(old_pid, signal.SIGUSR2)
+        new_pid = await _taken_over(proxy, old_pid)
+        for k in range(3):
+            await load.wait_more(k, counts[k], f"tool {k} answered after the takeover")
+        await load.finish()
+        after = sessions_by_tool(proxy)
+        listeners_after = proxy.status()["hsms"]["listeners"]
+        assert {a: listeners_after[a]["port"] for a in apps} == ports, (listeners_after, proxy.output(20000))
+        # The old process has exited: each app's listener (the same port) takes a new tool.
+        for app, src, host in (("drimeap", "127.0.0.6", drim[0]), ("etcheap", "127.0.0.7", etch[0])):
+            (t,) = await connect_tools(listeners_after[app]["port"], [src])
+            new_tools.append(t)
+            base = len(host.received)
+            rsp = await t.request(6, 11, s6f11_body(9_000_000 + len(new_tools)), timeout=10)
+            assert (rsp.stream, rsp.function) == (6, 12)
+            assert host.received[base:] == [9_000_000 + len(new_tools)]
+    finally:
+        load.stop.set()
+        for t in tools + new_tools:
+            await t.close()
+        for h in hosts:
+            await h.stop()
+        if new_pid and not _gone(new_pid):
+            os.kill(new_pid, signal.SIGTERM)
+            await asyncio.to_thread(wait_until, lambda: _gone(new_pid), 30, "proxy to stop")
+    log = proxy.output(20000)
+    assert new_pid != old_pid and _gone(old_pid)
+    assert load.failures == [], (load.failures[:5], log)
+    assert {a: listeners_after[a]["port"] for a in apps} == ports, log
+    assert all(not lst["error"] for lst in listeners_after.values()), listeners_after
+    # 0 disconnects: the same connections, never closed or separated, no new Select.
+    assert not any(t.closed.is_set() or t.separated for t in tools), log
+    # The proxy opened each tool's backend session again in the new process, on the same host.
+    assert [h.sessions for h in hosts] == [s + 1 if h in expected else s
+                                           for h, s in zip(hosts, sessions_before, strict=True)]  # fmt: skip
+    # Nothing lost or duplicated, and each tool answered only by its own app and version.
+    received = [d for h in hosts for d in h.received]
+    assert len(received) == len(set(received)), "a message was delivered twice"
+    for k, host in enumerate(expected):
+        assert set(load.answered[k]) <= set(host.received), (k, host.version)
+    for src, app, pilot in ((SOURCES[0], "drimeap", False), (SOURCES[1], "drimeap", True),
+                            (SOURCES[2], "etcheap", False)):  # fmt: skip
+        assert (before[src]["app"], before[src]["pilot"]) == (app, pilot)
+        assert (after[src]["app"], after[src]["pilot"]) == (app, pilot), after[src]
