@@ -120,11 +120,13 @@ class ProxyServer:
 
             hsms_host, hsms_port = parse_addr(cfg.proxy.hsms_listen)
             # New backend sessions skip instances the proxy's own HTTP checks mark down.
+            # Each app's own HSMS listener is kept in self.listeners too ("hsms:<app>").
             self.hsms = HsmsProxy(
-                self.router, cfg.hsms, self.metrics, instance_down=self.checker.is_down
-            )
+                self.router, cfg.hsms, self.metrics, instance_down=self.checker.is_down,
+                sockets=self.listeners,
+            )  # fmt: skip
             sock = self.listeners.get("hsms", hsms_host, hsms_port, self.reuse_port)
-            await self.hsms.start(hsms_host, hsms_port, sock=sock)
+            await self.hsms.start(hsms_host, hsms_port, self.reuse_port, sock=sock)
             ports["hsms"] = self.hsms.port
             self.admin.parts["hsms"] = self.hsms.status
         if hasattr(self.provider, "set_listen_ports"):

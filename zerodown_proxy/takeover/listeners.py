@@ -44,6 +44,20 @@ class Listeners:
         self.sockets[name] = s
         return s.dup()
 
+    def release(self, name: str) -> None:
+        """Close listening socket `name` (its component no longer serves it)."""
+        s = self.sockets.pop(name, None)
+        if s is not None:
+            s.close()
+
+    def drop_inherited(self, prefix: str) -> list[str]:
+        """Close the inherited sockets named `prefix...` that nothing asked for (what they
+        served is gone): a connection must be refused, not queued where no one accepts it."""
+        names = [n for n in self.inherited if n.startswith(prefix)]
+        for n in names:
+            self.inherited.pop(n).close()
+        return names
+
     def fds(self) -> tuple[list[str], list[int]]:
         names = list(self.sockets)
         return names, [self.sockets[n].fileno() for n in names]

@@ -104,6 +104,7 @@ def export(proxy: HsmsProxy, tool: ToolLink) -> tuple[dict[str, Any], int, bytes
     s = tool.session
     state = {
         "peer": tool.peer,
+        "app": tool.app,  # its listener's app (None: [proxy] hsms_listen's), for good
         "selected": s.selected,
         "sid": tool.sid,
         "system": s._system,
@@ -140,7 +141,7 @@ class AdoptedToolLink(ToolLink):
     """A tool connection received from the process this one replaces."""
 
     def __init__(self, proxy: HsmsProxy, state: dict[str, Any], pending: bytes) -> None:
-        super().__init__(proxy)
+        super().__init__(proxy, state.get("app"))
         self.state = state
         self.pending = pending
 
