@@ -11,6 +11,10 @@ import os
 import signal
 import socket
 import time
+import urllib.request
+
+import orjson
+import pytest
 
 from ..helpers import async_wait_until, wait_until
 from ..hsmsload import SOURCES, connect_tools, start_hosts
@@ -25,6 +29,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def listener_errors(proxy) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """Every process's HSMS listener errors (each worker's own status: the merged one shows the
+    first worker's listeners only)."""
+    st = proxy.status()
+    parts = [st]
+    for w in st.get("workers", []):
+        with urllib.request.urlopen(f"http://{w['admin']}/v1/status", timeout=5) as r:
+            parts.append(orjson.loads(r.read()))
+    return {
+        f"{n}:{app}": lst["error"]
+        for n, part in enumerate(parts)
+        for app, lst in part["hsms"]["listeners"].items()
+        if lst["error"]
+    }
 
 
 class S6F11Load:
@@ -61,8 +81,9 @@ class S6F11Load:
         await asyncio.wait_for(asyncio.gather(*self.tasks), REQUEST_TIMEOUT + 10)
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["single", "two-workers"])
 async def test_takeover_hands_over_each_apps_listener_and_its_tools_pilot_included(
-    tmp_path, start_proxy
+    tmp_path, start_proxy, workers
 ):
     drim = await start_hosts(["v1", "v2"])
     etch = await start_hosts(["e1", "e2"])
@@ -70,15 +91,19 @@ async def test_takeover_hands_over_each_apps_listener_and_its_tools_pilot_includ
     reg = tmp_path / "registry.json"
     # One app on a fixed address (the new process could not bind it while the old one holds
     # it), one on port 0 (a new bind would get another port): both must be the same sockets.
+    # With workers every one binds the same address (SO_REUSEPORT): no port 0 there.
+    etch_listen = f"127.0.0.1:{free_port()}" if workers > 1 else "127.0.0.1:0"
     apps = {
         "drimeap": app_entry(
             "drimeap", "blue", drim, ["v1", "v2"], hsms_listen=f"127.0.0.1:{free_port()}",
             pilots={"group": "green", "tools": [SOURCES[1]]},
         ),
-        "etcheap": app_entry("etcheap", "blue", etch, ["e1", "e2"], hsms_listen="127.0.0.1:0"),
+        "etcheap": app_entry("etcheap", "blue", etch, ["e1", "e2"], hsms_listen=etch_listen),
     }  # fmt: skip
     write_apps(reg, 1, apps)
-    proxy = start_proxy(reg, config=HSMS_CFG)
+    proxy = start_proxy(reg, config=f"workers = {workers}\n{HSMS_CFG}")
+    old_workers = {w["pid"] for w in proxy.status().get("workers", [])}
+    assert len(old_workers) == (workers if workers > 1 else 0)
     listeners = await async_wait_until(
         lambda: (
             (ls := proxy.status()["hsms"]["listeners"])
@@ -89,6 +114,7 @@ async def test_takeover_hands_over_each_apps_listener_and_its_tools_pilot_includ
         "both apps' HSMS listeners",
     )
     ports = {a: listeners[a]["port"] for a in apps}
+    assert listener_errors(proxy) == {}
     # drimeap: a tool on Active (v1) and the pilot on Standby (v2); etcheap: one tool (e1).
     tools = await connect_tools(ports["drimeap"], SOURCES[:2])
     tools += await connect_tools(ports["etcheap"], SOURCES[2:3])
@@ -105,6 +131,9 @@ async def test_takeover_hands_over_each_apps_listener_and_its_tools_pilot_includ
         counts = [len(a) for a in load.answered]
         os.kill(old_pid, signal.SIGUSR2)
         new_pid = await _taken_over(proxy, old_pid)
+        await asyncio.to_thread(
+            wait_until, lambda: all(_gone(p) for p in old_workers), 60, "old workers to exit"
+        )
         for k in range(3):
             await load.wait_more(k, counts[k], f"tool {k} answered after the takeover")
         await load.finish()
@@ -113,6 +142,7 @@ async def test_takeover_hands_over_each_apps_listener_and_its_tools_pilot_includ
         sessions_after = [h.sessions for h in hosts]
         listeners_after = proxy.status()["hsms"]["listeners"]
         assert {a: listeners_after[a]["port"] for a in apps} == ports, listeners_after
+        assert listener_errors(proxy) == {}
         # The old process has exited: each app's listener (the same port) takes a new tool.
         for app, src, host in (
             ("drimeap", "127.0.0.6", drim[0]),
@@ -136,7 +166,6 @@ async def test_takeover_hands_over_each_apps_listener_and_its_tools_pilot_includ
     log = proxy.output(20000)
     assert new_pid != old_pid and _gone(old_pid)
     assert load.failures == [], (load.failures[:5], log)
-    assert all(not lst["error"] for lst in listeners_after.values()), listeners_after
     # 0 disconnects: the same connections, never closed or separated, no new Select.
     assert disconnected == [], log
     # The proxy opened each tool's backend session again in the new process, on the same host.
