@@ -1,4 +1,5 @@
-"""A takeover with several EAP apps, each on its own HSMS listener, and a pilot.
+"""A takeover with several EAP apps, each on its own HSMS listener, and a pilot; a takeover
+that moves a listening address.
 
 A real proxy process; raw HSMS hosts and tools in the test process (tests/hsmspeers.py). Tools
 connect from 127.0.0.2, ... so the pilot can name one by its IP address.
@@ -16,9 +17,10 @@ import urllib.request
 import orjson
 import pytest
 
-from ..helpers import async_wait_until, wait_until
+from ..helpers import async_wait_until, instance, registry, wait_until, write_registry
 from ..hsmsload import SOURCES, connect_tools, start_hosts
 from ..hsmspeers import RawHost, RawTool, s6f11_body
+from ..rawhttp import read_response
 from .test_hsms_apps import HSMS_CFG, app_entry, sessions_by_tool, write_apps
 from .test_takeover import _gone, _taken_over
 
@@ -180,3 +182,31 @@ async def test_takeover_hands_over_each_apps_listener_and_its_tools_pilot_includ
                             (SOURCES[2], "etcheap", False)):  # fmt: skip
         assert (before[src]["app"], before[src]["pilot"]) == (app, pilot)
         assert (after[src]["app"], after[src]["pilot"]) == (app, pilot), after[src]
+
+
+async def test_a_takeover_applies_a_changed_listen_address(tmp_path, backend_factory, start_proxy):
+    port = await backend_factory("v1", "i0")
+    reg = tmp_path / "registry.json"
+    write_registry(reg, registry(1, "blue", [instance("b1", "blue", "v1", port)]))
+    proxy = start_proxy(reg)
+    old_pid, old_http = proxy.pid, proxy.http
+    cfg = tmp_path / "proxy.toml"
+    new_http = free_port()
+    cfg.write_text(
+        cfg.read_text().replace(
+            'http_listen = "127.0.0.1:0"', f'http_listen = "127.0.0.1:{new_http}"'
+        )
+    )
+    os.kill(old_pid, signal.SIGUSR2)
+    new_pid = await _taken_over(proxy, old_pid)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", new_http)
+        writer.write(b"GET /info HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await read_response(reader)).status == 200
+        writer.close()
+        with pytest.raises(ConnectionRefusedError):  # the old address went with the old process
+            await asyncio.open_connection("127.0.0.1", old_http)
+        assert "inherited on" in proxy.output(20000)
+    finally:
+        os.kill(new_pid, signal.SIGTERM)
+        await asyncio.to_thread(wait_until, lambda: _gone(new_pid), 30, "proxy to stop")
