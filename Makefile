@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # The venv installs exactly the locked files (pip checks every hash); `make lock` re-resolves.
 LOCKS := requirements-build.lock requirements.lock requirements-dev.lock
 
-.PHONY: venv demo test lint bench sysdeps browser clean bundle lock lock-upgrade
+.PHONY: venv demo test lint bench sysdeps browser clean bundle lock lock-upgrade node-peers
 
 $(STAMP): pyproject.toml $(LOCKS)
 	$(PY) -m venv $(VENV)
@@ -22,10 +22,21 @@ demo: $(STAMP)
 	$(BIN)/zerodown demo
 
 # sysdeps: the benchmark smoke tests need nginx, wrk and valgrind; browser: the dashboard test
-# needs Chromium (each apt-get only if something is missing).
-test: $(STAMP) sysdeps browser
+# needs Chromium; node-peers: the second HSMS peer, secs4js (each apt-get only if something is missing).
+test: $(STAMP) sysdeps browser node-peers
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
+
+# The second HSMS implementation the integration tests use (secs4js, tests/peers/secs4js):
+# `npm ci` from the committed package-lock.json; Debian's nodejs + npm only if node is missing.
+PEERS := tests/peers/secs4js
+$(PEERS)/node_modules/.installed: $(PEERS)/package.json $(PEERS)/package-lock.json
+	@command -v node >/dev/null && command -v npm >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm)
+	cd $(PEERS) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+node-peers: $(PEERS)/node_modules/.installed
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -77,4 +88,4 @@ lock-upgrade:
 	$(MAKE) lock LOCK_ARGS=--upgrade
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info $(PEERS)/node_modules

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .hsms.msglog import config_problem as msglog_problem
+
 
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the key."""
@@ -132,6 +134,16 @@ class HsmsSection:
     # hsms_device_id; unset: the tool's own session id is forwarded unchanged.
     device_id: int | None = None
     max_queued: int = 1000  # tool primaries held per tool while no backend session is selected
+    # Host primaries and replies remembered per tool, to map the header a Stream 9 message
+    # quotes back to the backend session that sent it (hsms/stream9.py).
+    stream9_memory: int = 256
+    # Per-tool message log in SML (hsms/msglog.py): off while message_log_dir is "". Tools:
+    # comma-separated IP addresses or device ids, "" = every tool; max_bytes: per tool address,
+    # all its rotated files together.
+    message_log_dir: str = ""
+    message_log_tools: str = ""
+    message_log_max_bytes: int = 16 * 1024 * 1024
+    message_log_files: int = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -403,6 +415,11 @@ def _check_hsms(h: HsmsSection) -> None:
         raise ConfigError("[hsms] max_message_bytes must be at least 10 (the HSMS header)")
     if h.max_queued < 0:
         raise ConfigError("[hsms] max_queued must be 0 or more")
+    if not 1 <= h.stream9_memory <= 1_000_000:
+        raise ConfigError("[hsms] stream9_memory must be 1..1000000 messages per tool")
+    problem = msglog_problem(h.message_log_files, h.message_log_max_bytes, h.message_log_tools)
+    if problem:
+        raise ConfigError(f"[hsms] {problem}")
     if h.max_partial_bytes < h.max_message_bytes + 4:
         raise ConfigError(
             f"[hsms] max_partial_bytes ({h.max_partial_bytes}) must hold at least one whole "

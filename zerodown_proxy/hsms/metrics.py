@@ -52,6 +52,13 @@ class HsmsMetrics:
             "Replies that matched no open transaction (answered Reject.req reason 3)",
             ("side",),
         )
+        self.stream9 = m.counter(
+            "zerodown_hsms_stream9_total",
+            "Stream 9 from tools, by function and outcome (routed: to the backend session the "
+            "quoted header names; successor: that session was gone, sent to the tool's current "
+            "one; plain: no header inside; unmatched, malformed: not forwarded, logged)",
+            ("function", "outcome"),
+        )
         self.handovers = m.counter(
             "zerodown_hsms_handovers_total", "Tool sessions moved to a new backend on a switch"
         )

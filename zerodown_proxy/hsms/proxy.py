@@ -37,6 +37,7 @@ from .codec import Frame
 from .handover import BackendSessions
 from .listeners import AppListeners
 from .metrics import HsmsMetrics
+from .msglog import MessageLog
 from .session import Close, PeerRejected, Refused
 from .status import status
 from .tool_link import ToolLink
@@ -76,6 +77,7 @@ class HsmsProxy:
         self.batching = False
         self.dirty: list[Any] = []
         self.choice = BackendChoice(cfg, instance_down)
+        self.msglog = MessageLog.from_config(cfg)  # None: off (the default)
         self.sessions = BackendSessions(self)
         self.budget: PartialBudget[ToolLink] = PartialBudget(
             cfg.max_partial_bytes, lambda tool: tool.resume(Pause.LIMIT)
@@ -137,6 +139,8 @@ class HsmsProxy:
         end = time.monotonic() + 1.0
         while self.tools and time.monotonic() < end:
             await asyncio.sleep(0.01)
+        if self.msglog is not None:
+            self.msglog.close()
 
     def flush(self) -> None:
         self.batching = False
@@ -223,6 +227,8 @@ class HsmsProxy:
         self.m.aborted.inc((reason,))
         if f.byte2 & 0x80:
             tool.write(codec.abort_reply(f))
+            if tool.msglog is not None:
+                tool.msglog.proxy_reply(f)
             what = f"answered S{f.byte2 & 0x7F}F0"
         else:
             what = "dropped (no W-bit: nothing to answer)"

@@ -13,7 +13,9 @@ from . import codec
 from .codec import Frame, FrameDecoder
 from .links import Link
 from .loglimit import LogLimiter
+from .msglog import ToolLog
 from .session import Close, Deselected, HsmsSession, PeerRejected, Refused, Selected
+from .stream9 import Recent, route
 from .transactions import Transactions
 
 if TYPE_CHECKING:
@@ -49,7 +51,10 @@ class ToolLink(Link):
         self.queue: deque[Queued] = deque()
         self.queued_bytes = 0
         self.tx: Transactions[BackendLink] = Transactions()
+        self.recent = Recent(cfg.stream9_memory)  # what was sent to it, for Stream 9 headers
         self.sid: int | None = None  # the tool's device id, as seen in its data messages
+        self.addr = "-"
+        self.msglog: ToolLog | None = None  # the message log (msglog.py), None when off
         self.connected_at = time.time()
         self.selected_at: float | None = None
         self.switch_kind = "startup"  # why the next backend session is being opened
@@ -72,6 +77,9 @@ class ToolLink(Link):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "-"
         self.address = canonical_address(peer[0]) if peer else ""
+        self.addr = peer[0] if peer else "-"
+        if self.proxy.msglog is not None:
+            self.msglog = self.proxy.msglog.for_tool(self, self.addr)
         self.proxy.tool_connected(self)
         self.run(self.session.connection_made())
 
@@ -81,6 +89,9 @@ class ToolLink(Link):
         if self.retry is not None:
             self.retry.cancel()
         self.proxy.tool_lost(self, exc)
+        if self.msglog is not None:
+            self.msglog.close()
+            self.msglog = None
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -162,7 +173,7 @@ class ToolLink(Link):
 
     def on_data(self, f: Frame) -> None:
         if f.session_id != self.sid:
-            self.sid = f.session_id
+            self._session_id(f.session_id)
             self.proxy.device_learnt(self)  # a pilot by device id moves before this message
         if not f.byte3 & 1:  # even function: a reply (or SxF0) to a host primary
             rec = self.tx.host_reply(f.system)
@@ -171,6 +182,8 @@ class ToolLink(Link):
                 return
             backend = rec.link
             backend.write(codec.rewrite(f, rec.session_id, rec.system))
+            if self.msglog is not None:
+                self.msglog.up(f, backend, rec.system)
             self.proxy.m.fwd_reply_up.inc()
             if backend.draining:
                 backend.maybe_finish()
@@ -179,11 +192,20 @@ class ToolLink(Link):
             self.holding.append(f.encode())
             return
         self.proxy.router.current()  # a committed switch hands this tool over first
+        if f.byte2 & 0x7F == 9:
+            route(self, f)
+            return
         cur = self.current
         if cur is not None and cur.selected and not self.queue:
             cur.send_primary(f)
         else:
             self.proxy.enqueue(self, f)
+
+    def _session_id(self, sid: int) -> None:
+        self.sid = sid
+        ml = self.proxy.msglog
+        if ml is not None and self.msglog is None:  # a message_log_tools rule by device id
+            self.msglog = ml.for_tool(self, self.addr)
 
     def backends(self) -> list[BackendLink]:
         return ([self.current] if self.current is not None else []) + self.draining
