@@ -210,3 +210,34 @@ async def test_a_takeover_applies_a_changed_listen_address(tmp_path, backend_fac
     finally:
         os.kill(new_pid, signal.SIGTERM)
         await asyncio.to_thread(wait_until, lambda: _gone(new_pid), 30, "proxy to stop")
+
+
+async def test_a_tool_logged_by_device_id_is_still_logged_after_a_takeover(tmp_path, start_proxy):
+    host = RawHost("v1")
+    await host.start()
+    reg = tmp_path / "registry.json"
+    write_registry(reg, registry(1, "blue", [instance("b1", "blue", "v1", 1, hsms=host.port)],
+                                 hsms_device_id=0))  # fmt: skip
+    logdir = tmp_path / "msglog"
+    cfg = f'{HSMS_CFG}message_log_dir = "{logdir}"\nmessage_log_tools = "5"\n'
+    proxy = start_proxy(reg, config=cfg)
+    tool = RawTool(proxy.hsms, device_id=5)
+    new_pid = 0
+    try:
+        await tool.connect()
+        assert await tool.select() == 0
+        assert (await tool.request(6, 11, s6f11_body(1))).function == 12
+        os.kill(proxy.pid, signal.SIGUSR2)
+        new_pid = await _taken_over(proxy, proxy.pid)
+        assert (await tool.request(6, 11, s6f11_body(2))).function == 12
+        path = logdir / "127.0.0.1.sml"
+        await async_wait_until(
+            lambda: path.exists() and "<U4 2>" in path.read_text(), 10, "DATAID 2 logged"
+        )
+        assert not tool.closed.is_set() and not tool.separated
+    finally:
+        await tool.close()
+        await host.stop()
+        if new_pid and not _gone(new_pid):
+            os.kill(new_pid, signal.SIGTERM)
+            await asyncio.to_thread(wait_until, lambda: _gone(new_pid), 30, "proxy to stop")

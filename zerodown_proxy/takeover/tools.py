@@ -152,7 +152,9 @@ class AdoptedToolLink(ToolLink):
         self.connected_at = st.get("connected_at") or self.connected_at
         s = self.session
         if st.get("selected"):
-            self.sid = st.get("sid")
+            sid = st.get("sid")
+            if sid is not None:  # its message log too, when a rule names its device id
+                self._session_id(int(sid))
             s.state = State.SELECTED
             s._system = int(st.get("system") or 0)
             self._cancel(T7)
