@@ -129,6 +129,10 @@ class ProxyServer:
             await self.hsms.start(hsms_host, hsms_port, self.reuse_port, sock=sock)
             ports["hsms"] = self.hsms.port
             self.admin.parts["hsms"] = self.hsms.status
+        # Inherited from a takeover but served by nothing now (an app no longer routed, HSMS
+        # disabled): closed, so a client is refused instead of waiting in a dead backlog.
+        for name in self.listeners.drop_inherited(""):
+            log.info("listener %s inherited but not served here: closed", name)
         if hasattr(self.provider, "set_listen_ports"):
             self.provider.set_listen_ports(ports)
         log.info("listening", extra={"fields": {"ports": ports, "name": self.name}})

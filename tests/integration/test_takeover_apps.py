@@ -241,3 +241,35 @@ async def test_a_tool_logged_by_device_id_is_still_logged_after_a_takeover(tmp_p
         if new_pid and not _gone(new_pid):
             os.kill(new_pid, signal.SIGTERM)
             await asyncio.to_thread(wait_until, lambda: _gone(new_pid), 30, "proxy to stop")
+
+
+async def test_listeners_the_new_process_does_not_serve_are_closed_not_left_to_queue(
+    tmp_path, start_proxy
+):
+    host = RawHost("v1")
+    await host.start()
+    reg = tmp_path / "registry.json"
+    apps = {"drimeap": app_entry("drimeap", "blue", [host], ["v1"], hsms_listen="127.0.0.1:0")}
+    write_apps(reg, 1, apps)
+    proxy = start_proxy(reg, config=HSMS_CFG)
+    app_port = (
+        await async_wait_until(
+            lambda: proxy.status()["hsms"]["listeners"].get("drimeap", {}).get("port"), 10,
+            "drimeap's listener",
+        )
+    )  # fmt: skip
+    old_hsms = proxy.hsms
+    cfg = tmp_path / "proxy.toml"  # HSMS off: a setting that needs a takeover
+    cfg.write_text(cfg.read_text().replace("[hsms]\n", "[hsms]\nenabled = false\n"))
+    os.kill(proxy.pid, signal.SIGUSR2)
+    new_pid = await _taken_over(proxy, proxy.pid)
+    try:
+        assert "hsms" not in proxy.status()
+        for port in (old_hsms, app_port):  # refused, not accepted into a backlog nobody reads
+            with pytest.raises(ConnectionRefusedError):
+                await asyncio.open_connection("127.0.0.1", port)
+        assert "listener hsms:drimeap inherited but not served here: closed" in proxy.output()
+    finally:
+        await host.stop()
+        os.kill(new_pid, signal.SIGTERM)
+        await asyncio.to_thread(wait_until, lambda: _gone(new_pid), 30, "proxy to stop")

@@ -92,9 +92,6 @@ class AppListeners:
                 continue
             lst = self.by_app[app] = AppListener(app, listen)
             await self._bind(lst)
-        if self.sockets is not None:  # inherited from a takeover for an app that is gone now
-            for name in self.sockets.drop_inherited(socket_name("")):
-                log.info("HSMS listener %s inherited but no longer routed: closed", name)
 
     async def _bind(self, lst: AppListener) -> None:
         proxy = self.proxy

@@ -72,7 +72,7 @@ class Listeners:
         if s is not None:
             s.close()
 
-    def drop_inherited(self, prefix: str) -> list[str]:
+    def drop_inherited(self, prefix: str = "") -> list[str]:
         """Close the inherited sockets named `prefix...` that nothing asked for (what they
         served is gone): a connection must be refused, not queued where no one accepts it."""
         names = [n for n in self.inherited if n.startswith(prefix)]
