@@ -129,13 +129,19 @@ class ProxyServer:
 
             hsms_host, hsms_port = parse_addr(cfg.proxy.hsms_listen)
             # New backend sessions skip instances the proxy's own HTTP checks mark down.
+            # Each app's own HSMS listener is kept in self.listeners too ("hsms:<app>").
             self.hsms = HsmsProxy(
-                self.router, cfg.hsms, self.metrics, instance_down=self.checker.is_down
-            )
+                self.router, cfg.hsms, self.metrics, instance_down=self.checker.is_down,
+                sockets=self.listeners,
+            )  # fmt: skip
             sock = self.listeners.get("hsms", hsms_host, hsms_port, self.reuse_port)
-            await self.hsms.start(hsms_host, hsms_port, sock=sock)
+            await self.hsms.start(hsms_host, hsms_port, self.reuse_port, sock=sock)
             ports["hsms"] = self.hsms.port
             self.admin.parts["hsms"] = self.hsms.status
+        # Inherited from a takeover but served by nothing now (an app no longer routed, HSMS
+        # disabled): closed, so a client is refused instead of waiting in a dead backlog.
+        for name in self.listeners.drop_inherited(""):
+            log.info("listener %s inherited but not served here: closed", name)
         if hasattr(self.provider, "set_listen_ports"):
             self.provider.set_listen_ports(ports)
         log.info("listening", extra={"fields": {"ports": ports, "name": self.name}})

@@ -9,6 +9,10 @@ Listeners follow the routing snapshot: a new app (or a new address) is bound aft
 brings it, one that disappears stops accepting (its connected tools stay; with no routing they
 wait as any tool without a backend does). A bind failure is logged and reported in /v1/status
 (`hsms.listeners.<app>.error`), and retried on the next snapshot that still names it.
+
+With the server's socket registry (takeover/listeners.py) each listener's socket is registered
+as "hsms:<app>": a takeover hands it to the new process, which serves on it instead of binding
+(the old process still holds the address); tools in the backlog are accepted by the new one.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from .tool_link import ToolLink
 
 if TYPE_CHECKING:
     from ..routing import Snapshot
+    from ..takeover.listeners import Listeners
     from .proxy import HsmsProxy
 
 log = logging.getLogger("zerodown.hsms")
@@ -37,17 +42,28 @@ class AppListener:
     error: str | None = None
 
 
+def socket_name(app: str) -> str:
+    """The name of `app`'s listening socket in the server's registry (and in a takeover)."""
+    return f"hsms:{app}"
+
+
 class AppListeners:
-    def __init__(self, proxy: HsmsProxy) -> None:
+    def __init__(self, proxy: HsmsProxy, sockets: Listeners | None = None) -> None:
         self.proxy = proxy
+        self.sockets = sockets  # the server's registry; None: bound here, not handed over
         self.reuse_port = False
+        self.accepting = True  # False once closed (shutdown, or handed to a new process)
         self.by_app: dict[str, AppListener] = {}
         self._task: asyncio.Task[None] | None = None
         self._again = False
 
     def on_snapshot(self, old: Snapshot, new: Snapshot) -> None:
         failed = any(lst.error for lst in self.by_app.values())
-        if self.proxy.closing or (old.hsms_listeners() == new.hsms_listeners() and not failed):
+        if (
+            not self.accepting
+            or self.proxy.closing
+            or (old.hsms_listeners() == new.hsms_listeners() and not failed)
+        ):
             return
         if self._task is not None and not self._task.done():
             self._again = True  # one reconcile at a time; the latest snapshot wins
@@ -69,6 +85,8 @@ class AppListeners:
                 self._close(lst)
                 del self.by_app[app]
         for app, listen in wanted.items():
+            if not self.accepting:
+                return
             lst = self.by_app.get(app)
             if lst is not None and lst.server is not None:
                 continue
@@ -79,21 +97,27 @@ class AppListeners:
         proxy = self.proxy
         try:
             host, port = parse_addr(lst.listen)
-            lst.server = await proxy.loop.create_server(
-                lambda: ToolLink(proxy, lst.app),
-                host,
-                port,
-                backlog=1024,
-                reuse_address=True,
-                reuse_port=self.reuse_port or None,
-            )
+            if self.sockets is not None:
+                sock = self.sockets.get(socket_name(lst.app), host, port, self.reuse_port)
+                lst.server = await proxy.loop.create_server(
+                    lambda: ToolLink(proxy, lst.app), sock=sock
+                )
+            else:
+                lst.server = await proxy.loop.create_server(
+                    lambda: ToolLink(proxy, lst.app),
+                    host,
+                    port,
+                    backlog=1024,
+                    reuse_address=True,
+                    reuse_port=self.reuse_port or None,
+                )
         except (OSError, ConfigError) as exc:
             lst.error = f"cannot listen on {lst.listen}: {getattr(exc, 'strerror', None) or exc}"
             log.error("app %s: HSMS %s", lst.app, lst.error,
                       extra={"fields": {"event": "hsms_listen_failed", "app": lst.app,
                                         "listen": lst.listen, "error": lst.error}})  # fmt: skip
             return
-        if proxy.closing:  # shutdown began while it was being bound
+        if proxy.closing or not self.accepting:  # stopped while it was being bound
             self._close(lst)
             return
         lst.port = lst.server.sockets[0].getsockname()[1]
@@ -102,14 +126,17 @@ class AppListeners:
                  extra={"fields": {"event": "hsms_listening", "app": lst.app,
                                    "listen": lst.listen, "port": lst.port}})  # fmt: skip
 
-    @staticmethod
-    def _close(lst: AppListener) -> None:
+    def _close(self, lst: AppListener) -> None:
         if lst.server is not None:
             lst.server.close()
             lst.server = None
+            if self.sockets is not None:
+                self.sockets.release(socket_name(lst.app))
             log.info("app %s: HSMS listener %s closed", lst.app, lst.listen)
 
     def close(self) -> None:
+        """Stop accepting for good (shutdown, or a takeover: the new process has the sockets)."""
+        self.accepting = False
         for lst in self.by_app.values():
             self._close(lst)
 

@@ -23,7 +23,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import HsmsSection
 from ..flow import Pause
@@ -42,6 +42,9 @@ from .session import Close, PeerRejected, Refused
 from .status import status
 from .tool_link import ToolLink
 
+if TYPE_CHECKING:
+    from ..takeover.listeners import Listeners
+
 log = logging.getLogger("zerodown.hsms")
 
 
@@ -56,9 +59,12 @@ class HsmsProxy:
         cfg: HsmsSection,
         metrics: Registry,
         instance_down: Callable[[Instance], bool] = never_down,
+        sockets: Listeners | None = None,
     ) -> None:
         """`instance_down(instance)`: True for an instance that new backend sessions must skip
-        (the proxy's own health checks); consulted each time a session is opened."""
+        (the proxy's own health checks); consulted each time a session is opened. `sockets`:
+        the server's listening-socket registry, where each app's own listener is kept (so a
+        takeover hands it over); None: they are bound here only."""
         self.router = router
         self.cfg = cfg
         self.loop = asyncio.get_event_loop()
@@ -87,7 +93,7 @@ class HsmsProxy:
             pilots=lambda: sum(1 for t in tools if t.pilot),
         )
         router.subscribe(self.sessions.on_snapshot)
-        self.listeners = AppListeners(self)
+        self.listeners = AppListeners(self, sockets)
         router.subscribe(self.listeners.on_snapshot)
 
     # -- lifecycle ----------------------------------------------------------------------------

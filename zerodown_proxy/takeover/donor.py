@@ -216,8 +216,10 @@ class Donor:
         if srv.admin is not None and getattr(srv.admin, "site", None) is not None:
             await srv.admin.site.stop()
         hsms = srv.hsms
-        if hsms is not None and hsms._server is not None:
-            hsms._server.close()
+        if hsms is not None:
+            if hsms._server is not None:
+                hsms._server.close()
+            hsms.listeners.close()  # each app's own listener: the new process accepts now
         http_task = (
             asyncio.get_running_loop().create_task(http_drain.drain(srv.http, grace))
             if srv.http is not None

@@ -5,13 +5,30 @@ A component asks for its socket with `get(name, host, port, reuse_port)`: the on
 the process it replaces when there is one with that name, else a new one bound here. It gives
 the event loop a duplicate (the loop closes what it is given when it stops serving) and this
 registry keeps the original until `close()`: what a takeover sends are these originals.
+An inherited socket bound elsewhere than asked (the address was changed: a configuration that
+needs a takeover, an app's `hsms_listen`) is closed and a new one bound at the new address.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import socket
 
+log = logging.getLogger("zerodown.takeover")
+
 BACKLOG = 2048
+
+
+def bound_at(s: socket.socket, host: str, port: int) -> bool:
+    """`s` listens where host:port asks (port 0: any port; a host name: any address)."""
+    at_host, at_port = s.getsockname()[:2]
+    if port and port != at_port:
+        return False
+    try:
+        return ipaddress.ip_address(host) == ipaddress.ip_address(at_host)
+    except ValueError:
+        return True
 
 
 def bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
@@ -38,11 +55,30 @@ class Listeners:
     def get(self, name: str, host: str, port: int, reuse_port: bool = False) -> socket.socket:
         """A duplicate of listening socket `name`, for the event loop to serve on."""
         s = self.inherited.pop(name, None)
+        if s is not None and not bound_at(s, host, port):
+            log.info("listener %s: inherited on %s, now asked for %s:%d: bound anew", name,
+                     s.getsockname()[:2], host, port)  # fmt: skip
+            s.close()
+            s = None
         if s is None:
             s = bind(host, port, reuse_port)
         s.setblocking(False)
         self.sockets[name] = s
         return s.dup()
+
+    def release(self, name: str) -> None:
+        """Close listening socket `name` (its component no longer serves it)."""
+        s = self.sockets.pop(name, None)
+        if s is not None:
+            s.close()
+
+    def drop_inherited(self, prefix: str = "") -> list[str]:
+        """Close the inherited sockets named `prefix...` that nothing asked for (what they
+        served is gone): a connection must be refused, not queued where no one accepts it."""
+        names = [n for n in self.inherited if n.startswith(prefix)]
+        for n in names:
+            self.inherited.pop(n).close()
+        return names
 
     def fds(self) -> tuple[list[str], list[int]]:
         names = list(self.sockets)

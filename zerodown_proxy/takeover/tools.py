@@ -104,6 +104,7 @@ def export(proxy: HsmsProxy, tool: ToolLink) -> tuple[dict[str, Any], int, bytes
     s = tool.session
     state = {
         "peer": tool.peer,
+        "app": tool.app,  # its listener's app (None: [proxy] hsms_listen's), for good
         "selected": s.selected,
         "sid": tool.sid,
         "system": s._system,
@@ -140,7 +141,7 @@ class AdoptedToolLink(ToolLink):
     """A tool connection received from the process this one replaces."""
 
     def __init__(self, proxy: HsmsProxy, state: dict[str, Any], pending: bytes) -> None:
-        super().__init__(proxy)
+        super().__init__(proxy, state.get("app"))
         self.state = state
         self.pending = pending
 
@@ -151,7 +152,9 @@ class AdoptedToolLink(ToolLink):
         self.connected_at = st.get("connected_at") or self.connected_at
         s = self.session
         if st.get("selected"):
-            self.sid = st.get("sid")
+            sid = st.get("sid")
+            if sid is not None:  # its message log too, when a rule names its device id
+                self._session_id(int(sid))
             s.state = State.SELECTED
             s._system = int(st.get("system") or 0)
             self._cancel(T7)
