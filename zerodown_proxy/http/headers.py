@@ -69,33 +69,31 @@ def upstream_head(
     request_id = b""
     upgrade = b""
     ap = parts.append
-    for (name, value), ln in zip(headers, lnames, strict=True):
+    for field, ln in zip(headers, lnames, strict=True):
         if ln in drop:
             if ln == b"upgrade":
-                upgrade = value
+                upgrade = field[1]
         elif ln[0] != 120 and ln != b"host":  # not x-...: forwarded as is (the common case)
-            ap(name)
-            ap(b": ")
-            ap(value)
-            ap(b"\r\n")
+            ap(b"%s: %s\r\n" % field)  # one format: half the cost of four appends
         elif ln == b"host":
             continue  # re-added below from the frame
         elif ln == b"x-forwarded-for":
-            xff = xff + b", " + value if xff else value
+            xff = xff + b", " + field[1] if xff else field[1]
         elif ln == PREVIEW_HEADER or ln == TOKEN_HEADER or ln.startswith(b"x-forwarded-"):
             continue
         else:
             if ln == b"x-request-id":
-                request_id = value
-            ap(b"%s: %s\r\n" % (name, value))
+                request_id = field[1]
+            ap(b"%s: %s\r\n" % field)
     # HTTP/1.0 clients may omit Host; backends speaking 1.1 require it.
     host = frame.host or default_host
-    parts.append(b"Host: %s\r\n" % host)
-    if not request_id:
+    if request_id:
+        ap(b"Host: %s\r\n" % host)
+    else:
         request_id = new_request_id()
-        parts.append(b"X-Request-Id: %s\r\n" % request_id)
-    parts.append(b"X-Forwarded-For: %s\r\n" % (xff + b", " + peer if xff else peer))
-    parts.append(b"X-Forwarded-Proto: http\r\nX-Forwarded-Host: %s\r\n" % host)
+        ap(b"Host: %s\r\nX-Request-Id: %s\r\n" % (host, request_id))
+    ap(b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: %s\r\n"
+       % (xff + b", " + peer if xff else peer, host))  # fmt: skip
     if frame.body == CHUNKED:
         parts.append(b"Transfer-Encoding: chunked\r\n")
     if frame.upgrade and upgrade:
