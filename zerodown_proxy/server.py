@@ -4,6 +4,7 @@ the admin API into one process, and shuts it down gracefully on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -48,6 +49,11 @@ class ProxyServer:
         self.admin: AdminApi | None = None
         self.provider: Any = None
         self.stopped = asyncio.Event()
+        self.metrics.gauge(
+            "zerodown_gc_frozen_objects",
+            "Objects moved out of the cyclic GC's reach after start-up (gc.freeze)",
+            fn=gc.get_freeze_count,
+        )
 
     async def start(self) -> dict[str, int]:
         cfg = self.cfg
@@ -123,6 +129,23 @@ class ProxyServer:
         self.stopped.set()
 
 
+# Thresholds after start-up. The data path frees its per-request objects by reference counting
+# (the only cycles are one per closed connection: a client and its last exchange), so a young
+# collection every 700 allocations (the default) finds almost nothing and only costs time per
+# request; collecting every 50,000 keeps that garbage small, and the older generations are
+# scanned less often too.
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def settle_gc() -> None:
+    """After start-up: collect once, then move every object alive now (modules, config, the
+    routing snapshot, listeners) into the permanent generation, so no later collection walks
+    them again (gc.freeze, as Instagram does for its forked workers), and collect less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 async def serve(
     cfg: Config,
     ready_file: str | None = None,
@@ -131,6 +154,7 @@ async def serve(
 ) -> int:
     server = ProxyServer(cfg, reuse_port, supervisor_admin)
     ports = await server.start()
+    settle_gc()
     if ready_file:
         tmp = Path(ready_file + ".tmp")
         tmp.write_bytes(orjson.dumps(ports))

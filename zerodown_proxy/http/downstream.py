@@ -21,6 +21,7 @@ from ..flow import FlowControl, Pause
 from .cycle import BUFFER_LIMIT, RequestCycle
 from .framing import HOP_BY_HOP, NO_BODY, Refusal, RequestFrame, request_frame
 from .headers import error_response
+from .overload import RETRY_AFTER
 
 if TYPE_CHECKING:
     from .proxy import HttpProxy
@@ -105,7 +106,7 @@ class ClientProtocol(asyncio.Protocol):
             # so the fd comes back at once and the client knows why (see README, HTTP limits).
             self.closing = True
             self.flow.pause_reading(Pause.LIMIT)
-            transport.write(error_response(503, refusal, close=True))  # type: ignore[attr-defined]
+            transport.write(error_response(503, refusal, True, retry_after=RETRY_AFTER))  # type: ignore[attr-defined]
             transport.close()
             return
         self.admitted = True
@@ -281,13 +282,15 @@ class ClientProtocol(asyncio.Protocol):
                 self.flow.resume_reading(Pause.PIPELINE)
             self.dispatch(nxt)
 
-    def respond_error(self, cycle: RequestCycle, status: int, message: str) -> None:
+    def respond_error(
+        self, cycle: RequestCycle, status: int, message: str, retry_after: int = 0
+    ) -> None:
         """Answer `cycle` from the proxy itself (502/503/504/413...)."""
         cycle.status = status
         close = not cycle.request_done or not cycle.keep_alive or self.proxy.draining
         if close:
             cycle.keep_alive = False
-        self.write(error_response(status, message, close, cycle.request_id))
+        self.write(error_response(status, message, close, cycle.request_id, retry_after))
         if cycle is self.current:
             self.response_complete(cycle)
 

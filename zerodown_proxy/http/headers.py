@@ -31,8 +31,11 @@ STATUS_REASONS = {
 }
 
 
-def error_response(status: int, message: str, close: bool, request_id: str = "") -> bytes:
-    """A complete plain-text error response the proxy itself produces."""
+def error_response(
+    status: int, message: str, close: bool, request_id: str = "", retry_after: int = 0
+) -> bytes:
+    """A complete plain-text error response the proxy itself produces (`retry_after`: seconds
+    for a Retry-After field, on the 503s of overload)."""
     body = (message.rstrip("\n") + "\n").encode()
     head = [
         b"HTTP/1.1 %d %s\r\n" % (status, STATUS_REASONS.get(status, b"Error")),
@@ -42,6 +45,8 @@ def error_response(status: int, message: str, close: bool, request_id: str = "")
     ]
     if request_id:
         head.append(b"X-Request-Id: " + request_id.encode() + b"\r\n")
+    if retry_after:
+        head.append(b"Retry-After: %d\r\n" % retry_after)
     if close:
         head.append(b"Connection: close\r\n")
     head.append(b"\r\n")

@@ -29,6 +29,7 @@ from .cycle import RequestCycle
 from .downstream import ClientProtocol
 from .framing import LENGTH, RequestFrame
 from .headers import PREVIEW_HEADER, TOKEN_HEADER, upstream_head
+from .overload import RETRY_AFTER, WaitQueue
 from .pool import IdlePool
 from .timeouts import sweep_forever
 from .upstream import UpstreamProtocol
@@ -56,6 +57,10 @@ class HttpProxy:
         self.pool_release = pool.release
         self.pool_discard = pool.discard
         self.balancer = Balancer(cfg, metrics)
+        # Overload: at most max_requests_per_instance per instance, the rest wait (bounded).
+        self.queue = WaitQueue(cfg, metrics)
+        self.balancer.waiting = self.queue.waiting
+        self.balancer.on_free = self.queue.freed
         self.draining = False
         self.port = 0
         self._rid_prefix = os.urandom(4).hex().encode()
@@ -91,6 +96,7 @@ class HttpProxy:
             reuse_port=reuse_port or None,
         )
         self.port = self._server.sockets[0].getsockname()[1]
+        self.queue.start(self.loop, self._send)
         self._sweeper = self.loop.create_task(sweep_forever(self))
 
     async def close(self, grace: float) -> None:
@@ -169,7 +175,9 @@ class HttpProxy:
     def _attempt(self, cycle: RequestCycle) -> None:
         app = cycle.app
         assert app is not None
-        inst = self.balancer.pick(app.standby if cycle.preview else app.active, cycle.tried)
+        group = app.standby if cycle.preview else app.active
+        bal = self.balancer
+        inst = bal.pick(group, cycle.tried)
         if inst is None:
             if cycle.preview:
                 msg = f"app {app.name}: Standby group {app.standby_group} has no healthy instance"
@@ -177,12 +185,44 @@ class HttpProxy:
                 msg = f"app {app.name}: Active group {app.active_group} has no healthy instance"
             cycle.client.respond_error(cycle, 503, msg)
             return
+        queue = self.queue
+        limit = queue.limit
+        if limit and (
+            bal.inflight.get(inst.http_key, 0) >= limit
+            or (queue.waiting and (app.name, cycle.preview) in queue.waiting)
+        ):
+            self._no_room(cycle, group)
+            return
+        self._send(cycle, inst)
+
+    def _no_room(self, cycle: RequestCycle, group: tuple[Instance, ...]) -> None:
+        """The picked instance is at max_requests_per_instance: another with room, else wait
+        behind the requests already waiting (FIFO), else shed."""
+        app = cycle.app
+        assert app is not None
+        queue = self.queue
+        bal = self.balancer
+        inst = None
+        if (app.name, cycle.preview) not in queue.waiting:
+            inst = queue.room(group, bal.inflight, queue.limit, bal.avoid, cycle.tried)
+        if inst is not None:
+            self._send(cycle, inst)
+            return
+        prev, cycle.instance = cycle.instance, None
+        if prev is not None:
+            bal.finished(prev, 0)  # a retry: its failed attempt holds no slot while it waits
+        if not queue.wait(cycle, time.monotonic()):
+            queue.shed(cycle, "queue_full")
+
+    def _send(self, cycle: RequestCycle, inst: Instance) -> None:
+        """Send `cycle` to `inst`: on a pooled connection, else a new one."""
         prev = cycle.instance
         if prev is not None:
             self.balancer.finished(prev, 0)
         cycle.instance = inst
+        # A retry when an attempt came before (it may have waited in the queue since).
+        self.balancer.started(inst, retry=bool(cycle.tried))
         cycle.tried.append(inst)
-        self.balancer.started(inst, retry=prev is not None)
         conns = self.idle.get(inst.http_key)
         while conns:
             up = conns.pop()
@@ -199,7 +239,7 @@ class HttpProxy:
             cycle.instance = None
             cycle.client.respond_error(
                 cycle, 503, f"the proxy has no file descriptor left for a backend connection "
-                            f"(budget {cap.fd_budget}); try again later",
+                            f"(budget {cap.fd_budget}); try again later", RETRY_AFTER,
             )  # fmt: skip
             return
         cap.upstreams += 1

@@ -1,8 +1,8 @@
 """Every timeout of the HTTP side, checked by one periodic sweep (no timer per request).
 
 Client: header, idle and read timeouts. Upstream: first byte and between-bytes read timeouts.
-The idle pool's upstream_idle_timeout, the capacity's open-files limit and the balancer's
-ejection decay are refreshed on the same tick.
+The idle pool's upstream_idle_timeout, the overload queue's max_queue_time, the capacity's
+open-files limit and the balancer's ejection decay are refreshed on the same tick.
 """
 
 from __future__ import annotations
@@ -60,5 +60,8 @@ def sweep(proxy: HttpProxy, now: float) -> None:
         elif c.idle() and now - c.last_activity > cfg.client_idle_timeout:
             c.close()
     proxy.pool.expire(now - cfg.upstream_idle_timeout)
+    if proxy.queue.waiting:
+        for cycle in proxy.queue.expire(now):
+            proxy.queue.shed(cycle, "queue_timeout")
     proxy.capacity.resize(nofile_limit())
     proxy.balancer.sweep(now)
