@@ -18,6 +18,7 @@ The expiry runs on the timeout sweep's tick, so a shed request waited at most
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -40,7 +41,8 @@ class WaitQueue:
     __slots__ = ("limit", "max_wait", "waiting", "m_shed", "_loop", "_drain", "_scheduled")
 
     def __init__(self, cfg: HttpSection, metrics: Registry) -> None:
-        self.limit = cfg.max_requests_per_instance  # 0: no limit (nothing ever waits)
+        # 0: no limit (nothing ever waits); a number never reached keeps one test on the hot path.
+        self.limit = cfg.max_requests_per_instance or sys.maxsize
         self.max_wait = cfg.max_queue_time
         self.waiting: dict[tuple[str, bool], deque[tuple[float, RequestCycle]]] = {}
         self.m_shed = metrics.counter(

@@ -96,7 +96,7 @@ class HttpProxy:
             reuse_port=reuse_port or None,
         )
         self.port = self._server.sockets[0].getsockname()[1]
-        self.queue.start(self.loop, self._send)
+        self.queue.start(self.loop, self._attempt)
         self._sweeper = self.loop.create_task(sweep_forever(self))
 
     async def close(self, grace: float) -> None:
@@ -172,56 +172,35 @@ class HttpProxy:
         cycle.app = app
         self._attempt(cycle)
 
-    def _attempt(self, cycle: RequestCycle) -> None:
-        app = cycle.app
-        assert app is not None
-        group = app.standby if cycle.preview else app.active
+    def _attempt(self, cycle: RequestCycle, inst: Instance | None = None) -> None:
+        """Pick an instance and send `cycle` to it (`inst`: already picked, by the queue)."""
         bal = self.balancer
-        inst = bal.pick(group, cycle.tried)
         if inst is None:
-            if cycle.preview:
-                msg = f"app {app.name}: Standby group {app.standby_group} has no healthy instance"
-            else:
-                msg = f"app {app.name}: Active group {app.active_group} has no healthy instance"
-            cycle.client.respond_error(cycle, 503, msg)
-            return
-        queue = self.queue
-        limit = queue.limit
-        if limit and (
-            bal.inflight.get(inst.http_key, 0) >= limit
-            or (queue.waiting and (app.name, cycle.preview) in queue.waiting)
-        ):
-            self._no_room(cycle, group)
-            return
-        self._send(cycle, inst)
-
-    def _no_room(self, cycle: RequestCycle, group: tuple[Instance, ...]) -> None:
-        """The picked instance is at max_requests_per_instance: another with room, else wait
-        behind the requests already waiting (FIFO), else shed."""
-        app = cycle.app
-        assert app is not None
-        queue = self.queue
-        bal = self.balancer
-        inst = None
-        if (app.name, cycle.preview) not in queue.waiting:
-            inst = queue.room(group, bal.inflight, queue.limit, bal.avoid, cycle.tried)
-        if inst is not None:
-            self._send(cycle, inst)
-            return
-        prev, cycle.instance = cycle.instance, None
-        if prev is not None:
-            bal.finished(prev, 0)  # a retry: its failed attempt holds no slot while it waits
-        if not queue.wait(cycle, time.monotonic()):
-            queue.shed(cycle, "queue_full")
-
-    def _send(self, cycle: RequestCycle, inst: Instance) -> None:
-        """Send `cycle` to `inst`: on a pooled connection, else a new one."""
+            app = cycle.app
+            assert app is not None
+            group = app.standby if cycle.preview else app.active
+            inst = bal.pick(group, cycle.tried)
+            if inst is None:
+                role, name = (
+                    ("Standby", app.standby_group)
+                    if cycle.preview
+                    else ("Active", app.active_group)
+                )
+                cycle.client.respond_error(
+                    cycle, 503, f"app {app.name}: {role} group {name} has no healthy instance"
+                )
+                return
+            queue = self.queue
+            if queue.waiting or bal.inflight.get(inst.http_key, 0) >= queue.limit:
+                inst = self._no_room(cycle, group)
+                if inst is None:
+                    return
         prev = cycle.instance
         if prev is not None:
-            self.balancer.finished(prev, 0)
+            bal.finished(prev, 0)
         cycle.instance = inst
         # A retry when an attempt came before (it may have waited in the queue since).
-        self.balancer.started(inst, retry=bool(cycle.tried))
+        bal.started(inst, retry=bool(cycle.tried))
         cycle.tried.append(inst)
         conns = self.idle.get(inst.http_key)
         while conns:
@@ -231,6 +210,25 @@ class HttpProxy:
                 up.attach(cycle)
                 return
         self._connect(cycle, inst)
+
+    def _no_room(self, cycle: RequestCycle, group: tuple[Instance, ...]) -> Instance | None:
+        """Requests are waiting, or the picked instance is at max_requests_per_instance: another
+        instance with room, or None: `cycle` waits behind the others (FIFO) or, with
+        max_queue_time 0, is shed."""
+        app = cycle.app
+        assert app is not None
+        queue = self.queue
+        bal = self.balancer
+        if (app.name, cycle.preview) not in queue.waiting:
+            inst = queue.room(group, bal.inflight, queue.limit, bal.avoid, cycle.tried)
+            if inst is not None:
+                return inst
+        prev, cycle.instance = cycle.instance, None
+        if prev is not None:
+            bal.finished(prev, 0)  # a retry: its failed attempt holds no slot while it waits
+        if not queue.wait(cycle, time.monotonic()):
+            queue.shed(cycle, "queue_full")
+        return None
 
     def _connect(self, cycle: RequestCycle, inst: Instance) -> None:
         cap = self.capacity
