@@ -5,6 +5,8 @@ proxy serves normally as soon as the load is gone. Also: the GC settled after st
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 
 from ..helpers import instance, registry, write_registry
@@ -129,3 +131,21 @@ def test_gc_is_frozen_after_start_up(tmp_path, start_proxy):
     write_registry(tmp_path / "registry.json", registry(1, "blue", []))
     proxy = start_proxy()
     assert metric(proxy, "zerodown_gc_frozen_objects") > 10_000
+
+
+def test_event_loop_lag_is_measured(tmp_path, start_proxy):
+    write_registry(tmp_path / "registry.json", registry(1, "blue", []))
+    proxy = start_proxy()
+
+    def late_sweeps() -> float:  # sweeps that ran more than 0.5 s late
+        le = metric(proxy, 'zerodown_http_loop_lag_seconds_bucket{le="0.5"}')
+        return metric(proxy, "zerodown_http_loop_lag_seconds_count") - le
+
+    before = late_sweeps()
+    os.kill(proxy.proc.pid, signal.SIGSTOP)  # the loop is held: the next sweep runs ~1 s late
+    time.sleep(1.0)
+    os.kill(proxy.proc.pid, signal.SIGCONT)
+    deadline = time.monotonic() + 10
+    while late_sweeps() == before:
+        assert time.monotonic() < deadline, "no sweep ran late after the proxy was stopped 1 s"
+        time.sleep(0.1)

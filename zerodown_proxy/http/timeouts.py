@@ -23,10 +23,16 @@ SWEEP_INTERVAL = 0.25
 
 
 async def sweep_forever(proxy: HttpProxy) -> None:
+    due = time.monotonic() + SWEEP_INTERVAL
     while True:
-        await asyncio.sleep(SWEEP_INTERVAL)
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        now = time.monotonic()
+        # How late this tick runs is how long the event loop kept everything else waiting
+        # (a saturated CPU, a long callback): bytes in socket buffers wait that long too.
+        proxy.acc.m_loop_lag.observe(max(0.0, now - due))
+        due = now + SWEEP_INTERVAL
         try:
-            sweep(proxy, time.monotonic())
+            sweep(proxy, now)
         except Exception:
             log.exception("timeout sweep failed")
 
