@@ -237,7 +237,11 @@ class ClientProtocol(asyncio.Protocol):
         cycle = self.proxy.prepare(self, method, frame, self._headers, self._lnames)  # type: ignore[arg-type]
         self.receiving = self.last = cycle
         if self.current is None:
-            self.dispatch(cycle)
+            if cycle.local is None:  # dispatch(), inline for the common case
+                self.current = cycle
+                self.proxy.send_request(cycle)
+            else:
+                self.dispatch(cycle)
         else:
             self.queue.append(cycle)
             if len(self.queue) >= PIPELINE_LIMIT:
