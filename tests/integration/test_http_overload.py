@@ -9,7 +9,7 @@ import os
 import signal
 import time
 
-from ..helpers import instance, registry, write_registry
+from ..helpers import async_wait_until, instance, registry, write_registry
 from ..rawhttp import read_response
 from .test_http_limits import metric
 
@@ -20,7 +20,9 @@ class SerialBackend:
     """Answers one request at a time (a saturated app server): a request waits for the ones
     before it. Records how many requests were inside it at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: bytes = b"ok", gate: asyncio.Event | None = None) -> None:
+        self.name = name
+        self.gate = gate  # when given, every answer waits for it to be set
         self.port = 0
         self.inside = 0
         self.most_inside = 0
@@ -47,9 +49,12 @@ class SerialBackend:
                 self.most_inside = max(self.most_inside, self.inside)
                 async with self._lock:
                     await asyncio.sleep(SERVICE_TIME)
+                    if self.gate is not None:
+                        await self.gate.wait()
                 self.inside -= 1
                 self.served += 1
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(self.name), self.name))  # fmt: skip
                 await writer.drain()
         finally:
             writer.close()
@@ -125,6 +130,35 @@ async def test_max_queue_time_zero_sheds_at_once(tmp_path, start_proxy):
         statuses.count(503)
     )
     await backend.stop()
+
+
+async def test_a_request_waiting_across_a_switch_goes_to_the_new_group(tmp_path, start_proxy):
+    gate = asyncio.Event()
+    blue, green = SerialBackend(b"blue", gate), SerialBackend(b"green")
+    await blue.start()
+    await green.start()
+    reg = tmp_path / "registry.json"
+    both = [instance("b", "blue", "v1", blue.port), instance("g", "green", "v2", green.port)]
+    write_registry(reg, registry(1, "blue", both))
+    proxy = start_proxy(
+        reg,
+        "[http]\nmax_requests_per_instance = 1\nmax_queue_time = 30\n"
+        "[outlier_detection]\nenabled = false",
+    )
+    first = asyncio.ensure_future(_one(proxy.http))  # holds blue's only slot until the gate
+    await async_wait_until(lambda: blue.inside == 1, 10, "the first request at blue")
+    second = asyncio.ensure_future(_one(proxy.http))  # waits in the proxy's queue
+    await async_wait_until(
+        lambda: metric(proxy, "zerodown_http_queued_requests") == 1, 10, "a queued request"
+    )
+    write_registry(reg, registry(2, "green", both))
+    await asyncio.to_thread(proxy.wait_generation, 2, 10)
+    gate.set()  # blue finishes the first request: the waiting one gets room...
+    assert (await asyncio.wait_for(first, 30))[3] == b"blue"
+    # ... and is routed again: the switch happened while it waited, so green answers it.
+    assert (await asyncio.wait_for(second, 30))[3] == b"green"
+    await blue.stop()
+    await green.stop()
 
 
 def test_gc_is_frozen_after_start_up(tmp_path, start_proxy):

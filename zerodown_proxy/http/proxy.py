@@ -96,7 +96,7 @@ class HttpProxy:
             reuse_port=reuse_port or None,
         )
         self.port = self._server.sockets[0].getsockname()[1]
-        self.queue.start(self.loop, self._attempt)
+        self.queue.start(self.loop, self._resume)
         self._sweeper = self.loop.create_task(sweep_forever(self))
 
     async def close(self, grace: float) -> None:
@@ -210,6 +210,17 @@ class HttpProxy:
                 up.attach(cycle)
                 return
         self._connect(cycle, inst)
+
+    def _resume(self, cycle: RequestCycle, inst: Instance) -> None:
+        """A waiting request has room on `inst`; if the routing changed while it waited (a
+        switch), it is routed again instead, as a request arriving now (it may wait once more)."""
+        router = self.router
+        snap = router.snapshot if router.pending is None else router.current()
+        app = cycle.app
+        if app is not None and snap.apps.get(app.name) is app:
+            self._attempt(cycle, inst)
+        else:
+            self.send_request(cycle)
 
     def _no_room(self, cycle: RequestCycle, group: tuple[Instance, ...]) -> Instance | None:
         """Requests are waiting, or the picked instance is at max_requests_per_instance: another
