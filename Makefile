@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # The venv installs exactly the locked files (pip checks every hash); `make lock` re-resolves.
 LOCKS := requirements-build.lock requirements.lock requirements-dev.lock
 
-.PHONY: venv demo test lint bench sysdeps clean bundle lock lock-upgrade
+.PHONY: venv demo test lint bench sysdeps browser clean bundle lock lock-upgrade node-peers
 
 $(STAMP): pyproject.toml $(LOCKS)
 	$(PY) -m venv $(VENV)
@@ -21,18 +21,41 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/zerodown demo
 
-test: $(STAMP)
+# sysdeps: the benchmark smoke tests need nginx, wrk and valgrind; browser: the dashboard test
+# needs Chromium; node-peers: the second HSMS peer, secs4js (each apt-get only if something is missing).
+test: $(STAMP) sysdeps browser node-peers
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
+
+# The second HSMS implementation the integration tests use (secs4js, tests/peers/secs4js):
+# `npm ci` from the committed package-lock.json; Debian's nodejs + npm only if node is missing.
+PEERS := tests/peers/secs4js
+$(PEERS)/node_modules/.installed: $(PEERS)/package.json $(PEERS)/package-lock.json
+	@command -v node >/dev/null && command -v npm >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm)
+	cd $(PEERS) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+node-peers: $(PEERS)/node_modules/.installed
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Debian packages used by the benchmarks (nginx, wrk, h2load) as the side-by-side reference.
+# Debian packages used by the benchmarks (nginx, wrk, h2load) as the side-by-side reference,
+# valgrind for `zerodown bench instructions` (callgrind) and taskset (util-linux) for pinning.
 sysdeps:
-	@command -v nginx >/dev/null && command -v wrk >/dev/null && command -v h2load >/dev/null || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk nghttp2-client)
+	@command -v nginx >/dev/null && command -v wrk >/dev/null && command -v h2load >/dev/null \
+	  && command -v valgrind >/dev/null && command -v taskset >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk \
+	    nghttp2-client valgrind util-linux)
+
+# Headless Chromium and its WebDriver for the dashboard's browser test (Debian packages); the
+# test skips, saying why, only when they cannot be installed here.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) || \
+	  echo "warning: could not install chromium and chromium-driver: the browser tests will skip"
 
 bench: $(STAMP) sysdeps
 	$(BIN)/zerodown bench all
@@ -65,4 +88,4 @@ lock-upgrade:
 	$(MAKE) lock LOCK_ARGS=--upgrade
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info $(PEERS)/node_modules

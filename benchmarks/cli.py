@@ -2,13 +2,15 @@
 
 Scenarios: generator (the load generator against nginx directly), steady (1k and 10k requests/s
 open loop with switches; also gives switch propagation), propagation (steady at 1k only),
-closed (wrk max throughput at 1 and 2 workers), datapath (Python cost per request, no sockets),
-hsms (benchmarks/hsms_bench.py), all.
+closed (wrk max throughput at 1 and 2 workers, unpinned and pinned), datapath (Python cost per
+request, no sockets), hsms (benchmarks/hsms_bench.py), all; and, with options of their own and
+not in `all`: instructions (callgrind, benchmarks/instructions.py), fab (benchmarks/fab.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import shlex
 import sys
 import time
@@ -21,6 +23,9 @@ from .scenarios import BenchConfig, closed, generator_check, machine, steady
 from .targets import PROXIES
 
 SCENARIOS = ("generator", "steady", "propagation", "closed", "datapath", "hsms", "all")
+# Scenarios with options of their own (module.add_arguments / module.run_from_args), results
+# written like the others but never into README.md's generated block.
+OWN_OPTIONS = {"instructions": "instructions", "fab": "fab"}
 MAX_SECONDS = 300.0
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,11 +66,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "generator": "the load generator against one nginx backend: does it reach the rate?",
         "steady": "open loop at 1k and 10k requests/s, a switch every 10 s, per proxy",
         "propagation": "switch propagation per switch (steady at 1,000 requests/s)",
-        "closed": "closed-loop max throughput (wrk -c50), 1 and 2 workers per proxy",
+        "closed": "closed-loop max throughput (wrk -c50), 1 and 2 workers, unpinned and pinned",
         "datapath": "Python CPU per request of the HTTP data path, without sockets",
         "hsms": "HSMS S6F11/S6F12 through the proxy vs direct, with switches",
         "all": "every scenario in turn; updates README.md's benchmark section",
+        "instructions": "instructions per proxied request under callgrind, zerodown vs nginx",
+        "fab": "1,000 HSMS tools across switches, 10,000 idle HTTP clients, apps x instances",
     }
+    for name, module in OWN_OPTIONS.items():
+        sp = sub.add_parser(name, help=helps[name])
+        importlib.import_module(f".{module}", __package__).add_arguments(sp)
+        sp.add_argument("--results-dir", default=None, help="default bench-results/<timestamp>/")
+        sp.set_defaults(update_readme=False, no_plots=True)
     for name in SCENARIOS:
         sp = sub.add_parser(name, help=helps[name])
         if name == "hsms":
@@ -94,6 +106,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         sp.add_argument("--closed-seconds", type=float, default=None,
                         help="each wrk run (default 20, or --seconds if shorter)")  # fmt: skip
         sp.add_argument("--connections", type=int, default=50, help="wrk connections (default 50)")
+        sp.add_argument("--pinning", choices=("both", "pinned", "unpinned"), default="both",
+                        help="closed loop: proxy on one core, wrk + backends on the other (taskset), not, or both (default)")  # fmt: skip
         sp.add_argument("--max-in-flight", type=int, default=1000,
                         help="generator in-flight limit, k6 maxVUs (default 1000)")  # fmt: skip
         sp.add_argument("--processes", type=int, default=0,
@@ -133,6 +147,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         processes=args.processes,
         closed_seconds=args.closed_seconds or min(20.0, seconds),
         check_seconds=min(20.0, seconds),
+        pinning=("unpinned", "pinned") if args.pinning == "both" else (args.pinning,),
     )
     if args.rates:
         cfg = replace(cfg, rates=args.rates)
@@ -172,6 +187,8 @@ def run(args: argparse.Namespace) -> int:
             print("zerodown: the HSMS benchmark is missing", file=sys.stderr)
             return 1
         return int(mod.main(args))
+    if args.scenario in OWN_OPTIONS:
+        return _run_own(args)
     try:
         cfg = config_from_args(args)
     except BenchError as exc:
@@ -179,12 +196,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = Path(args.results_dir or Path("bench-results") / stamp)
-    argv = sys.argv[1:]
-    command = (
-        "zerodown " + " ".join(shlex.quote(a) for a in argv)
-        if argv[:1] == ["bench"]
-        else f"zerodown bench {args.scenario}"
-    )
+    command = _command(args)
     results: dict[str, Any] = {
         "scenario": args.scenario,
         "command": command,
@@ -225,6 +237,31 @@ def run(args: argparse.Namespace) -> int:
     except (BenchError, RuntimeError, OSError) as exc:
         # Every process a scenario started is stopped by now (finally blocks); say why in one line.
         print(f"zerodown: benchmark {which} failed: {exc}", file=sys.stderr)
+        return 1
+    return _finish(results, out_dir, args)
+
+
+def _command(args: argparse.Namespace) -> str:
+    argv = sys.argv[1:]
+    if argv[:1] == ["bench"]:
+        return "zerodown " + " ".join(shlex.quote(a) for a in argv)
+    return f"zerodown bench {args.scenario}"
+
+
+def _run_own(args: argparse.Namespace) -> int:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out_dir = Path(args.results_dir or Path("bench-results") / stamp)
+    module = importlib.import_module(f".{OWN_OPTIONS[args.scenario]}", __package__)
+    results: dict[str, Any] = {
+        "scenario": args.scenario,
+        "command": _command(args),
+        "started": stamp,
+        "machine": machine(),
+    }
+    try:
+        results[args.scenario] = module.run_from_args(args, _log)
+    except (BenchError, RuntimeError, OSError) as exc:
+        print(f"zerodown: benchmark {args.scenario} failed: {exc}", file=sys.stderr)
         return 1
     return _finish(results, out_dir, args)
 

@@ -72,12 +72,19 @@ def parse_wrk(out: str, connections: int, threads: int, seconds: float) -> WrkRe
     )
 
 
-def run_wrk(port: int, seconds: float, connections: int = 50, threads: int = 2) -> WrkResult:
+def run_wrk(
+    port: int,
+    seconds: float,
+    connections: int = 50,
+    threads: int = 2,
+    wrapper: tuple[str, ...] = (),
+) -> WrkResult:
+    """wrk against 127.0.0.1:port; `wrapper` prefixes the command (taskset to pin it)."""
     wrk = shutil.which("wrk")
     if not wrk:
         raise BenchError("wrk is not installed: run `make sysdeps` (apt-get install wrk)")
     secs = max(1, int(round(seconds)))
-    cmd = [wrk, f"-t{threads}", f"-c{connections}", f"-d{secs}s", "--latency"]
+    cmd = [*wrapper, wrk, f"-t{threads}", f"-c{connections}", f"-d{secs}s", "--latency"]
     cmd += ["-H", "Host: drimeap", f"http://127.0.0.1:{port}/"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 60)
@@ -86,3 +93,17 @@ def run_wrk(port: int, seconds: float, connections: int = 50, threads: int = 2) 
     if proc.returncode != 0:
         raise BenchError(f"wrk failed ({proc.returncode}): {proc.stderr.strip()[:300]}")
     return parse_wrk(proc.stdout, connections, threads, secs)
+
+
+def pin_cores() -> tuple[int, int] | None:
+    """(the proxy's core, the core of wrk and the backends), or None with fewer than 2 cores."""
+    import os
+
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2 or not shutil.which("taskset"):
+        return None
+    return cores[0], cores[1]
+
+
+def taskset(core: int) -> tuple[str, ...]:
+    return ("taskset", "-c", str(core))

@@ -119,7 +119,8 @@ class Stack:
             raise
         self.write_registry("blue")
 
-    def write_registry(self, active: str) -> int:
+    def write_registry(self, active: str, pilots: dict[str, Any] | None = None) -> int:
+        """Rewrite the registry (`pilots`: contract/pilots.py's object, None: no pilots)."""
         self.generation += 1
         self.active = active
         instances = [
@@ -136,6 +137,8 @@ class Stack:
             for c in children
         ]
         app = {"active": active, "instances": instances, "hsms_device_id": self.device_id}
+        if pilots is not None:
+            app["pilots"] = pilots
         data = {"generation": self.generation, "apps": {"drimeap": app}, "proxies": []}
         tmp = self.registry.with_name(self.registry.name + ".tmp")
         tmp.write_bytes(orjson.dumps(data))

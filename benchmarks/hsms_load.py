@@ -80,6 +80,8 @@ class ToolStats:
 class LoadTool(asyncio.Protocol):
     """One tool session. Drive it with `start(end_time)`; read `.stats`."""
 
+    stride = DATAID_STRIDE  # tool k's DATAIDs are k * stride + 1, 2, ... (U4: below 2**32)
+
     def __init__(
         self, index: int, device_id: int, window: int, t3: float, ceid: int = 1000
     ) -> None:
@@ -193,12 +195,18 @@ class LoadTool(asyncio.Protocol):
         if self._transport is None or time.perf_counter() >= self._end:
             return
         while len(self.open) < self.window:
-            self._seq += 1
-            dataid = self.index * DATAID_STRIDE + self._seq
-            system = self._next_system()
-            self.open[system] = (time.perf_counter(), dataid)
-            self.stats.sent += 1
-            self._send(frame(self.device_id, 0x86, 11, 0, system, s6f11_body(dataid, self.ceid)))
+            self.send_event()
+
+    def send_event(self) -> None:
+        """One S6F11 (W) with the tool's next DATAID, timed from now."""
+        if self._transport is None:
+            return
+        self._seq += 1
+        dataid = self.index * self.stride + self._seq
+        system = self._next_system()
+        self.open[system] = (time.perf_counter(), dataid)
+        self.stats.sent += 1
+        self._send(frame(self.device_id, 0x86, 11, 0, system, s6f11_body(dataid, self.ceid)))
 
     def _next_system(self) -> int:
         self._system = (self._system + 1) & 0xFFFFFFFF
@@ -255,15 +263,16 @@ async def connect_tools(
     window: int,
     t3: float,
     first_index: int,
+    cls: type[LoadTool] = LoadTool,
 ) -> list[LoadTool]:
-    """Open and select `tools` sessions, spread round-robin over `targets`."""
+    """Open and select `tools` sessions (of class `cls`), spread round-robin over `targets`."""
     loop = asyncio.get_running_loop()
     out: list[LoadTool] = []
     for k in range(tools):
         host, port = targets[k % len(targets)]
         index = first_index + k
         _, proto = await loop.create_connection(
-            lambda index=index: LoadTool(index, device_id, window, t3), host, port
+            lambda index=index: cls(index, device_id, window, t3), host, port
         )
         tool: LoadTool = proto  # type: ignore[assignment]
         await tool.select(10.0)

@@ -48,11 +48,11 @@ def wait_port(port: int, timeout: float = 10.0, proc: subprocess.Popen | None = 
     raise BenchError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
-def _common(prefix: Path, workers: int) -> str:
+def _common(prefix: Path, workers: int, master: bool = True) -> str:
     user = f"user {getpass.getuser()};\n" if os.geteuid() == 0 else ""
     return (
         f"{user}worker_processes {workers};\n"
-        "daemon off;\nmaster_process on;\n"
+        f"daemon off;\nmaster_process {'on' if master else 'off'};\n"
         f"pid {prefix}/nginx.pid;\n"
         f"error_log {prefix}/error.log warn;\n"
         "events { worker_connections 8192; multi_accept on; }\n"
@@ -75,8 +75,9 @@ def _http_common(prefix: Path) -> str:
 class Nginx:
     """One nginx master (+ workers) in the foreground with its own prefix directory."""
 
-    def __init__(self, prefix: Path, conf: str) -> None:
+    def __init__(self, prefix: Path, conf: str, wrapper: tuple[str, ...] = ()) -> None:
         self.prefix = prefix
+        self.wrapper = wrapper  # a command prefix (taskset, valgrind) for start() only
         prefix.mkdir(parents=True, exist_ok=True)
         self.conf = prefix / "nginx.conf"
         self.conf.write_text(conf)
@@ -86,11 +87,13 @@ class Nginx:
     def cmd(self, *extra: str) -> list[str]:
         return [self.bin, "-p", str(self.prefix), "-c", str(self.conf), *extra]
 
-    def start(self, port: int) -> None:
+    def start(self, port: int, timeout: float = 10.0) -> None:
         log = open(self.prefix / "stderr.log", "ab")
-        self.proc = subprocess.Popen(self.cmd(), stdout=log, stderr=log, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [*self.wrapper, *self.cmd()], stdout=log, stderr=log, start_new_session=True
+        )
         log.close()
-        wait_port(port, 10, self.proc)
+        wait_port(port, timeout, self.proc)
 
     def reload(self) -> None:
         """`nginx -t && nginx -s reload`, as the old stack's script does."""
@@ -101,23 +104,30 @@ class Nginx:
         if r.returncode != 0:
             raise BenchError(f"nginx -s reload failed: {r.stderr.strip()}")
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.send_signal(signal.SIGTERM)  # fast shutdown of master and workers
         try:
-            self.proc.wait(10)
+            self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
 
-def backend_conf(prefix: Path, port: int, version: str, name: str) -> str:
-    """A static responder: a fixed body and the X-Backend-Version header, one worker."""
+def backend_conf(
+    prefix: Path, port: int, version: str, name: str, more_ports: tuple[int, ...] = ()
+) -> str:
+    """A static responder: a fixed body and the X-Backend-Version header, one worker
+    (listening on `port` and every one of `more_ports`: many instances, one process)."""
     body = f"drimeap {version} {name}\\n"
+    listens = "".join(f"    listen 127.0.0.1:{p};\n" for p in more_ports)
     return _common(prefix, 1) + (
-        "http {\n" + _http_common(prefix) + f"  server {{ listen 127.0.0.1:{port};\n"
-        "    location / { default_type text/plain;\n"
+        "http {\n"
+        + _http_common(prefix)
+        + f"  server {{ listen 127.0.0.1:{port};\n"
+        + listens
+        + "    location / { default_type text/plain;\n"
         f"      add_header X-Backend-Version {version} always;\n"
         f"      add_header X-Instance {name} always;\n"
         f'      return 200 "{body}"; }}\n'
@@ -131,9 +141,10 @@ def upstream_conf(ports: list[int]) -> str:
     return f"upstream drimeap {{\n{servers}  keepalive 128;\n}}\n"
 
 
-def proxy_conf(prefix: Path, port: int, workers: int) -> str:
-    """nginx as the edge proxy, with the same per-request work zerodown does (XFF, request id)."""
-    return _common(prefix, workers) + (
+def proxy_conf(prefix: Path, port: int, workers: int, master: bool = True) -> str:
+    """nginx as the edge proxy, with the same per-request work zerodown does (XFF, request id).
+    `master=False`: one process, no master (for valgrind, which follows a single process)."""
+    return _common(prefix, workers, master) + (
         "http {\n" + _http_common(prefix) + f"  include {prefix}/upstream.conf;\n"
         f"  server {{ listen 127.0.0.1:{port};\n"
         "    location / {\n"

@@ -113,23 +113,32 @@ def propagation_table(steady: dict[str, Any]) -> str:
 
 
 def closed_table(closed: dict[str, Any]) -> str:
+    """One row per pinning mode, proxy and worker count ({"unpinned": ..., "pinned": ...})."""
     text = (
-        "| proxy | workers | requests/s | avg ms | p50 | p90 | p99 | max | errors "
-        "| CPU us/req | zerodown / nginx |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| pinning | proxy | workers | requests/s | avg ms | p50 | p90 | p99 | max | errors "
+        "| proxy CPU us/req | zerodown / nginx rps | zerodown / nginx CPU |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
-    nginx = closed.get("nginx-reload", {})
-    for name, per_workers in closed.items():
-        label = "nginx" if name == "nginx-reload" else LABELS.get(name, name)
-        for workers, r in per_workers.items():
-            ratio = "–"
-            if name == "zerodown" and workers in nginx:
-                ratio = _ratio(r["rps"], nginx[workers]["rps"])
-            text += (
-                f"| {label} | {workers} | {r['rps']:.0f} | {_f(r['avg_ms'])} "
-                f"| {_f(r['p50_ms'])} | {_f(r['p90_ms'])} | {_f(r['p99_ms'])} "
-                f"| {_f(r['max_ms'], 1)} | {r['errors'] + r['non_2xx']} "
-                f"| {_f(r.get('cpu_us_per_request'), 0)} | {ratio} |\n"
-            )
+    for mode, per_proxy in closed.items():
+        if "skipped" in per_proxy:
+            text += f"| {mode} | skipped: {per_proxy['skipped']} |||||||||||| \n"
+            continue
+        nginx = per_proxy.get("nginx-reload", {})
+        for name, per_workers in per_proxy.items():
+            label = "nginx" if name == "nginx-reload" else LABELS.get(name, name)
+            for workers, r in per_workers.items():
+                ratio = cpu_ratio = "–"
+                if name == "zerodown" and workers in nginx:
+                    ratio = _ratio(r["rps"], nginx[workers]["rps"])
+                    cpu_ratio = _ratio(
+                        r.get("cpu_us_per_request"), nginx[workers].get("cpu_us_per_request")
+                    )
+                text += (
+                    f"| {mode} | {label} | {workers} | {r['rps']:.0f} | {_f(r['avg_ms'])} "
+                    f"| {_f(r['p50_ms'])} | {_f(r['p90_ms'])} | {_f(r['p99_ms'])} "
+                    f"| {_f(r['max_ms'], 1)} | {r['errors'] + r['non_2xx']} "
+                    f"| {_f(r.get('cpu_us_per_request'), 0)} | {ratio} | {cpu_ratio} |\n"
+                )
     return text
 
 
@@ -146,7 +155,10 @@ def markdown(results: dict[str, Any]) -> str:
             parts.append(steady_table(rate, per_proxy, every))
         parts.append("### Switch propagation\n\n" + propagation_table(results["steady"]))
     if "closed" in results:
-        parts.append("### Closed loop (wrk, 50 connections)\n\n" + closed_table(results["closed"]))
+        parts.append(
+            "### Closed loop (wrk, 50 connections; pinned: the proxy alone on one core, wrk "
+            "and the backends on the other)\n\n" + closed_table(results["closed"])
+        )
     if "datapath" in results:
         d = results["datapath"]
         parts.append(
@@ -156,6 +168,17 @@ def markdown(results: dict[str, Any]) -> str:
         )
     if "hsms" in results:
         parts.append(str(results["hsms"].get("markdown", "")))
+    if "instructions" in results:
+        from .instructions import instructions_table
+
+        parts.append(
+            "### Instructions per request (callgrind)\n\n"
+            + instructions_table(results["instructions"])
+        )
+    if "fab" in results:
+        from .fab import fab_table
+
+        parts.append("### Scale of a fab\n\n" + fab_table(results["fab"]))
     return "\n".join(parts)
 
 

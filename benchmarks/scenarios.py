@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .closed_loop import run_wrk
+from .closed_loop import pin_cores, run_wrk, taskset
 from .loadgen import LoadRun, LoadSpec
 from .stats import SwitchEvent, propagation, summarise, time_series
 from .targets import GROUP_VERSION, PROXIES, Backends, Direct, Proxy, workdir
@@ -35,6 +35,9 @@ class BenchConfig:
     workers: int = 2
     closed_workers: tuple[int, ...] = (1, 2)
     closed_seconds: float = 20.0
+    # Closed loop: "unpinned", and "pinned" = the proxy alone on one core, wrk and the
+    # backends on the other (taskset), for zerodown and nginx alike.
+    pinning: tuple[str, ...] = ("unpinned", "pinned")
     connections: int = 50
     check_rate: float = 10000.0
     check_seconds: float = 20.0
@@ -162,24 +165,53 @@ def steady(cfg: BenchConfig, log: Log) -> dict[str, Any]:
 
 
 def closed(cfg: BenchConfig, log: Log) -> dict[str, Any]:
-    """wrk -c N against each proxy at each worker count (and one backend directly)."""
+    """wrk -c N against each proxy at each worker count (and one backend directly), once per
+    pinning mode: {"unpinned": {...}, "pinned": {...}} (pinned is skipped on one core)."""
+    out: dict[str, Any] = {}
+    cores = pin_cores()
+    for mode in cfg.pinning:
+        if mode == "pinned" and cores is None:
+            log("  pinned: skipped (needs 2 cores and taskset)")
+            out["pinned"] = {"skipped": "needs 2 cores and taskset (util-linux)"}
+            continue
+        proxy_pin, rest_pin = (
+            (taskset(cores[0]), taskset(cores[1])) if mode == "pinned" and cores else ((), ())
+        )
+        log(
+            f"  {mode}"
+            + (
+                f": proxy on core {cores[0]}, wrk and backends on core {cores[1]}"
+                if proxy_pin and cores
+                else ""
+            )
+        )
+        out[mode] = _closed_mode(cfg, log, proxy_pin, rest_pin)
+    return out
+
+
+def _closed_mode(
+    cfg: BenchConfig, log: Log, proxy_pin: tuple[str, ...], rest_pin: tuple[str, ...]
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     names = ["zerodown", "nginx-reload"]  # without switches the two nginx variants are identical
     with workdir() as tmp:
-        backends = Backends(Path(tmp))
+        backends = Backends(Path(tmp), wrapper=rest_pin)
         try:
             backends.start()
-            direct = run_wrk(backends.ports("blue")[0], cfg.closed_seconds, cfg.connections)
+            port = backends.ports("blue")[0]
+            direct = run_wrk(port, cfg.closed_seconds, cfg.connections, wrapper=rest_pin)
             out["direct"] = {"1": direct.to_dict()}
             log(f"  direct (1 backend)  : {direct.rps:>9.0f} rps, p99 {direct.p99_ms:.2f} ms")
             for name in names:
                 out[name] = {}
                 for workers in cfg.closed_workers:
-                    proxy = PROXIES[name](backends, Path(tmp) / f"closed-{name}-{workers}")
+                    proxy = PROXIES[name](
+                        backends, Path(tmp) / f"closed-{name}-{workers}", wrapper=proxy_pin
+                    )
                     try:
                         port = proxy.start(workers)
                         cpu0 = proxy.cpu_seconds()
-                        r = run_wrk(port, cfg.closed_seconds, cfg.connections)
+                        r = run_wrk(port, cfg.closed_seconds, cfg.connections, wrapper=rest_pin)
                         cpu = proxy.cpu_seconds() - cpu0
                     finally:
                         proxy.stop()

@@ -20,6 +20,7 @@ import urllib.request
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .nginx import (
     BenchError,
@@ -48,9 +49,10 @@ class BackendInfo:
 class Backends:
     """Two nginx static responders per group (blue = v1, green = v2), one worker each."""
 
-    def __init__(self, workdir: Path, per_group: int = 2) -> None:
+    def __init__(self, workdir: Path, per_group: int = 2, wrapper: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
         self.per_group = per_group
+        self.wrapper = wrapper  # command prefix, e.g. taskset to pin them to a core
         self.items: list[BackendInfo] = []
         self._procs: list[Nginx] = []
 
@@ -65,7 +67,7 @@ class Backends:
         for _ in range(3):  # a port picked free may be taken before nginx binds it
             port = free_port()
             prefix = self.workdir / f"backend-{name}"
-            ng = Nginx(prefix, backend_conf(prefix, port, version, name))
+            ng = Nginx(prefix, backend_conf(prefix, port, version, name), self.wrapper)
             try:
                 ng.start(port)
             except BenchError as exc:
@@ -89,10 +91,20 @@ class Proxy(ABC):
     name = "proxy"
     label = "proxy"
 
-    def __init__(self, backends: Backends, workdir: Path) -> None:
+    def __init__(
+        self,
+        backends: Backends,
+        workdir: Path,
+        wrapper: tuple[str, ...] = (),
+        start_timeout: float = 30.0,
+    ) -> None:
         self.backends = backends
         self.workdir = workdir
         self.active = "blue"
+        # A command prefix for the proxy process (taskset to pin it, valgrind to count its
+        # instructions); start_timeout also bounds its stop (valgrind is ~50x slower).
+        self.wrapper = wrapper
+        self.start_timeout = start_timeout
 
     @abstractmethod
     def start(self, workers: int) -> int: ...
@@ -152,8 +164,12 @@ class ZerodownProxy(Proxy):
     name = "zerodown"
     label = "zerodown (file registry)"
 
-    def __init__(self, backends: Backends, workdir: Path) -> None:
-        super().__init__(backends, workdir)
+    def __init__(self, backends: Backends, workdir: Path, **kw: Any) -> None:
+        super().__init__(backends, workdir, **kw)
+        self.extra_config = ""  # TOML appended to proxy.toml (sections not written below)
+        self.hsms_config = "enabled = false\n"  # the [hsms] section's body
+        self.log_level = "warning"
+        self.ports: dict[str, int] = {}  # what the proxy's ready file said (http, admin, hsms)
         self.dir = workdir / "zerodown"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.registry = self.dir / "registry.json"
@@ -161,8 +177,8 @@ class ZerodownProxy(Proxy):
         self.proc: subprocess.Popen | None = None
         self.admin = 0
 
-    def _write_registry(self, active: str) -> None:
-        self.generation += 1
+    def apps(self, active: str) -> dict[str, Any]:
+        """The registry's "apps" with `active` as drimeap's Active group (one app, the backends)."""
         instances = [
             {
                 "id": f"drimeap-{b.name}",
@@ -175,11 +191,11 @@ class ZerodownProxy(Proxy):
             }
             for b in self.backends.items
         ]
-        doc = {
-            "generation": self.generation,
-            "apps": {"drimeap": {"active": active, "instances": instances}},
-            "proxies": [],
-        }
+        return {"drimeap": {"active": active, "instances": instances}}
+
+    def _write_registry(self, active: str) -> None:
+        self.generation += 1
+        doc = {"generation": self.generation, "apps": self.apps(active), "proxies": []}
         write_atomic(self.registry, json.dumps(doc))
 
     def start(self, workers: int) -> int:
@@ -190,9 +206,11 @@ class ZerodownProxy(Proxy):
             'http_listen = "127.0.0.1:0"\nhsms_listen = "127.0.0.1:0"\n'
             'admin_listen = "127.0.0.1:0"\n'
             f"workers = {workers}\n"
-            'log_level = "warning"\naccess_log = false\nshutdown_grace = 5.0\n'
-            "[hsms]\nenabled = false\n"
-            f'[discovery]\nprovider = "file"\nfile = "{self.registry}"\n'
+            f'log_level = "{self.log_level}"\naccess_log = false\nshutdown_grace = 5.0\n'
+            "[hsms]\n"
+            + self.hsms_config
+            + f'[discovery]\nprovider = "file"\nfile = "{self.registry}"\n'
+            + self.extra_config
         )
         ready = self.dir / "ready.json"
         ready.unlink(missing_ok=True)
@@ -201,7 +219,7 @@ class ZerodownProxy(Proxy):
             env.pop(var, None)
         log = open(self.dir / "proxy.log", "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "zerodown_proxy", "--config", str(cfg)]
+            [*self.wrapper, sys.executable, "-m", "zerodown_proxy", "--config", str(cfg)]
             + ["--ready-file", str(ready)],
             stdout=log,
             stderr=log,
@@ -209,17 +227,18 @@ class ZerodownProxy(Proxy):
             start_new_session=True,
         )
         log.close()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + self.start_timeout
         while not ready.exists():
             if self.proc.poll() is not None:
                 raise BenchError(f"zerodown proxy exited ({self.proc.returncode}); see {log.name}")
             if time.monotonic() > deadline:
-                raise BenchError("zerodown proxy did not become ready in 30 s")
+                raise BenchError(f"zerodown proxy did not become ready in {self.start_timeout:g} s")
             time.sleep(0.02)
         ports = json.loads(ready.read_text())
+        self.ports = ports
         self.admin = ports["admin"]
-        wait_port(ports["http"], 10, self.proc)
-        self._wait_applied(self.generation, 10)
+        wait_port(ports["http"], self.start_timeout, self.proc)
+        self._wait_applied(self.generation, self.start_timeout)
         return ports["http"]
 
     def _generation(self) -> int:
@@ -248,7 +267,7 @@ class ZerodownProxy(Proxy):
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(15)
+                self.proc.wait(max(15.0, self.start_timeout))
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
@@ -260,10 +279,11 @@ class NginxProxy(Proxy):
     name = "nginx-reload"
     label = "nginx, immediate reload"
 
-    def __init__(self, backends: Backends, workdir: Path) -> None:
-        super().__init__(backends, workdir)
+    def __init__(self, backends: Backends, workdir: Path, **kw: Any) -> None:
+        super().__init__(backends, workdir, **kw)
         self.prefix = workdir / self.name
         self.ng: Nginx | None = None
+        self.master = True  # False: one process without a master (workers must be 1)
 
     def _render(self, group: str) -> None:
         write_atomic(self.prefix / "upstream.conf", upstream_conf(self.backends.ports(group)))
@@ -274,9 +294,10 @@ class NginxProxy(Proxy):
         last: Exception | None = None
         for _ in range(3):
             port = free_port()
-            self.ng = Nginx(self.prefix, proxy_conf(self.prefix, port, workers))
+            conf = proxy_conf(self.prefix, port, workers, self.master)
+            self.ng = Nginx(self.prefix, conf, self.wrapper)
             try:
-                self.ng.start(port)
+                self.ng.start(port, self.start_timeout)
                 return port
             except BenchError as exc:
                 self.ng.stop()
@@ -295,7 +316,7 @@ class NginxProxy(Proxy):
 
     def stop(self) -> None:
         if self.ng is not None:
-            self.ng.stop()
+            self.ng.stop(max(10.0, self.start_timeout))
 
 
 WATCH_SCRIPT = r"""#!/bin/bash
@@ -320,8 +341,8 @@ class NginxWatchProxy(NginxProxy):
     name = "nginx-watch"
     label = "nginx + 3 s watch loop (old stack)"
 
-    def __init__(self, backends: Backends, workdir: Path) -> None:
-        super().__init__(backends, workdir)
+    def __init__(self, backends: Backends, workdir: Path, **kw: Any) -> None:
+        super().__init__(backends, workdir, **kw)
         self.watcher: subprocess.Popen | None = None
 
     def start(self, workers: int) -> int:

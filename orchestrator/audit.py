@@ -7,6 +7,8 @@ failed | interrupted, with the one-line `reason`). A rollback is recorded as `ro
 `refused` means nothing was changed; `failed` means something was (an instance restarted, a
 job registered, the Active pointer written) before the command gave up.
 
+`via` says what ran the command when it was not typed at a shell (the web dashboard).
+
 Where records go: `history.jsonl` in the state directory (both backends) and, with the Nomad
 backend, also the Consul KV key `<prefix>/<app>/history/<time_ns>`. Writing the trail never
 makes a release fail: a record that cannot be written is reported as a warning.
@@ -25,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+
+from zerodown_proxy.dashboard.release import AUDIT_VIA_ENV
 
 from .backend import Progress, Refused
 from .release_lock import LockBusy, ReleaseLock
@@ -51,8 +55,15 @@ def record(backend: str, app: str, entry: Entry, ns: int | None = None) -> Entry
         "pid": os.getpid(),
         "backend": backend,
         "app": app,
+        **_via(),
         **entry,
     }
+
+
+def _via() -> Entry:
+    """`via`: what ran the command for its user (the web dashboard sets it; none at a shell)."""
+    via = os.environ.get(AUDIT_VIA_ENV)
+    return {"via": via} if via else {}
 
 
 def append_local(path: Path, rec: Entry, progress: Progress) -> None:
@@ -99,23 +110,34 @@ def from_kv(entries: list[dict[str, Any]]) -> list[Entry]:
     return sorted(out, key=lambda r: r.get("time_ns") or 0)
 
 
-def describe(rec: Entry) -> str:
-    """One line for `zerodown history`."""
+HISTORY_COLUMNS = ("TIME", "WHO", "ACTION", "FROM -> TO", "VERSIONS", "RESULT", "REASON")
+
+
+def row(rec: Entry) -> tuple[str, ...]:
+    """One record as the `zerodown history` table shows it (time in local time)."""
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime((rec.get("time_ns") or 0) / 1e9))
-    what = str(rec.get("action", "?"))
+    who = f"{rec.get('user', '?')}@{rec.get('host', '?')}"
     if rec.get("action") == "deploy":
-        what += f" {rec.get('version', '?')}"
-        if rec.get("group"):
-            what += f" to {rec['group']}"
-    elif rec.get("from") or rec.get("to"):
-        versions = ""
-        if rec.get("from_version") or rec.get("to_version"):
-            versions = f" ({rec.get('from_version') or '?'} -> {rec.get('to_version') or '?'})"
-        what += f" {rec.get('from') or '?'} -> {rec.get('to') or '?'}{versions}"
-    line = f"{when}  {rec.get('user', '?')}@{rec.get('host', '?')}  {what}  {rec.get('result')}"
-    if rec.get("reason"):
-        line += f": {rec['reason']}"
-    return line
+        groups = f"-> {rec['group']}" if rec.get("group") else "-"
+        versions = f"{rec.get('from_version') or '?'} -> {rec.get('version') or '?'}"
+    elif str(rec.get("action", "")).startswith("pilot-"):
+        groups = f"{rec.get('tool', '?')} -> {rec.get('group') or '-'}"
+        versions = f"pilots: {', '.join(rec.get('pilots') or []) or 'none'}"
+    else:
+        groups = (f"{rec.get('from') or '?'} -> {rec.get('to') or '?'}"
+                  if rec.get("from") or rec.get("to") else "-")  # fmt: skip
+        versions = (f"{rec.get('from_version') or '?'} -> {rec.get('to_version') or '?'}"
+                    if rec.get("from_version") or rec.get("to_version") else "-")  # fmt: skip
+    return (when, who, str(rec.get("action", "?")), groups, versions,
+            str(rec.get("result", "?")), str(rec.get("reason") or ""))  # fmt: skip
+
+
+def table(records: list[Entry]) -> list[str]:
+    """The history as aligned columns, a header first; the reason is last and never cut."""
+    rows = [HISTORY_COLUMNS, *(row(r) for r in records)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(HISTORY_COLUMNS) - 1)]
+    return [("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
+            .rstrip() for r in rows]  # fmt: skip
 
 
 @asynccontextmanager

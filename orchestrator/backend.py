@@ -17,18 +17,21 @@ from zerodown_proxy.contract.status import (
     GroupStatus,
     InstanceStatus,
     ProxyStatus,
+    ToolSession,
 )
 
 __all__ = [
     "STATUS_SCHEMA",
     "AppStatus",
     "Backend",
+    "DryRun",
     "GroupStatus",
     "InstanceStatus",
     "Progress",
     "ProxyStatus",
     "Refused",
     "SwitchOutcome",
+    "ToolSession",
 ]
 
 Progress = Callable[[str], None]
@@ -50,6 +53,15 @@ class SwitchOutcome:
     proxies: int
 
 
+@dataclass(frozen=True, slots=True)
+class DryRun:
+    """What `deploy --dry-run` found: the plan to print, and why a deploy would refuse (None:
+    it would go ahead)."""
+
+    lines: list[str]
+    refusal: str | None = None
+
+
 class Backend(Protocol):
     name: str
 
@@ -59,8 +71,12 @@ class Backend(Protocol):
         self, app: str, version: str, image: str | None, progress: Progress
     ) -> str: ...
 
+    async def plan_deploy(self, app: str, version: str, image: str | None) -> DryRun: ...
+
     async def switch(self, app: str, to_group: str | None, progress: Progress) -> SwitchOutcome: ...
 
-    async def rollback(self, app: str, progress: Progress) -> SwitchOutcome: ...
+    async def rollback(
+        self, app: str, progress: Progress, reason: str | None = None
+    ) -> SwitchOutcome: ...
 
     async def history(self, app: str) -> list[dict[str, Any]]: ...

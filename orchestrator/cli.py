@@ -14,19 +14,37 @@ from pathlib import Path
 
 import orjson
 
-from .backend import AppStatus, Backend, Refused
+from .backend import Backend, Refused
+from .cli_checks import (
+    BENCH_EXTRA,
+    DEFAULT_APP,
+    backend_kind,
+    missing_bench_extra,
+    refuse_inapplicable,
+)
+from .terminal import LiveProgress
+
+_live = LiveProgress(sys.stderr)
 
 
 def _err(msg: str) -> None:
+    _live.close()
     print(f"zerodown: {msg}", file=sys.stderr, flush=True)
 
 
+def _say(text: str) -> None:
+    """A command's result on stdout, below its finished progress steps."""
+    _live.close()
+    print(text, flush=True)
+
+
 def _progress(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    """Progress of a command: one updating line with the elapsed time on a TTY (terminal.py)."""
+    _live(msg)
 
 
 def make_backend(args: argparse.Namespace) -> Backend:
-    kind = args.backend or os.environ.get("ZERODOWN_BACKEND") or "local"
+    kind = backend_kind(args)
     if kind == "local":
         from .release_local import LocalBackend
 
@@ -71,57 +89,87 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_status(st: AppStatus) -> None:
-    print(f"app {st.app}  backend {st.backend}  generation {st.generation}")
-    for role, g in (("Active", st.active), ("Standby", st.standby)):
-        print(f"  {role:<8} {g.group or '-':<8} version {g.version or '-':<10} "
-              f"{g.healthy}/{len(g.instances)} healthy")  # fmt: skip
-        for i in g.instances:
-            print(f"    {i.id:<22} {i.address}:{i.http_port:<6} {i.version:<8} "
-                  f"registered={i.registered:<8} probe={i.probe}")  # fmt: skip
-    sync = "in sync" if st.in_sync else "NOT in sync"
-    print(f"  proxies ({len(st.proxies)}, {sync}):")
-    for p in st.proxies:
-        gen = p.generation if p.generation is not None else "?"
-        extra = f"  ({p.error})" if p.error else ""
-        print(f"    {p.name:<22} {p.admin:<22} generation {gen}{extra}")
-
-
 async def _status(args: argparse.Namespace) -> int:
+    if args.watch:
+        from .status_view import watch
+
+        return await watch(make_backend(args), args.app, args.interval)
     st = await make_backend(args).status(args.app)
     if args.json:
         print(orjson.dumps(st.to_json(), option=orjson.OPT_INDENT_2).decode())
     else:
+        from .status_view import print_status
+
         print_status(st)
     return 0
 
 
 async def _deploy(args: argparse.Namespace) -> int:
-    msg = await make_backend(args).deploy(args.app, args.version, args.image, _progress)
-    print(msg)
+    backend = make_backend(args)
+    if args.dry_run:
+        plan = await backend.plan_deploy(args.app, args.version, args.image)
+        _say("\n".join(plan.lines))
+        if plan.refusal:
+            raise Refused(plan.refusal)
+        return 0
+    msg = await backend.deploy(args.app, args.version, args.image, _progress)
+    _say(msg)
     return 0
 
 
 async def _switch(args: argparse.Namespace) -> int:
-    out = await make_backend(args).switch(args.app, args.to, _progress)
-    print(f"switched {out.app} to {out.to_group} ({out.to_version}); {out.proxies} proxy(ies) "
+    from . import verify
+
+    policy = verify.policy_from_args(args)
+    backend = make_backend(args)
+    if policy.window:
+        out, verdict = await verify.switch_verified(backend, args.app, args.to, policy, _progress)
+    else:
+        out, verdict = await backend.switch(args.app, args.to, _progress), None
+    _say(f"switched {out.app} to {out.to_group} ({out.to_version}); {out.proxies} proxy(ies) "
           f"applied generation {out.generation} in {out.propagation_s * 1000:.1f} ms")  # fmt: skip
+    if verdict is not None:
+        _say(f"verified {out.to_version} for {policy.window:g}s: {verdict.reason}")
+        for line in verdict.lines:
+            _say(f"  {line}")
     return 0
 
 
 async def _rollback(args: argparse.Namespace) -> int:
     out = await make_backend(args).rollback(args.app, _progress)
-    print(f"rolled back {out.app} to {out.to_group} ({out.to_version}); {out.proxies} proxy(ies) "
+    _say(f"rolled back {out.app} to {out.to_group} ({out.to_version}); {out.proxies} proxy(ies) "
           f"applied generation {out.generation} in {out.propagation_s * 1000:.1f} ms")  # fmt: skip
+    return 0
+
+
+async def _pilot(args: argparse.Namespace) -> int:
+    from . import pilot
+
+    out = await pilot.run(make_backend(args), args.action, args.app, args.tool, _progress)
+    if args.json:
+        print(orjson.dumps(out.to_json()).decode())
+    else:
+        if args.action != "list":
+            print(f"pilot {args.action} {args.tool}: {out.proxies} proxy(ies) applied generation "
+                  f"{out.generation} in {out.propagation_s * 1000:.1f} ms")  # fmt: skip
+        print(pilot.describe(out))
     return 0
 
 
 async def _history(args: argparse.Namespace) -> int:
     from . import audit
 
+    if args.last < 0:
+        raise Refused(f"-n must be a number of records (0: all), got {args.last}")
     records = await make_backend(args).history(args.app)
-    for rec in records[-args.last :] if args.last else records:
-        print(orjson.dumps(rec).decode() if args.json else audit.describe(rec))
+    records = records[-args.last :] if args.last else records
+    if args.json:
+        for rec in records:
+            print(orjson.dumps(rec).decode())
+    elif records:
+        print("\n".join(audit.table(records)))
+    else:
+        print(f"no release history for {args.app}")
     return 0
 
 
@@ -144,6 +192,10 @@ def cmd_hsms_sim(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    missing = missing_bench_extra()
+    if missing:  # say so now, not after minutes of load when the plots need matplotlib
+        raise Refused(f"benchmarks need the bench extra ({', '.join(missing)} not installed): "
+                      f"{BENCH_EXTRA}")  # fmt: skip
     from benchmarks.cli import run
 
     return run(args)
@@ -167,6 +219,17 @@ def cmd_version(args: argparse.Namespace) -> int:
     from zerodown_proxy.buildinfo import build_info
 
     print(build_info().describe())
+    return 0
+
+
+def cmd_proxy_reload(args: argparse.Namespace) -> int:
+    from .proxy_reload import reload_proxy
+
+    outcome = reload_proxy(args.admin, args.config, args.token, args.timeout)
+    if not outcome.ok:
+        _err(f"proxy-reload: {outcome.message}")
+        return 1
+    print(outcome.message)
     return 0
 
 
@@ -199,7 +262,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def release_opts(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--app", default="drimeap", help="app name (default drimeap)")
+        sp.add_argument("--app", default=None, help=f"app name (default {DEFAULT_APP})")
         sp.add_argument(
             "--state-dir",
             default=os.environ.get("ZERODOWN_STATE_DIR", ".zerodown"),
@@ -213,8 +276,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                              "(default $ZERODOWN_ADMIN_TOKEN; Nomad backend)")  # fmt: skip
         sp.add_argument("--config", default=None,
                         help="the proxies' config file: the Nomad backend uses its [consul] "
-                             "section (addr, token, datacenter, key_prefix; default "
-                             "$ZERODOWN_CONFIG)")  # fmt: skip
+                             "section (addr, token, datacenter, key_prefix), switch its [verify] "
+                             "section (default $ZERODOWN_CONFIG)")  # fmt: skip
 
     sp = sub.add_parser("proxy", help="run the edge proxy")
     from zerodown_proxy.cli import add_arguments as proxy_args
@@ -238,28 +301,49 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     sp = sub.add_parser("status", help="Active/Standby groups, health, proxies in sync")
     release_opts(sp)
-    sp.add_argument("--json", action="store_true", help="machine-readable (zerodown.status/v1)")
+    sp.add_argument("--json", "-json", action="store_true",
+                    help="machine-readable (zerodown.status/v1)")  # fmt: skip
+    sp.add_argument("--watch", action="store_true",
+                    help="redraw whenever the status changes; Ctrl-C to quit")  # fmt: skip
+    sp.add_argument("--interval", default=None,
+                    help="--watch: seconds between two looks (0.2s..60s, default 2s)")  # fmt: skip
     sp.set_defaults(afn=_status)
 
     sp = sub.add_parser("deploy", help="put VERSION on the Standby group; wait until healthy")
     release_opts(sp)
     sp.add_argument("version", help="version to deploy (e.g. v2)")
     sp.add_argument("--image", default=None, help="docker image (Nomad backend)")
+    sp.add_argument("--dry-run", action="store_true",
+                    help="print what would change (Nomad: its plan per task group); change "
+                         "nothing")  # fmt: skip
     sp.set_defaults(afn=_deploy)
 
     sp = sub.add_parser("switch", help="flip Active<->Standby; wait for every proxy")
     release_opts(sp)
     sp.add_argument("--to", default=None, help="group to make Active (default: the Standby)")
+    from .verify import add_arguments as verify_args
+
+    verify_args(sp)
     sp.set_defaults(afn=_switch)
 
     sp = sub.add_parser("rollback", help="switch back to the previous group")
     release_opts(sp)
     sp.set_defaults(afn=_rollback)
 
+    sp = sub.add_parser("pilot", help="run tools on the Standby version before the switch")
+    release_opts(sp)
+    sp.add_argument("action", choices=("add", "remove", "list"))
+    sp.add_argument("tool", nargs="?", default=None,
+                    help="IP address (10.1.2.3), device id (7 or device:7), or HTTP header rule "
+                         "(header:NAME=VALUE)")  # fmt: skip
+    sp.add_argument("--json", action="store_true", help="the pilot list as JSON")
+    sp.set_defaults(afn=_pilot)
+
     sp = sub.add_parser("history", help="the audit trail of deploy/switch/rollback")
     release_opts(sp)
-    sp.add_argument("--json", action="store_true", help="one JSON record per line")
-    sp.add_argument("--last", type=int, default=0, help="only the last N records")
+    sp.add_argument("--json", "-json", action="store_true", help="one JSON record per line")
+    sp.add_argument("-n", "--last", type=int, default=0, metavar="N",
+                    help="only the last N records (default: all)")  # fmt: skip
     sp.set_defaults(afn=_history)
 
     sp = sub.add_parser("demo", help="local stack + load + deploy + switch + summary")
@@ -295,7 +379,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
             bench_args(sp)
     except ImportError as exc:
-        sp.set_defaults(unavailable=f"benchmarks are unavailable: {exc}")
+        sp.set_defaults(unavailable=f"benchmarks need the bench extra ({exc}): {BENCH_EXTRA}")
     sp.set_defaults(fn=cmd_bench)
 
     sp = sub.add_parser("version", help="print version, Python and platform")
@@ -312,7 +396,38 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "--timeout", type=float, default=3.0, help="seconds to wait for /health (default 3)"
     )
     sp.set_defaults(fn=cmd_healthcheck)
+
+    sp = sub.add_parser("proxy-reload", help="replace the running proxy process, nothing dropped")
+    sp.add_argument("--admin", default=None, metavar="ADDR",
+                    help="the proxy's admin address (default: [proxy] admin_listen of --config, "
+                         "$ZERODOWN_ADMIN_LISTEN, or 127.0.0.1:8081)")  # fmt: skip
+    sp.add_argument("--config", default=None, help="the proxy's TOML config (admin address, token)")
+    sp.add_argument("--token", default=None, help="admin token (default: $ZERODOWN_ADMIN_TOKEN, "
+                                                   "then [proxy] admin_token of --config)")  # fmt: skip
+    sp.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
+    sp.set_defaults(fn=cmd_proxy_reload)
     return p
+
+
+async def _with_ticker(args: argparse.Namespace) -> int:
+    """Run an async command; on a TTY the progress line's clock moves while it waits."""
+    ticker = asyncio.create_task(_live.run_ticker()) if _live.tty else None
+    try:
+        return await args.afn(args)
+    finally:
+        if ticker is not None:
+            ticker.cancel()
+        _live.close()
+
+
+def _quiet_stdout() -> None:
+    """After EPIPE: send what is still buffered for stdout to /dev/null, so the interpreter's
+    flush at exit does not fail (and print) a second time."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,14 +438,21 @@ def main(argv: list[str] | None = None) -> int:
         _err(args.unavailable)
         return 1
     try:
+        refuse_inapplicable(args)
+        if getattr(args, "app", "") is None:
+            args.app = DEFAULT_APP
         if getattr(args, "afn", None) is not None:
-            return asyncio.run(args.afn(args))
+            return asyncio.run(_with_ticker(args))
         return int(args.fn(args) or 0)
     except Refused as exc:
         _err(str(exc))
         return 1
+    except BrokenPipeError:  # `zerodown history | head`: the reader left; not an error of ours
+        _quiet_stdout()
+        return 141  # what a shell reports for a process ended by SIGPIPE (128 + 13)
     except KeyboardInterrupt:
-        return 130
+        _live.close()
+        return 0 if getattr(args, "watch", False) else 130
     except Exception as exc:  # a command that fails says why in one line; details in debug
         from zerodown_proxy.discovery.file import RegistryError
 

@@ -108,6 +108,10 @@ async def switch_active(
         await consul.kv_put(keys.previous(app), orjson.dumps(previous))
     except Refused as exc:
         progress(f"warning: could not record the previous group for rollback: {exc}")
+    from .pilot import consul_clear  # the pilots are on `target` already; everyone joins them
+
+    if await consul_clear(consul, keys.pilots(app), progress):
+        entry["pilots_cleared"] = True
     proxies = await view.proxies()
     for p in proxies:
         if p.critical:  # a dead proxy serves nobody; waiting for it would only time out
@@ -116,6 +120,7 @@ async def switch_active(
     proxies = [p for p in proxies if not p.critical]
     if not proxies:
         progress(f"warning: no live {PROXY_SERVICE} is registered in Consul; nobody to wait for")
+    progress(f"waiting for {len(proxies)} proxy(ies) to apply generation {generation}")
     await wait_proxies(session, [(p.name, p.admin) for p in proxies], generation,
                        s.proxy_timeout)  # fmt: skip
     took = time.perf_counter() - written

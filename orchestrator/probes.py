@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import aiohttp
 
-from .backend import ProxyStatus, Refused
+from .backend import ProxyStatus, Refused, ToolSession
 
 
 async def probe_http(
@@ -32,16 +32,36 @@ async def proxy_generation(
     session: aiohttp.ClientSession, admin: str, timeout: float = 2.0
 ) -> tuple[int | None, str | None]:
     """The generation a proxy reports at admin /v1/status, or (None, error)."""
+    gen, err, _ = await proxy_view(session, admin, timeout)
+    return gen, err
+
+
+async def proxy_view(
+    session: aiohttp.ClientSession, admin: str, timeout: float = 2.0
+) -> tuple[int | None, str | None, list[ToolSession]]:
+    """(generation, error, HSMS tool sessions) from a proxy's admin /v1/status."""
     try:
         async with session.get(
             f"http://{admin}/v1/status", timeout=aiohttp.ClientTimeout(total=timeout)
         ) as r:
             if r.status != 200:
-                return None, f"admin answered {r.status}"
+                return None, f"admin answered {r.status}", []
             body = await r.json()
-            return int(body["generation"]), None
+            return int(body["generation"]), None, _tools(body)
     except (TimeoutError, aiohttp.ClientError, KeyError, ValueError) as exc:
-        return None, f"unreachable: {exc or type(exc).__name__}"
+        return None, f"unreachable: {exc or type(exc).__name__}", []
+
+
+def _tools(body: dict) -> list[ToolSession]:  # type: ignore[type-arg]
+    sessions = (body.get("hsms") or {}).get("sessions") or []
+    out = []
+    for s in sessions if isinstance(sessions, list) else []:
+        if not isinstance(s, dict):
+            continue
+        b = s.get("backend") or {}
+        out.append(ToolSession(str(s.get("tool")), s.get("app"), b.get("group"),
+                               b.get("version"), bool(s.get("pilot"))))  # fmt: skip
+    return out
 
 
 async def proxy_switch_blocked(
@@ -63,12 +83,17 @@ async def proxy_switch_blocked(
 async def proxy_statuses(
     session: aiohttp.ClientSession, proxies: Sequence[tuple[str, str]], generation: int
 ) -> list[ProxyStatus]:
-    results = await asyncio.gather(*(proxy_generation(session, admin) for _, admin in proxies))
+    results = await asyncio.gather(*(proxy_view(session, admin) for _, admin in proxies))
     return [
         ProxyStatus(
-            name=n, admin=a, generation=g, in_sync=g is not None and g >= generation, error=e
-        )
-        for (n, a), (g, e) in zip(proxies, results, strict=True)
+            name=n,
+            admin=a,
+            generation=g,
+            in_sync=g is not None and g >= generation,
+            error=e,
+            tools=t,
+        )  # fmt: skip
+        for (n, a), (g, e, t) in zip(proxies, results, strict=True)
     ]
 
 

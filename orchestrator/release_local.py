@@ -19,12 +19,14 @@ import aiohttp
 from . import audit, registry
 from .backend import (
     AppStatus,
+    DryRun,
     GroupStatus,
     InstanceStatus,
     Progress,
     Refused,
     SwitchOutcome,
 )
+from .deploy_plan import local_plan
 from .local_stack import StackPaths, load_stack, save_stack, start_instance, stop_pid
 from .probes import probe_http, proxy_statuses, wait_proxies
 from .release_lock import FileReleaseLock
@@ -123,12 +125,27 @@ class LocalBackend:
             active=groups[active],
             standby=groups[standby] if standby else GroupStatus(None, None),
             proxies=proxies,
+            pilots=a.get("pilots"),
         )
 
     async def deploy(self, app: str, version: str, image: str | None, progress: Progress) -> str:
         async with self._release(app, "deploy", "deploying", progress) as entry:
             entry["version"] = version
             return await self._deploy(app, version, image, progress, entry)
+
+    async def plan_deploy(self, app: str, version: str, image: str | None) -> DryRun:
+        """`deploy --dry-run`: the instances a deploy would restart; nothing is changed."""
+        check_version(version)
+        if image:
+            raise Refused(
+                "--image applies to the Nomad backend; the local stack runs the sample app"
+            )
+        load_stack(self.paths)
+        a = self._app(registry.read(self.paths.registry), app)
+        active, standby = self._groups(a)
+        if standby is None:
+            raise Refused(f"app {app} has no Standby group to deploy to")
+        return DryRun(local_plan(app, a["instances"], active, standby, version))
 
     async def _deploy(
         self, app: str, version: str, image: str | None, progress: Progress, entry: dict[str, Any]
@@ -227,8 +244,14 @@ class LocalBackend:
         async with self._release(app, "switch", "switching", progress) as entry:
             return await self._switch(app, to_group, progress, entry)
 
-    async def rollback(self, app: str, progress: Progress) -> SwitchOutcome:
+    async def rollback(
+        self, app: str, progress: Progress, reason: str | None = None
+    ) -> SwitchOutcome:
+        """`reason`: why it was asked for, kept in the audit record (an automatic rollback's
+        measured verdict)."""
         async with self._release(app, "rollback", "rolling back", progress) as entry:
+            if reason:
+                entry["reason"] = reason
             reg = registry.read(self.paths.registry)
             previous = self._app(reg, app).get("previous")
             if not previous:
@@ -280,11 +303,16 @@ class LocalBackend:
                 x = self._app(r, app)
                 x["previous"] = x["active"]
                 x["active"] = target
+                # The pilots are on `target` already; everyone joins them (pilot.py).
+                if x.pop("pilots", None):
+                    entry["pilots_cleared"] = True
 
             new = registry.update(self.paths.registry, flip)
             written = time.perf_counter()
             entry.update(changed=True, generation=new["generation"])
             proxies = self._proxies(new)
+            progress(f"generation {new['generation']} written; waiting for {len(proxies)} "
+                     "proxy(ies) to apply it")  # fmt: skip
             try:
                 await wait_proxies(session, proxies, new["generation"], self.proxy_timeout)
             finally:

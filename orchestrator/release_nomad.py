@@ -39,6 +39,7 @@ from zerodown_proxy.contract.model import Instance
 from . import audit, jobspec
 from .backend import (
     AppStatus,
+    DryRun,
     GroupStatus,
     InstanceStatus,
     Progress,
@@ -46,6 +47,7 @@ from .backend import (
     SwitchOutcome,
 )
 from .consul_view import ConsulView, Proxy, unregistered
+from .deploy_plan import nomad_summary, render_nomad_plan
 from .hashicorp_api import ApiError, ConsulApi, NomadApi
 from .nomad_rollout import follow, smoke
 from .nomad_settings import Settings, settings_from
@@ -163,6 +165,7 @@ class NomadConsulBackend:
             )
             proxies = await self._proxies(consul)
             pstat = await proxy_statuses(session, [(p.name, p.admin) for p in proxies], generation)
+            stored = await consul.kv_get(self.keys.pilots(app))
         out = {}
         for g in (active, standby):
             members = [
@@ -180,7 +183,13 @@ class NomadConsulBackend:
             )
             members += unregistered(allocs, instances, g)
             out[g] = GroupStatus(g, version, members)
-        return AppStatus(self.name, app, generation, out[active], out[standby], pstat)
+        try:
+            pilots = orjson.loads(stored[0]) if stored and stored[0] else None
+        except orjson.JSONDecodeError:
+            pilots = None  # shown as none; the proxies report it as invalid
+        if not isinstance(pilots, dict) or not pilots.get("tools"):
+            pilots = None
+        return AppStatus(self.name, app, generation, out[active], out[standby], pstat, pilots)
 
     # -- deploy -------------------------------------------------------------------------------
 
@@ -199,6 +208,19 @@ class NomadConsulBackend:
                     raise
                 await self._audit(consul, app, {**entry, "result": "ok"}, progress)
                 return msg
+
+    async def plan_deploy(self, app: str, version: str, image: str | None) -> DryRun:
+        """`deploy --dry-run`: Nomad's plan for the job a deploy would register; nothing is
+        registered and no lock is taken."""
+        check_version(version)
+        job_id = self._job_id(app)
+        async with self._clients() as (_session, nomad, consul):
+            job = await nomad.job(job_id)
+            active, _ = await self._active(consul, app, [])
+            standby = self._other(jobspec.group_names(job), active, job_id)
+            plan = await nomad.plan(jobspec.with_version(job, standby, version, image))
+        lines, refusal = nomad_summary(plan, job_id, active, standby, version)
+        return DryRun([*render_nomad_plan(plan), "", *lines], refusal)
 
     async def _deploy(
         self,
@@ -327,9 +349,15 @@ class NomadConsulBackend:
             app, to_group, progress, entry, self._confirm,
         )  # fmt: skip
 
-    async def rollback(self, app: str, progress: Progress) -> SwitchOutcome:
+    async def rollback(
+        self, app: str, progress: Progress, reason: str | None = None
+    ) -> SwitchOutcome:
+        """`reason`: why it was asked for, kept in the audit record (an automatic rollback's
+        measured verdict)."""
         async with self._clients() as (session, nomad, consul):
             entry: dict[str, Any] = {"action": "rollback"}
+            if reason:
+                entry["reason"] = reason
             async with self._locked(consul, app, entry, "rolling back", progress):
                 try:
                     got = await consul.kv_get(self.keys.previous(app))

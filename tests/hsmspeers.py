@@ -61,6 +61,19 @@ def dataid_of(body: bytes) -> int:
     return struct.unpack(">I", body[4:8])[0]
 
 
+def s9_body(h: Frame) -> bytes:
+    """S9F1..F11 body: <B[10]> holding the header of message `h`."""
+    raw = codec.HEADER.pack(10, h.session_id, h.byte2, h.byte3, h.ptype, h.stype, h.system)
+    return b"\x21\x0a" + raw[4:]
+
+
+def s9_header(body: bytes) -> Frame:
+    """The header an S9F1..F11 body quotes (as s9_body writes it)."""
+    assert body[:2] == b"\x21\x0a", body
+    _, sid, b2, b3, pt, st, system = codec.HEADER.unpack(b"\x00\x00\x00\x0a" + body[2:12])
+    return Frame(sid, b2, b3, pt, st, system)
+
+
 def ascii_item(text: str) -> bytes:
     raw = text.encode()
     return bytes([0x41, len(raw)]) + raw
@@ -83,6 +96,8 @@ class RawHost:
         self.reply_delay = reply_delay
         self.received: list[int] = []  # DATAIDs of S6F11, in arrival order
         self.primaries: list[tuple[int, int, int]] = []  # (stream, function, body bytes)
+        self.frames: list[Frame] = []  # every data primary received, as received
+        self.stream9: list[Frame] = []  # S9 received (a waiting send_primary gets the S9)
         self.ignored: list[Frame] = []  # data messages with another session id
         self.rejects: list[Frame] = []
         self.conns: list[HostConn] = []
@@ -93,6 +108,7 @@ class RawHost:
         self.answer_data = True  # False (with the above): reads everything, answers nothing
         self.deselects = 0
         self.separates = 0
+        self.select_delay = 0.0  # seconds before answering Select.req (a slow-to-select host)
         self._sys = 1000
         self._server: asyncio.AbstractServer | None = None
         self.port = 0
@@ -116,6 +132,8 @@ class RawHost:
                 if f is None:
                     return
                 if f.stype == codec.SELECT_REQ:
+                    if self.select_delay:
+                        await asyncio.sleep(self.select_delay)
                     writer.write(codec.select_rsp(f.system, 1 if conn.selected else 0))
                     conn.selected = True
                 elif f.stype == codec.LINKTEST_REQ:
@@ -145,6 +163,14 @@ class RawHost:
                             fut.set_result(f)
                         continue
                     self.primaries.append((f.stream, f.function, len(f.body)))
+                    self.frames.append(f)
+                    if f.stream == 9:
+                        self.stream9.append(f)
+                        if f.function != 13:  # the header names the host's own message
+                            fut = conn.waiting.pop(s9_header(f.body).system, None)
+                            if fut is not None and not fut.done():
+                                fut.set_result(f)
+                        continue
                     if not self.answer_data:
                         continue
                     if self.reply_delay:
@@ -212,13 +238,20 @@ class RawTool:
         self.waiting: dict[int, asyncio.Future] = {}
         self.rejects: list[Frame] = []
         self.host_primaries: list[Frame] = []
+        self.data: list[Frame] = []  # every data message received
+        # (stream, function) of host primaries answered with S9F<n> (n = value) instead.
+        self.s9_for: dict[tuple[int, int], int] = {}
         self.separated = False
         self.closed = asyncio.Event()
         self._sys = 0
         self._task: asyncio.Task | None = None
 
-    async def connect(self) -> None:
-        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+    async def connect(self, source: str | None = None) -> None:
+        """`source`: the local address to connect from (127.0.0.2 ...: a tool's own IP)."""
+        local = (source, 0) if source else None
+        self.reader, self.writer = await asyncio.open_connection(
+            "127.0.0.1", self.port, local_addr=local
+        )
         self._task = asyncio.create_task(self._read_loop())
 
     async def select(self, timeout: float = 5.0) -> int:
@@ -268,15 +301,27 @@ class RawTool:
                     continue
                 if f.stype == codec.REJECT_REQ:
                     self.rejects.append(f)
+                if f.stype == codec.DATA:
+                    self.data.append(f)
                 if f.stype == codec.DATA and f.function % 2 == 1:
                     self.host_primaries.append(f)
-                    asyncio.ensure_future(self._answer(f))
+                    s9 = self.s9_for.get((f.stream, f.function))
+                    if s9 is not None:
+                        self.send_s9(s9, f)
+                    else:
+                        asyncio.ensure_future(self._answer(f))
                     continue
                 fut = self.waiting.pop(f.system, None)
                 if fut is not None and not fut.done():
                     fut.set_result(f)
         finally:
             self.closed.set()
+
+    def send_s9(self, function: int, about: Frame) -> None:
+        """S9F<function> quoting the header of `about` (as this tool saw or sent it)."""
+        self.writer.write(  # type: ignore[union-attr]
+            codec.data_message(self.device_id, 9, function, False, self.next_sys(), s9_body(about))
+        )
 
     async def _answer(self, f: Frame) -> None:
         if self.reply_delay:

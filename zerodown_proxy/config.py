@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .hsms.msglog import config_problem as msglog_problem
+
 
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the key."""
@@ -137,6 +139,16 @@ class HsmsSection:
     # hsms_device_id; unset: the tool's own session id is forwarded unchanged.
     device_id: int | None = None
     max_queued: int = 1000  # tool primaries held per tool while no backend session is selected
+    # Host primaries and replies remembered per tool, to map the header a Stream 9 message
+    # quotes back to the backend session that sent it (hsms/stream9.py).
+    stream9_memory: int = 256
+    # Per-tool message log in SML (hsms/msglog.py): off while message_log_dir is "". Tools:
+    # comma-separated IP addresses or device ids, "" = every tool; max_bytes: per tool address,
+    # all its rotated files together.
+    message_log_dir: str = ""
+    message_log_tools: str = ""
+    message_log_max_bytes: int = 16 * 1024 * 1024
+    message_log_files: int = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +185,21 @@ class ConsulSection:
 
 
 @dataclass(frozen=True, slots=True)
+class VerifySection:
+    """Defaults of `zerodown switch --verify` (read by the release commands, not the proxy;
+    meaning: orchestrator/verify.py). Durations: "60s", "2m", "500ms"."""
+
+    window: str = "0s"  # watch the new Active this long after a switch; 0s: off
+    baseline: str = "5s"  # measure the old version this long before the flip
+    min_requests: int = 50  # responses needed before HTTP is judged
+    max_5xx_increase: float = 0.01  # 5xx rate allowed above the baseline's (0.01: 1 point)
+    latency_factor: float = 2.0  # p99 allowed up to this times the baseline's ...
+    latency_min_increase: str = "50ms"  # ... and at least this much above it
+    min_hsms_primaries: int = 20  # HSMS primaries needed before HSMS is judged
+    max_hsms_error_increase: float = 0.01  # SxF0/Reject rate allowed above the baseline's
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     proxy: ProxySection = field(default_factory=ProxySection)
     http: HttpSection = field(default_factory=HttpSection)
@@ -181,6 +208,7 @@ class Config:
     outlier_detection: OutlierSection = field(default_factory=OutlierSection)
     discovery: DiscoverySection = field(default_factory=DiscoverySection)
     consul: ConsulSection = field(default_factory=ConsulSection)
+    verify: VerifySection = field(default_factory=VerifySection)
     base_dir: Path = field(default_factory=Path.cwd)
 
     def registry_path(self) -> Path:
@@ -196,6 +224,7 @@ _SECTIONS = {
     "outlier_detection": OutlierSection,
     "discovery": DiscoverySection,
     "consul": ConsulSection,
+    "verify": VerifySection,
 }
 
 
@@ -395,6 +424,11 @@ def _check_hsms(h: HsmsSection) -> None:
         raise ConfigError("[hsms] max_message_bytes must be at least 10 (the HSMS header)")
     if h.max_queued < 0:
         raise ConfigError("[hsms] max_queued must be 0 or more")
+    if not 1 <= h.stream9_memory <= 1_000_000:
+        raise ConfigError("[hsms] stream9_memory must be 1..1000000 messages per tool")
+    problem = msglog_problem(h.message_log_files, h.message_log_max_bytes, h.message_log_tools)
+    if problem:
+        raise ConfigError(f"[hsms] {problem}")
     if h.max_partial_bytes < h.max_message_bytes + 4:
         raise ConfigError(
             f"[hsms] max_partial_bytes ({h.max_partial_bytes}) must hold at least one whole "

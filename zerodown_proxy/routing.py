@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from .contract.model import AppState, Instance, RegistryState
+from .contract.pilots import Pilots
 from .switch_gate import target_id
 
 __all__ = [
@@ -52,6 +53,12 @@ class AppRoute:
     standby: tuple[Instance, ...]
     hsms_device_id: int | None = None
     generation: int = 0  # the generation this app's Active group was decided at
+    hsms_listen: str | None = None  # its own HSMS listener (None: the proxy's hsms_listen)
+    pilots: Pilots | None = None  # in force: their group is this route's Standby group
+
+    @property
+    def serves_hsms(self) -> bool:
+        return any(i.hsms_port for i in self.active + self.standby)
 
     @property
     def active_version(self) -> str | None:
@@ -77,6 +84,8 @@ class Snapshot:
     default: tuple[AppRoute, ...]
     created_at: float = field(default_factory=time.time)
     source: str = ""
+    # Header names HTTP pilots look at (any app): the data path keeps those headers only then.
+    pilot_headers: frozenset[bytes] = frozenset()
 
     def route(self, host: str | None, path: str) -> AppRoute | None:
         """Pick the app for a request: by Host (without port), then longest path prefix."""
@@ -89,12 +98,20 @@ class Snapshot:
                 return app
         return None
 
-    def hsms_app(self) -> AppRoute | None:
-        """The app that serves HSMS (the first one with HSMS ports)."""
+    def hsms_app(self, name: str | None = None) -> AppRoute | None:
+        """The app whose HSMS tools a listener serves: `name` for an app's own listener; None
+        for the proxy's [proxy] hsms_listen: the first app with HSMS ports and no listener of
+        its own (the single-app case)."""
+        if name is not None:
+            return self.apps.get(name)
         for app in self.apps.values():
-            if any(i.hsms_port for i in app.active + app.standby):
+            if app.hsms_listen is None and app.serves_hsms:
                 return app
         return None
+
+    def hsms_listeners(self) -> dict[str, str]:
+        """app -> its own HSMS listen address, for apps that have one."""
+        return {n: a.hsms_listen for n, a in self.apps.items() if a.hsms_listen is not None}
 
 
 EMPTY = Snapshot(generation=0, apps=MappingProxyType({}), by_host=MappingProxyType({}), default=())
@@ -134,6 +151,12 @@ def _route(app: AppState, active_group: str, generation: int) -> AppRoute:
         standby=tuple(i for i in app.instances if i.group == standby_group and i.healthy),
         hsms_device_id=app.hsms_device_id,
         generation=generation,
+        hsms_listen=app.hsms_listen,
+        pilots=(
+            Pilots.build(standby_group, app.pilots)
+            if app.pilots and standby_group is not None and app.pilot_group == standby_group
+            else None
+        ),
     )
 
 
@@ -209,6 +232,9 @@ def _assemble(routes: Mapping[str, AppRoute], generation: int, source: str) -> S
         by_host=MappingProxyType({h: order(r) for h, r in by_host.items()}),
         default=order(default),
         source=source,
+        pilot_headers=frozenset(
+            name for r in routes.values() if r.pilots for name, _ in r.pilots.headers
+        ),
     )
 
 

@@ -7,21 +7,23 @@ import asyncio
 import gc
 import logging
 import os
-import signal
 import socket
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import orjson
-
+from . import pilot_gauges
 from .admin import AdminApi
 from .config import Config, parse_addr
+from .dashboard.release import ReleaseDesk
+from .dashboard.routes import Dashboard
+from .dashboard.series import Sampler
 from .discovery.file import FileProvider
 from .health.active import ActiveHealthChecker
 from .http.proxy import HttpProxy
 from .metrics import Registry
 from .routing import Router
 from .switch_gate import WorkerGate
+from .takeover.listeners import Listeners
 from .watcher import Watcher
 
 log = logging.getLogger("zerodown.proxy")
@@ -29,9 +31,17 @@ log = logging.getLogger("zerodown.proxy")
 
 class ProxyServer:
     def __init__(
-        self, cfg: Config, reuse_port: bool = False, supervisor_admin: str | None = None
+        self,
+        cfg: Config,
+        reuse_port: bool = False,
+        supervisor_admin: str | None = None,
+        config_path: str | None = None,
+        inherited: dict[str, socket.socket] | None = None,
     ) -> None:
         self.cfg = cfg
+        self.config_path = config_path  # what the dashboard's release actions pass the CLI
+        # Every listening socket by name: bound here, or inherited from a takeover (takeover/).
+        self.listeners = Listeners(inherited)
         self.reuse_port = reuse_port
         # A multi-worker supervisor's admin address (it speaks for the whole proxy: this is
         # what the worker registers in Consul); None when running alone.
@@ -42,13 +52,18 @@ class ProxyServer:
         self.metrics = Registry()
         # The one path from the discovery provider to the router (see watcher.py).
         self.watcher = Watcher(self.router, self.metrics, self.gate, cfg.discovery.stale_after)
+        pilot_gauges.register(self.router, self.metrics)
         self.name = cfg.proxy.name or f"{socket.gethostname()}-{os.getpid()}"
         self.http: HttpProxy | None = None
         self.hsms: Any = None
         self.checker: ActiveHealthChecker | None = None
         self.admin: AdminApi | None = None
         self.provider: Any = None
+        self.sampler: Sampler | None = None  # per-second traffic samples for the dashboard
         self.stopped = asyncio.Event()
+        # Awaited once routing is started, before the data planes listen (a takeover's new
+        # process waits there until it routes what the old one did).
+        self.before_serving: Callable[[], Awaitable[None]] | None = None
         self.metrics.gauge(
             "zerodown_gc_frozen_objects",
             "Objects moved out of the cyclic GC's reach after start-up (gc.freeze)",
@@ -58,11 +73,18 @@ class ProxyServer:
     async def start(self) -> dict[str, int]:
         cfg = self.cfg
         admin_host, admin_port = parse_addr(cfg.proxy.admin_listen, "127.0.0.1")
+        dashboard = Dashboard(
+            lambda: self.admin.token if self.admin else "",
+            ReleaseDesk(cfg, self.config_path),
+            self._samples,
+            self._proxies,
+        )
         self.admin = AdminApi(
             self.router, self.metrics, cfg.proxy.admin_token, self.name, parts={},
-            watcher=self.watcher,
+            watcher=self.watcher, dashboard=dashboard,
         )  # fmt: skip
-        await self.admin.start(admin_host, admin_port)
+        sock = self.listeners.get("admin", admin_host, admin_port)
+        await self.admin.start(admin_host, admin_port, sock=sock)
         admin_addr = self.supervisor_admin or f"{admin_host}:{self.admin.port}"
 
         if cfg.discovery.provider == "consul":
@@ -78,6 +100,8 @@ class ProxyServer:
             self.admin.reload = self.watcher.reload
         self.watcher.start(self.provider)
 
+        if self.before_serving is not None:
+            await self.before_serving()
         http_host, http_port = parse_addr(cfg.proxy.http_listen)
         self.http = HttpProxy(
             self.router, cfg.http, self.metrics, cfg.proxy.admin_token, cfg.proxy.access_log
@@ -88,7 +112,10 @@ class ProxyServer:
         self.http.balancer.attach(self.router, cfg.outlier_detection, self.checker)
         self.checker.start()
         self.admin.checks = self.checker.verdict
-        await self.http.start(http_host, http_port, reuse_port=self.reuse_port)
+        sock = self.listeners.get("http", http_host, http_port, self.reuse_port)
+        await self.http.start(http_host, http_port, sock=sock)
+        self.sampler = Sampler(self.http.acc.m_requests, self.http.acc.m_latency)
+        self.sampler.start()
         ports = {"http": self.http.port, "admin": self.admin.port, "pid": os.getpid()}
         self.admin.parts["http"] = self.http.status
         self.admin.parts["discovery"] = self.watcher.status
@@ -102,13 +129,27 @@ class ProxyServer:
             self.hsms = HsmsProxy(
                 self.router, cfg.hsms, self.metrics, instance_down=self.checker.is_down
             )
-            await self.hsms.start(hsms_host, hsms_port, reuse_port=self.reuse_port)
+            sock = self.listeners.get("hsms", hsms_host, hsms_port, self.reuse_port)
+            await self.hsms.start(hsms_host, hsms_port, sock=sock)
             ports["hsms"] = self.hsms.port
             self.admin.parts["hsms"] = self.hsms.status
         if hasattr(self.provider, "set_listen_ports"):
             self.provider.set_listen_ports(ports)
         log.info("listening", extra={"fields": {"ports": ports, "name": self.name}})
+        settle_gc()
         return ports
+
+    async def _samples(self, since: int) -> dict[str, Any]:
+        if self.sampler is None:
+            return {"buckets": [], "samples": []}
+        return self.sampler.raw(since)
+
+    async def _proxies(self) -> dict[str, Any] | None:
+        if self.cfg.discovery.provider != "consul" or self.provider is None:
+            return None  # the file provider: this proxy (the page reads /v1/status)
+        from .dashboard.proxies import consul_proxies
+
+        return await consul_proxies(self.provider.client)
 
     async def stop(self) -> None:
         grace = self.cfg.proxy.shutdown_grace
@@ -121,11 +162,14 @@ class ProxyServer:
         await asyncio.gather(*waits)
         if self.checker is not None:
             await self.checker.close()
+        if self.sampler is not None:
+            await self.sampler.close()
         await self.watcher.stop()
         if self.admin is not None:
             await self.admin.close()
         if self.gate is not None:
             self.gate.close()
+        self.listeners.close()
         self.stopped.set()
 
 
@@ -151,21 +195,15 @@ async def serve(
     ready_file: str | None = None,
     reuse_port: bool = False,
     supervisor_admin: str | None = None,
+    config_path: str | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
 ) -> int:
-    server = ProxyServer(cfg, reuse_port, supervisor_admin)
-    ports = await server.start()
-    settle_gc()
-    if ready_file:
-        tmp = Path(ready_file + ".tmp")
-        tmp.write_bytes(orjson.dumps(ports))
-        os.replace(tmp, ready_file)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop()
-    return 0
+    """Run one proxy process until SIGTERM/SIGINT or a takeover (takeover/lifecycle.py)."""
+    from .takeover import lifecycle
+
+    return await lifecycle.serve(
+        cfg, ready_file, reuse_port, supervisor_admin, config_path, overrides
+    )
 
 
 def run(
@@ -189,4 +227,4 @@ def run(
         return run_supervisor(cfg, config_path, ready_file, overrides)
     import uvloop
 
-    return uvloop.run(serve(cfg, ready_file, reuse_port, supervisor_admin))
+    return uvloop.run(serve(cfg, ready_file, reuse_port, supervisor_admin, config_path, overrides))

@@ -55,6 +55,10 @@ from .supervised import worker_argv
 from .supervisor_admin import SupervisorAdmin
 from .supervisor_merge import merge_hsms, merge_metrics
 from .switch_gate import GATE_ENV, INDEX_ENV, NOTIFY_ENV, GateFile, waiting_for
+from .takeover import sdnotify
+from .takeover.lifecycle import WORKER_CHANNEL_ENV
+from .takeover.supervisor_takeover import SupervisorDonor, SupervisorReceiver, worker_channel
+from .takeover.wire import ENV as TAKEOVER_ENV
 
 log = logging.getLogger("zerodown.workers")
 
@@ -103,6 +107,15 @@ class Supervisor:
         self.waiting: list[int] = []
         self._checker: asyncio.Task[None] | None = None
         self._notify: socket.socket | None = None
+        # Takeover (takeover/supervisor_takeover.py): what this supervisor received from the one
+        # it replaces (sockets by name, the old workers' channels), and whether it is itself
+        # being replaced (its workers' exits are then expected, not restarted).
+        self.inherited: dict[str, socket.socket] = {}
+        self.takeover_from: dict[int, str] = {}
+        self.handing_over = False
+        path = os.environ.pop(TAKEOVER_ENV, None)
+        self.receiver = SupervisorReceiver(path) if path else None
+        self.donor = SupervisorDonor(self)
 
     def reserve(self) -> dict[str, int]:
         ports = {}
@@ -111,7 +124,7 @@ class Supervisor:
             keys.append(("hsms", self.cfg.proxy.hsms_listen))
         for key, addr in keys:
             host, port = parse_addr(addr)
-            s = reserve_port(host, port)
+            s = self.inherited.pop(f"reserved:{key}", None) or reserve_port(host, port)
             self.reserved.append(s)
             ports[key] = s.getsockname()[1]
             self.listen[key] = f"[{host}]:{ports[key]}" if ":" in host else f"{host}:{ports[key]}"
@@ -134,6 +147,9 @@ class Supervisor:
         args += ["--ready-file", str(ready)]
         env = dict(os.environ)
         env.pop(GATE_ENV, None)
+        env[WORKER_CHANNEL_ENV] = worker_channel(self, index)  # where its successor will connect
+        if index in self.takeover_from:  # take over from the old supervisor's worker `index`
+            env[TAKEOVER_ENV] = self.takeover_from.pop(index)
         if self.gate is not None:
             env[GATE_ENV] = str(self.gate.path)
             env[NOTIFY_ENV] = self.notify_name
@@ -157,7 +173,7 @@ class Supervisor:
 
     async def watch(self, index: int, proc: asyncio.subprocess.Process) -> None:
         code = await proc.wait()
-        if self.stopping or self.procs[index] is not proc:
+        if self.stopping or self.procs[index] is not proc or self.handing_over:
             return
         self.restarts += 1
         log.error("worker %d exited with code %s; restarting it", index, code)
@@ -240,6 +256,12 @@ class Supervisor:
                 )
         return body
 
+    def _sighup(self) -> None:
+        # Each worker re-reads the configuration itself (live_config.py).
+        for p in self.procs:
+            if p is not None and p.returncode is None:
+                p.send_signal(signal.SIGHUP)
+
     def _pid(self, index: int) -> int | None:
         p = self.procs[index]
         return p.pid if p is not None else None
@@ -263,7 +285,9 @@ class Supervisor:
         # stop them with us rather than kill us and leave them holding the ports.
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        loop.add_signal_handler(signal.SIGUSR2, self.donor.signalled)
+        loop.add_signal_handler(signal.SIGHUP, self._sighup)
+        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         startup = loop.create_task(self._start())
         stopped = loop.create_task(stop.wait())
         code = 0
@@ -272,7 +296,9 @@ class Supervisor:
             if startup.done():
                 code = startup.result()
                 if code == 0:
-                    await stopped
+                    finished = loop.create_task(self.donor.finished.wait())
+                    await asyncio.wait({stopped, finished}, return_when=asyncio.FIRST_COMPLETED)
+                    finished.cancel()
             else:
                 log.info("stopping while starting: stopping the workers started so far")
                 startup.cancel()
@@ -285,6 +311,11 @@ class Supervisor:
     async def _start(self) -> int:
         """Ports, gate, admin API, workers, first commit, ready file. 0 when serving."""
         loop = asyncio.get_running_loop()
+        if self.receiver is not None:  # a takeover's successor: sockets first, "ready" last
+            return await self.receiver.start(self, self._start_serving(loop))
+        return await self._start_serving(loop)
+
+    async def _start_serving(self, loop: asyncio.AbstractEventLoop) -> int:
         try:
             ports = self.reserve()
         except OSError as exc:
@@ -298,7 +329,7 @@ class Supervisor:
             loop.add_reader(notify.fileno(), self._nudged, notify)
             self._checker = loop.create_task(self._check_gate_forever())
         try:
-            host, ports["admin"] = await self.admin.start()
+            host, ports["admin"] = await self.admin.start(self.inherited.pop("admin", None))
         except OSError as exc:
             log.error("cannot bind the admin API on %s: %s", self.cfg.proxy.admin_listen, exc)
             return 1
@@ -316,6 +347,7 @@ class Supervisor:
             tmp = Path(self.ready_file + ".tmp")
             tmp.write_bytes(orjson.dumps(ports))
             os.replace(tmp, self.ready_file)
+        sdnotify.ready()
         log.info("supervising %d workers", self.n, extra={"fields": {"ports": ports}})
         return 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import os
 import socket
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +20,12 @@ import orjson
 from aiohttp import web
 
 from .config import parse_addr
+from .dashboard.release import ReleaseDesk
+from .dashboard.routes import Dashboard
+from .dashboard.series import merge as merge_samples
 from .supervisor_merge import merge_hsms, merge_metrics
+from .takeover.donor import TakeoverFailed
+from .takeover.listeners import bind
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
@@ -32,21 +38,45 @@ class SupervisorAdmin:
         self.sup = sup
         self.session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
+        self._site: web.SockSite | None = None
+        self._sock: socket.socket | None = None
 
-    async def start(self) -> tuple[str, int]:
-        """Listen on [proxy] admin_listen; (host, port) it listens on. OSError if it cannot."""
+    async def start(self, sock: socket.socket | None = None) -> tuple[str, int]:
+        """Listen on [proxy] admin_listen (or serve on `sock`, inherited from the supervisor this
+        one replaces); (host, port) it listens on. OSError if it cannot."""
         self.session = aiohttp.ClientSession()
         app = web.Application()
         app.router.add_get("/v1/status", self.status)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_post("/v1/reload", self.reload)
+        sup = self.sup
+        dashboard = Dashboard(
+            lambda: sup.cfg.proxy.admin_token,
+            ReleaseDesk(sup.cfg, sup.config_path),
+            self.samples,
+            self.proxies,
+        )
+        dashboard.register(app)  # the web dashboard at /, over all workers (dashboard/)
+        app.router.add_post("/v1/takeover", self.takeover)
         runner = self._runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         host, port = parse_addr(self.sup.cfg.proxy.admin_listen, "127.0.0.1")
-        site = web.TCPSite(runner, host, port, reuse_address=True)
+        if sock is None:
+            sock = bind(host, port)
+        self._sock = sock  # kept: a takeover hands this very socket over
+        site = self._site = web.SockSite(runner, sock.dup())
         await site.start()
-        return host, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return sock.getsockname()[0], sock.getsockname()[1]
+
+    def listening_fd(self) -> int:
+        assert self._sock is not None
+        return self._sock.fileno()
+
+    async def stop_listening(self) -> None:
+        """Takeover: the new supervisor serves the admin address now."""
+        if self._site is not None:
+            await self._site.stop()
 
     async def close_session(self) -> None:
         if self.session is not None:
@@ -55,6 +85,8 @@ class SupervisorAdmin:
     async def cleanup(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._sock is not None:
+            self._sock.close()
 
     async def _get(self, admin: str | None, path: str) -> Any:
         if admin is None or self.session is None:
@@ -79,6 +111,7 @@ class SupervisorAdmin:
         body.update(
             {
                 "name": sup.cfg.proxy.name or socket.gethostname(),
+                "pid": os.getpid(),  # the supervisor's: a takeover changes it
                 "generation": min(known) if len(known) == sup.n else 0,
                 "workers": [
                     {
@@ -98,6 +131,19 @@ class SupervisorAdmin:
         )
         return web.json_response(body, dumps=lambda o: orjson.dumps(o).decode())
 
+    async def samples(self, since: int) -> dict[str, Any]:
+        """Every worker's per-second traffic samples, summed (dashboard/series.py)."""
+        path = f"/v1/dashboard/samples?since={since}"
+        return merge_samples(await asyncio.gather(*(self._get(a, path) for a in self.sup.admins)))
+
+    async def proxies(self) -> dict[str, Any] | None:
+        """The proxies registered in Consul, as the first worker that answers sees them."""
+        for admin in self.sup.admins:
+            found = await self._get(admin, "/v1/dashboard/proxies")
+            if found is not None:
+                return found
+        return {"error": "no worker answered"}
+
     async def health(self, request: web.Request) -> web.Response:
         results = await asyncio.gather(*(self._get(a, "/health") for a in self.sup.admins))
         ok = all(r and r.get("status") == "ok" for r in results)
@@ -109,13 +155,29 @@ class SupervisorAdmin:
         texts = await asyncio.gather(*(self._get(a, "/metrics") for a in self.sup.admins))
         return web.Response(text=merge_metrics([t or "" for t in texts]), content_type="text/plain")
 
-    async def reload(self, request: web.Request) -> web.Response:
+    def unauthorized(self, request: web.Request) -> web.Response | None:
         supplied = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
         token = self.sup.cfg.proxy.admin_token
         if not token or not hmac.compare_digest(supplied.encode(), token.encode()):
             return web.json_response(
                 {"error": "this call needs 'Authorization: Bearer <admin token>'"}, status=401
             )
+        return None
+
+    async def takeover(self, request: web.Request) -> web.Response:
+        """Replace the supervisor and all its workers (takeover/supervisor_takeover.py)."""
+        if (refused := self.unauthorized(request)) is not None:
+            return refused
+        try:
+            result = await self.sup.donor.takeover()
+        except TakeoverFailed as exc:
+            return web.json_response({"error": f"takeover failed: {exc}"}, status=409)
+        return web.json_response(result)
+
+    async def reload(self, request: web.Request) -> web.Response:
+        if (refused := self.unauthorized(request)) is not None:
+            return refused
+        token = self.sup.cfg.proxy.admin_token
         results = []
         assert self.session is not None
         for admin in self.sup.admins:

@@ -48,6 +48,7 @@ def merge_hsms(parts: list[dict[str, Any] | None]) -> dict[str, Any] | None:
     sessions.sort(key=lambda s: s.get("connected_at") or 0)
     return {
         "port": present[0][1].get("port"),
+        "listeners": present[0][1].get("listeners", {}),  # every worker binds the same apps
         "tool_sessions": sum(p.get("tool_sessions", 0) for _, p in present),
         "handovers": sum(p.get("handovers", 0) for _, p in present),
         "failovers": sum(p.get("failovers", 0) for _, p in present),

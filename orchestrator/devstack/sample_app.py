@@ -2,7 +2,10 @@
 
 HTTP: `GET /` answers JSON {service, version, instance} with header X-Backend-Version; `GET
 /health`; `POST /echo` streams the body back; `GET /sleep?s=N` answers after N seconds (to hold a
-request in flight across a switch). With --hsms-port, an HSMS host (sample_hsms.py) also runs, and
+request in flight across a switch); `POST /fault?status=500&delay=0.2` makes `GET /` and `GET
+/info` answer that status and/or that much later from then on (`POST /fault` with neither: back
+to normal; /health is never affected, so health checks still pass: a release that is bad only
+for real traffic, as `switch --verify` must catch). With --hsms-port, an HSMS host (sample_hsms.py) also runs, and
 `GET /hsms/received` / `POST /hsms/command?rcmd=X&timeout=S` expose what it received and let a test
 make it send S2F41. Exits cleanly on SIGTERM: stops accepting, Separates HSMS sessions, finishes
 requests.
@@ -38,9 +41,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def make_app(version: str, instance: str, hsms: HsmsHost | None = None) -> web.Application:
     headers = {"X-Backend-Version": version, "X-Backend-Instance": instance}
     body = orjson.dumps({"service": "drimeap", "version": version, "instance": instance})
+    fault = {"status": 0, "delay": 0.0}
+
+    async def faulty() -> web.Response | None:
+        if fault["delay"]:
+            await asyncio.sleep(fault["delay"])
+        if fault["status"]:
+            return web.Response(status=fault["status"], text="injected fault\n", headers=headers)
+        return None
 
     async def index(request: web.Request) -> web.Response:
+        if fault["status"] or fault["delay"]:
+            if (bad := await faulty()) is not None:
+                return bad
         return web.Response(body=body, content_type="application/json", headers=headers)
+
+    async def set_fault(request: web.Request) -> web.Response:
+        try:
+            status = int(request.query.get("status", "0"))
+            delay = float(request.query.get("delay", "0"))
+        except ValueError:
+            return _error(400, "status must be an HTTP status code, delay a number of seconds")
+        if not (status == 0 or 200 <= status <= 599) or not 0 <= delay <= 60:
+            return _error(400, "give status=200..599 (0: off) and delay=0..60 seconds")
+        fault.update(status=status, delay=delay)
+        return web.json_response(fault)
 
     async def health(request: web.Request) -> web.Response:
         return web.Response(text="ok\n", headers=headers)
@@ -59,6 +84,9 @@ def make_app(version: str, instance: str, hsms: HsmsHost | None = None) -> web.A
         return web.Response(body=body, content_type="application/json", headers=headers)
 
     async def info(request: web.Request) -> web.Response:
+        if fault["status"] or fault["delay"]:
+            if (bad := await faulty()) is not None:
+                return bad
         return web.json_response(
             {"version": version, "instance": instance, "headers": dict(request.headers)},
             headers=headers,
@@ -70,6 +98,7 @@ def make_app(version: str, instance: str, hsms: HsmsHost | None = None) -> web.A
     app.router.add_post("/echo", echo)
     app.router.add_get("/sleep", sleep)
     app.router.add_get("/info", info)
+    app.router.add_post("/fault", set_fault)
     if hsms is not None:
         add_hsms_routes(app, hsms, instance)
     return app

@@ -14,11 +14,14 @@ import numpy as np
 import orjson
 import pytest
 
-from benchmarks.closed_loop import parse_wrk
+from benchmarks.closed_loop import parse_wrk, pin_cores, taskset
+from benchmarks.instructions import callgrind_total
 from benchmarks.loadgen import LoadRun, LoadSpec, RawLoad, run_load
 from benchmarks.loadgen_worker import CONN_ERROR, OK
+from benchmarks.nginx import BenchError
 from benchmarks.readme import END, START, ReadmeError, update_readme
 from benchmarks.stats import SwitchEvent, propagation, summarise, time_series
+from benchmarks.targets import Backends, ZerodownProxy
 from orchestrator.cli import main as zerodown
 
 from ..helpers import wait_until
@@ -202,8 +205,110 @@ def test_steady_and_closed_scenarios_end_to_end(tmp_path, capsys):
     )
     assert code == 0, capsys.readouterr().err
     closed = orjson.loads((out2 / "results.json").read_bytes())["closed"]
-    assert set(closed) == {"direct", "zerodown", "nginx-reload"}
-    assert set(closed["zerodown"]) == {"1", "2"}
-    for per_workers in closed.values():
-        for r in per_workers.values():
-            assert r["requests"] > 0 and r["errors"] == 0 and r["non_2xx"] == 0
+    assert set(closed) == {"unpinned", "pinned"}
+    for mode in closed.values():
+        assert set(mode) == {"direct", "zerodown", "nginx-reload"}
+        assert set(mode["zerodown"]) == {"1", "2"}
+        for per_workers in mode.values():
+            for r in per_workers.values():
+                assert r["requests"] > 0 and r["errors"] == 0 and r["non_2xx"] == 0
+        for name in ("zerodown", "nginx-reload"):
+            assert all(r["cpu_us_per_request"] > 0 for r in mode[name].values())
+    assert "| pinned | zerodown | 1 |" in (out2 / "summary.md").read_text()
+
+
+needs_valgrind = pytest.mark.skipif(
+    not shutil.which("valgrind"), reason="valgrind is not installed (make sysdeps)"
+)
+
+
+@needs_nginx
+@pytest.mark.skipif(pin_cores() is None, reason="pinning needs 2 cores and taskset")
+def test_pinned_proxy_and_backends_run_on_their_own_cores(tmp_path):
+    import psutil
+
+    proxy_core, rest_core = pin_cores()  # type: ignore[misc]
+    backends = Backends(tmp_path, per_group=1, wrapper=taskset(rest_core))
+    proxy = ZerodownProxy(backends, tmp_path, wrapper=taskset(proxy_core))
+    try:
+        backends.start()
+        proxy.start(1)
+        assert psutil.Process(proxy.pid()).cpu_affinity() == [proxy_core]
+        for ng in backends._procs:
+            assert psutil.Process(ng.proc.pid).cpu_affinity() == [rest_core]
+    finally:
+        proxy.stop()
+        backends.stop()
+
+
+@needs_nginx
+@needs_valgrind
+def test_instructions_scenario_counts_zerodown_and_nginx(tmp_path, capsys):
+    out = tmp_path / "instr"
+    code = zerodown(
+        ["bench", "instructions", "--small", "20", "--large", "60", "--connections", "2"]
+        + ["--results-dir", str(out)]
+    )
+    assert code == 0, capsys.readouterr().err
+    r = orjson.loads((out / "results.json").read_bytes())["instructions"]
+    z, n = r["zerodown"], r["nginx"]
+    for t in (z, n):
+        (run,) = t["runs"]
+        assert run["large"]["instructions"] > run["small"]["instructions"] > 0
+        assert t["per_request"] == pytest.approx(
+            (run["large"]["instructions"] - run["small"]["instructions"]) / 40
+        )
+    # nginx's C does a proxied request in tens of thousands of instructions; zerodown's
+    # Python in more. Neither can be near zero: start-up has cancelled out, not the requests.
+    assert 5_000 < n["per_request"] < z["per_request"] < 5_000_000
+    assert r["ratio"] == pytest.approx(z["per_request"] / n["per_request"])
+    assert "zerodown / nginx" in (out / "summary.md").read_text()
+
+
+def test_instructions_scenario_refuses_bad_sizes(tmp_path, capsys):
+    code = zerodown(
+        ["bench", "instructions", "--small", "300", "--large", "100"]
+        + ["--results-dir", str(tmp_path)]
+    )
+    assert code == 1
+    assert "--small must be positive and below --large" in capsys.readouterr().err
+
+
+def test_callgrind_totals_are_read_from_its_output(tmp_path):
+    f = tmp_path / "callgrind.out"
+    f.write_text(
+        "# callgrind format\nversion: 1\ncmd: x\nevents: Ir\nfn=main\n5 10\n\ntotals: 123456\n"
+    )
+    assert callgrind_total(f) == 123456
+    f.write_text("events: Ir\n")
+    with pytest.raises(BenchError, match="no totals line"):
+        callgrind_total(f)
+
+
+@needs_nginx
+def test_fab_scenario_small(tmp_path, capsys):
+    out = tmp_path / "fab"
+    code = zerodown(
+        ["bench", "fab", "--tools", "20", "--switches", "1", "--switch-every", "2"]
+        + ["--idle-clients", "50", "--apps", "1,3", "--instances", "2", "--wrk-seconds", "1"]
+        + ["--results-dir", str(out)]
+    )
+    assert code == 0, capsys.readouterr().err
+    fab = orjson.loads((out / "results.json").read_bytes())["fab"]
+    h = fab["hsms"]
+    # 20 tools x 1 S6F11 a second x 4 s, every one acknowledged and in a backend's record.
+    assert h["sent"] >= 20 * 3 and h["replied"] == h["sent"], h
+    assert (h["disconnects"], h["lost"], h["duplicated"], h["acked_not_recorded"]) == (0, 0, 0, 0)
+    (sw,) = h["switch_log"]
+    assert sw["to"] == "green" and sw["sessions_handed_over"] == 20 and h["all_handed_over"]
+    assert 0 < sw["handover_ms"]["p50"] <= sw["handover_ms"]["p99"] <= sw["handover_ms"]["max"]
+    idle = fab["idle"]
+    assert (idle["clients"], idle["failed"], idle["closed_by_proxy"]) == (50, 0, 0)
+    assert idle["rss_clients_mib"] > 0
+    growth = fab["growth"]
+    assert [(g["apps"], g["per_group"], g["instances"]) for g in growth] == [(1, 2, 4), (3, 2, 12)]
+    for g in growth:
+        assert g["rps"] > 0 and g["errors"] == 0 and g["cpu_us_per_request"] > 0
+        assert g["first_new_ms"][0] > 0 and g["applied_ms"][0] > 0
+    text = (out / "summary.md").read_text()
+    assert "20 HSMS tools" in text and "idle keep-alive HTTP clients" in text

@@ -216,9 +216,13 @@ def test_bundle_is_reproducible_and_holds_only_the_locked_runtime_wheels(bundle,
 
     (zwheel,) = (tree / "wheelhouse").glob("zerodown-*.whl")
     with zipfile.ZipFile(zwheel) as z:
-        tops = {n.split("/")[0] for n in z.namelist()}
+        names_in_wheel = set(z.namelist())
+    tops = {n.split("/")[0] for n in names_in_wheel}
     assert "benchmarks" not in tops and "tests" not in tops
     assert {"zerodown_proxy", "orchestrator"} <= tops
+    static = "zerodown_proxy/dashboard/static/"  # the web dashboard ships as package data
+    assets = ("index.html", "dashboard.js", "charts.js", "dashboard.css")
+    assert {static + f for f in assets} <= names_in_wheel
 
 
 def test_a_bundle_for_another_python_installs_and_imports_there(tmp_path):

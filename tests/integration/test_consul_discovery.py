@@ -567,3 +567,29 @@ async def test_datacenter_and_token_are_sent(consul: FakeConsul) -> None:
                 assert router.snapshot.generation == 0
         finally:
             await watcher.stop()
+
+
+def test_a_takeover_keeps_the_registration_the_new_process_made(
+    consul: FakeConsul, backends: dict[str, list[SampleApp]], proxies: Callable[..., ProxyProc]
+) -> None:
+    import os
+    import signal
+
+    register_backends(consul, backends)
+    gen = consul.kv_set(KEY, "blue")
+    p = proxies(config(consul))
+    p.wait_generation(gen)
+    wait_until(lambda: consul.services("zerodown-proxy", passing=True), 10, "registered")
+    os.kill(p.pid, signal.SIGUSR2)
+    new = wait_until(lambda: (pid := p.status()["pid"]) != p.pid and pid, 60, "a new pid")
+    try:
+        assert p.proc.wait(60) == 0  # the old process stopped...
+        # ... without deregistering the service id the new process registered too.
+        assert not any(path.startswith("/v1/agent/service/deregister/")
+                       for _, path in consul.requests)  # fmt: skip
+        entries = wait_until(lambda: consul.services("zerodown-proxy", passing=True), 10, "kept")
+        assert entries[0]["Service"]["Meta"]["admin"] == f"127.0.0.1:{p.admin}"
+        assert version_of(p) == "v1"
+    finally:
+        os.kill(new, signal.SIGTERM)
+    wait_until(lambda: consul.services("zerodown-proxy") == [], 30, "deregistered by the new one")

@@ -95,6 +95,11 @@ async def _push(s: socket.socket, block: bytes, budget: int, seconds: float) -> 
     return sent
 
 
+# Another tool's S1F1 round trip while one floods for 6 s: starved, it would wait for the
+# flood to end; served, it waits at most a scheduling hiccup (1.6 s seen at load average 10).
+STARVED = 3.0
+
+
 async def _latencies(tool: RawTool, stop: asyncio.Event, limit: int = 5000) -> list[float]:
     out = []
     while not stop.is_set() and len(out) < limit:
@@ -137,7 +142,7 @@ async def test_a_tool_flooding_linktests_without_reading_is_paused_not_buffered(
     # The proxy stopped reading the flooder as soon as its answers backed up: what it was sent
     # waits in the flooder's socket, not in the proxy's memory.
     assert grown < 24 * MiB, f"the proxy grew by {grown / MiB:.0f} MiB ({sent} bytes sent)"
-    assert lat and max(lat) < 1.0, f"another tool waited {max(lat):.2f} s"
+    assert lat and max(lat) < STARVED, f"another tool waited {max(lat):.2f} s"
     # The well-behaved tool and the backends never noticed; the flooder is just not read.
     assert (await good.request(6, 11, s6f11_body(1))).function == 12
     assert not good.closed.is_set()
@@ -213,7 +218,7 @@ async def test_a_backend_flooding_without_reading_is_paused_then_failed_over(tmp
         stop.set()
         lat = await probe
         assert peak < 24 * MiB, f"the proxy grew by {peak / MiB:.0f} MiB"
-        assert lat and max(lat) < 1.0, f"another tool waited {max(lat):.2f} s"
+        assert lat and max(lat) < STARVED, f"another tool waited {max(lat):.2f} s"
         rsp = await victim.request(6, 11, s6f11_body(5))
         assert rsp.function == 12 and normal.received == [5]
         assert not victim.closed.is_set() and not other.closed.is_set()

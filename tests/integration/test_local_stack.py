@@ -342,12 +342,13 @@ def test_history_command_shows_the_trail(stack: Path):
     assert zd(stack, "switch").returncode == 0
     r = zd(stack, "history")
     assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
+    head, *lines = r.stdout.splitlines()
+    assert head.split()[:3] == ["TIME", "WHO", "ACTION"]
     assert len(lines) == 2
-    assert "switch blue -> blue" in lines[0] and lines[0].endswith(
-        "refused: group blue is already Active for drimeap; nothing to switch"
+    assert "switch  blue -> blue" in lines[0] and lines[0].endswith(
+        "refused  group blue is already Active for drimeap; nothing to switch"
     )
-    assert "switch blue -> green (v1 -> v1)  ok" in lines[1]
+    assert lines[1].endswith("switch  blue -> green  v1 -> v1  ok")
     r = zd(stack, "history", "--json", "--last", "1")
     (rec,) = [orjson.loads(x) for x in r.stdout.splitlines()]
     assert (rec["action"], rec["result"], rec["to"]) == ("switch", "ok", "green")

@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -635,6 +636,16 @@ def hold_lock(stack: NomadStack, holder: dict[str, Any], ttl: str = "10s") -> st
     return sid
 
 
+def _renew_until(stack: NomadStack, sid: str, stop: threading.Event) -> None:
+    """Renew session `sid` every 0.1 s until `stop` is set (PUT /v1/session/renew/<id>)."""
+    while not stop.wait(0.1):
+        req = urllib.request.Request(
+            f"{stack.consul.url}/v1/session/renew/{sid}", data=b"", method="PUT"
+        )
+        with urllib.request.urlopen(req, timeout=5) as r:
+            r.read()
+
+
 def _holder(**kw: Any) -> dict[str, Any]:
     from orchestrator.release_lock import Holder
 
@@ -647,9 +658,18 @@ def test_a_lock_held_elsewhere_refuses_until_its_session_ttl_frees_it(
     stack = nomad_stack
     stack.consul.sessions.ttl_min = 0.2  # Consul's session_ttl_min, lowered for the test
     # A deploy running on another machine: this host cannot tell whether it is alive.
-    hold_lock(stack, _holder(host="fab-ops-1", pid=4242, boot_id="another-machine"), ttl="1s")
+    sid = hold_lock(stack, _holder(host="fab-ops-1", pid=4242, boot_id="another-machine"), ttl="1s")
     before = stack.consul.kv_get(KEY)
-    r = run_cli(stack, tmp_path, "switch")
+    # Alive while the first switch runs: renewed as its holder would (a CLI's start-up on a
+    # loaded machine can take longer than the 2 x TTL an unrenewed session lives).
+    alive = threading.Event()
+    renewer = threading.Thread(target=_renew_until, args=(stack, sid, alive), daemon=True)
+    renewer.start()
+    try:
+        r = run_cli(stack, tmp_path, "switch")
+    finally:
+        alive.set()
+        renewer.join(5)
     assert r.returncode == 1
     line = one_line(r.stderr)
     assert BUSY.match(line) and "(deploy, pid 4242 on host fab-ops-1, since " in line, line

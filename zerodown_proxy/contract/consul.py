@@ -6,8 +6,10 @@ rule that joins an instance's HTTP and HSMS services.
   `zerodown-group=<group>` and `zerodown-version=<version>`; `Meta["hsms_device_id"]` on the
   HSMS service gives the app's HSMS session id; `Meta["zerodown-instance"]` (optional) names the
   instance both services belong to.
+  `Meta["hsms_listen"]` (host:port) gives the app an HSMS listener of its own on every proxy.
 - The Active group of an app is the value of `<prefix>/<app>/active`; `previous` records the
-  group a switch left (for rollback); `history/<ns>` is the audit trail.
+  group a switch left (for rollback); `history/<ns>` is the audit trail; `pilots` holds the
+  app's pilots as JSON (format: contract/pilots.py), written with CAS like `active`.
 - Without the key, the old stack's tags decide: instances tagged `active` are Active.
 - Each proxy registers `zerodown-proxy` with its admin address in `Meta["admin"]`.
 
@@ -30,6 +32,7 @@ from typing import Any
 from .model import (
     Instance,
     check_device_id,
+    check_listen,
     check_name,
     check_port,
     check_token,
@@ -41,6 +44,7 @@ ROLE_ACTIVE = "active"  # the old stack's role tags
 ROLE_STANDBY = "standby"
 META_INSTANCE = "zerodown-instance"
 META_DEVICE = "hsms_device_id"
+META_LISTEN = "hsms_listen"
 META_VERSION = "version"
 PROXY_SERVICE = "zerodown-proxy"
 PROXY_META_ADMIN = "admin"  # host:port of the proxy's admin API (the CLI reads /v1/status)
@@ -78,6 +82,9 @@ class Keys:
 
     def previous(self, app: str) -> str:
         return self._key(app, "previous")
+
+    def pilots(self, app: str) -> str:
+        return self._key(app, "pilots")
 
     def history(self, app: str, ns: int) -> str:
         return self._key(app, "history", str(ns))
@@ -167,6 +174,8 @@ class ServiceEntry:
             device = self.meta.get(META_DEVICE)
             if device not in (None, ""):
                 check_device_id(_int_or_text(device), f"{where} Meta")
+            if self.meta.get(META_LISTEN):
+                check_listen(self.meta[META_LISTEN], f"{where} Meta")
             if META_INSTANCE in self.meta:
                 check_token(self.meta[META_INSTANCE], where, f"Meta {META_INSTANCE}")
         except ValueError as exc:
@@ -369,6 +378,13 @@ def device_id(hsms: Sequence[ServiceEntry]) -> int | None:
     if len(values) != 1:
         return None
     return int(values.pop())  # type: ignore[arg-type]  # problem() checked it is an integer
+
+
+def hsms_listen(hsms: Sequence[ServiceEntry]) -> str | None:
+    """The app's own HSMS listener: `Meta["hsms_listen"]` of the `<app>-hsms` services when they
+    agree on one valid value (else None: the proxy's [proxy] hsms_listen)."""
+    values = {e.meta.get(META_LISTEN) for e in hsms if e.problem() is None} - {None, ""}
+    return values.pop() if len(values) == 1 else None
 
 
 def active_from_tags(app: str, instances: Sequence[Instance], entries: Mapping[str, ServiceEntry]

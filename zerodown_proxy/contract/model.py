@@ -75,6 +75,11 @@ class AppState:
     hsms_device_id: int | None = None
     generation: int | None = None
     problem: str | None = None
+    # This app's own HSMS listener ("host:port"); None: the proxy's [proxy] hsms_listen.
+    hsms_listen: str | None = None
+    # Pilots (contract/pilots.py): tools on `pilot_group` while it is the Standby group.
+    pilot_group: str | None = None
+    pilots: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +149,15 @@ def check_path_prefix(value: Any, where: str) -> str:
     return value
 
 
+def check_listen(value: Any, where: str) -> str:
+    """An HSMS listen address: host:port ([v6]:port), port 0-65535 (0: any free port)."""
+    if isinstance(value, str) and _TOKEN.fullmatch(value):
+        host, sep, port = value.rpartition(":")
+        if sep and host and port.isascii() and port.isdigit() and int(port) <= 65535:
+            return value
+    raise ContractError(f"{where}: hsms_listen must be host:port, got {value!r}")
+
+
 def check_hosts(value: Iterable[Any], where: str) -> tuple[str, ...]:
     return tuple(check_token(h, where, "host") for h in value)
 
@@ -167,6 +181,7 @@ def validate_state(state: RegistryState) -> None:
     """Every rule above over a whole state. Raises ContractError naming the first violation."""
     check_generation(state.generation, "registry")
     seen_apps: set[str] = set()
+    listens: dict[str, str] = {}
     for a in state.apps:
         where = f"app {a.name}"
         check_name(a.name, "registry", "app")
@@ -181,6 +196,14 @@ def validate_state(state: RegistryState) -> None:
         check_path_prefix(a.path_prefix, where)
         if a.hsms_device_id is not None:
             check_device_id(a.hsms_device_id, where)
+        if a.hsms_listen is not None:
+            check_listen(a.hsms_listen, where)
+            if not a.hsms_listen.endswith(":0") and a.hsms_listen in listens:
+                raise ContractError(
+                    f"{where}: hsms_listen {a.hsms_listen} is also app {listens[a.hsms_listen]}'s"
+                )
+            listens[a.hsms_listen] = a.name
+        _check_pilots(a, where)
         ids: set[str] = set()
         for i in a.instances:
             validate_instance(i, f"{where} instance {i.id!r}")
@@ -189,3 +212,11 @@ def validate_state(state: RegistryState) -> None:
             if i.id in ids:
                 raise ContractError(f"{where}: duplicate instance id {i.id}")
             ids.add(i.id)
+
+
+def _check_pilots(a: AppState, where: str) -> None:
+    from .pilots import parse_pilot_list  # pilots.py builds on the rules above
+
+    got = parse_pilot_list({"group": a.pilot_group, "tools": list(a.pilots)}, where)
+    if got.tools != a.pilots:
+        raise ContractError(f"{where}: pilots {list(a.pilots)} are not in canonical form")

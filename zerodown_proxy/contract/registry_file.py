@@ -3,7 +3,8 @@ rename) and watched by the proxy's file provider. This module is the one owner o
 
     {"generation": 7,
      "apps": {"drimeap": {"active": "blue", "previous": "green", "hosts": [], "path_prefix": "/",
-                          "hsms_device_id": 0,
+                          "hsms_device_id": 0, "hsms_listen": "0.0.0.0:5001",
+                          "pilots": {"group": "green", "tools": ["10.1.2.3"]},
                           "instances": [{"id": "drimeap-blue-1", "group": "blue",
                                          "version": "v1", "address": "127.0.0.1",
                                          "http_port": 9001, "hsms_port": 9101,
@@ -30,15 +31,21 @@ from .model import (
     check_device_id,
     check_generation,
     check_hosts,
+    check_listen,
     check_name,
     check_path_prefix,
     check_port,
     check_token,
 )
+from .pilots import parse_pilot_list
 
 # A new field is declared here first (the file's one owner); anything else is an error.
 # "previous": the group the last switch left, for `zerodown rollback` (local stack).
-APP_KEYS = frozenset({"active", "previous", "hosts", "path_prefix", "hsms_device_id", "instances"})
+# "hsms_listen": the app's own HSMS listener; "pilots": contract/pilots.py's object.
+APP_KEYS = frozenset(
+    {"active", "previous", "hosts", "path_prefix", "hsms_device_id", "hsms_listen", "pilots",
+     "instances"}
+)  # fmt: skip
 INSTANCE_KEYS = frozenset(
     {"id", "group", "version", "address", "http_port", "hsms_port", "healthy"}
 )
@@ -104,6 +111,8 @@ def _app(name: str, a: Any) -> AppState:
     if not isinstance(hosts, list):
         raise RegistryError(f"{where}: 'hosts' must be a list of host names, got {hosts!r}")
     device = a.get("hsms_device_id")
+    listen = a.get("hsms_listen")
+    pilots = parse_pilot_list(a.get("pilots"), where)
     instances = []
     seen: set[str] = set()
     for n, raw in enumerate(_req(a, "instances", list, where)):
@@ -119,6 +128,9 @@ def _app(name: str, a: Any) -> AppState:
         hosts=check_hosts(hosts, where),
         path_prefix=check_path_prefix(a.get("path_prefix", "/"), where),
         hsms_device_id=None if device is None else check_device_id(device, where),
+        hsms_listen=None if listen is None else check_listen(listen, where),
+        pilot_group=pilots.group,
+        pilots=pilots.tools,
     )
 
 

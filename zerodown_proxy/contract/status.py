@@ -29,12 +29,24 @@ class InstanceStatus:
 
 
 @dataclass(slots=True)
+class ToolSession:
+    """One HSMS tool session a proxy holds (its /v1/status `hsms.sessions`)."""
+
+    tool: str  # address:port the tool connected from
+    app: str | None  # the app whose listener it came in on
+    group: str | None  # the backend group serving it now
+    version: str | None
+    pilot: bool  # on the Standby group as a pilot
+
+
+@dataclass(slots=True)
 class ProxyStatus:
     name: str
     admin: str
     generation: int | None
     in_sync: bool
     error: str | None = None
+    tools: list[ToolSession] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -56,6 +68,8 @@ class AppStatus:
     active: GroupStatus
     standby: GroupStatus
     proxies: list[ProxyStatus]
+    # The pilot list as stored ({"group", "tools"}; contract/pilots.py), None: no pilots.
+    pilots: dict[str, Any] | None = None
 
     @property
     def in_sync(self) -> bool:

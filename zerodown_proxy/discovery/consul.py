@@ -1,9 +1,10 @@
 """Consul discovery provider: follows Consul with blocking queries and emits one whole routing
 state (HTTP and HSMS together) to the watcher; registers the proxy as `zerodown-proxy`.
 
-Per app in `[consul] apps` three watches run (see consul_client.Watch), all with `dc=` when a
+Per app in `[consul] apps` four watches run (see consul_client.Watch), all with `dc=` when a
 datacenter is configured: the health of `<app>` and `<app>-hsms` (every instance with its
-checks) and the KV key `<key_prefix>/<app>/active` (names: contract/consul.py). Whenever one of
+checks) and the KV keys `<key_prefix>/<app>/active` and `.../pilots` (names:
+contract/consul.py). Whenever one of
 them answers with a new index, the latest answers of all watches are turned into a
 `RegistryState` (consul_state) and emitted in the same event-loop turn. A view that changes an
 app's Active group is first confirmed by one parallel, non-blocking re-read of the key and both
@@ -73,6 +74,7 @@ class ConsulProvider:
         # watch name -> latest parsed value: health entries with their index, or a KvValue
         self._health: dict[str, tuple[tuple[ServiceEntry, ...], int]] = {}
         self._kv: dict[str, KvValue] = {}
+        self._pilots: dict[str, KvValue] = {}  # app -> its pilots key
         self._confirming: set[str] = set()  # apps whose Active change is being re-read
         self._sent: dict[str, AppState] = {}  # the last view emitted per app
         self._accepted: dict[str, str] = {}  # app -> Active group of its last applied view
@@ -88,6 +90,7 @@ class ConsulProvider:
             for svc in (http_service(app), hsms_service(app)):
                 self._watch(f"health:{svc}", f"/v1/health/service/{quote_path(svc)}")
             self._watch(f"kv:{app}", f"/v1/kv/{quote_path(self.keys.active(app))}")
+            self._watch(f"pilots:{app}", f"/v1/kv/{quote_path(self.keys.pilots(app))}")
         self.registration = (
             SelfRegistration(self.client, admin_addr, proxy_name, cfg.check_ttl,
                              cfg.deregister_after, self._routing_note)
@@ -174,6 +177,8 @@ class ConsulProvider:
         try:
             if kind == "kv":
                 self._kv[name] = self._parse_kv(answer, watch.path)
+            elif kind == "pilots":
+                self._pilots[name] = self._parse_kv(answer, watch.path)
             else:
                 self._health[name] = (parse_health(answer.body), answer.index)
         except ConsulDataError as exc:
@@ -314,9 +319,10 @@ class ConsulProvider:
         http = self._health.get(http_service(app))
         hsms = self._health.get(hsms_service(app))
         kv = self._kv.get(app)
-        if http is None or hsms is None or kv is None:
+        pilots = self._pilots.get(app)
+        if http is None or hsms is None or kv is None or pilots is None:
             return None  # not every watch of this app has answered yet
-        return AppView(app, http[0], hsms[0], kv, http[1], hsms[1])
+        return AppView(app, http[0], hsms[0], kv, http[1], hsms[1], pilots)
 
     def _routing_note(self) -> tuple[bool, str]:
         gen = self.sink.generation

@@ -54,6 +54,9 @@ class SelfRegistration:
         self.routing_note = routing_note  # -> (has routing, note for the check output)
         self.service_id = service_id_for(admin_addr)
         self.check_id = f"{self.service_id}-ttl"
+        # Set when a takeover's new process took this registration over (same service id):
+        # the old process must not deregister it on its way out.
+        self.handed_over = False
         self.ports: dict[str, int] = {}
         self.registered = False
         self.heartbeats = 0
@@ -129,7 +132,7 @@ class SelfRegistration:
                 await asyncio.sleep(min(period, 1.0))
 
     async def deregister(self) -> None:
-        if not self.registered:
+        if not self.registered or self.handed_over:
             return
         try:
             await self.client.put(

@@ -19,14 +19,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import orjson
+
 from ..contract.consul import (
     KvValue,
     ServiceEntry,
     active_from_tags,
     device_id,
+    hsms_listen,
     join_instances,
 )
 from ..contract.model import AppState, ContractError, check_name
+from ..contract.pilots import NO_PILOTS, PilotList, parse_pilot_list
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +43,7 @@ class AppView:
     active: KvValue  # value None: the key is absent (modify_index: the 404's X-Consul-Index)
     http_index: int
     hsms_index: int
+    pilots: KvValue | None = None  # `<prefix>/<app>/pilots` (None or value None: no pilots)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +88,11 @@ def build_app(view: AppView) -> AppResult:
             view.hsms_index if view.hsms else 0,
         )
         active, problem = active_from_tags(view.name, joined.instances, joined.entries)
+    invalid = dict(joined.invalid)
+    pilots = _pilots(view, invalid)
+    if view.pilots is not None and view.pilots.value is not None:
+        # A pilot change is applied (and waited for) like a switch: it moves the generation.
+        generation = max(generation, view.pilots.modify_index)
     state = AppState(
         name=view.name,
         active_group=active,
@@ -90,5 +100,23 @@ def build_app(view: AppView) -> AppResult:
         hsms_device_id=device_id(view.hsms),
         generation=generation,
         problem=problem,
+        hsms_listen=hsms_listen(view.hsms),
+        pilot_group=pilots.group,
+        pilots=pilots.tools,
     )
-    return AppResult(state, source, joined.unmatched_hsms, joined.ignored, joined.invalid)
+    return AppResult(state, source, joined.unmatched_hsms, joined.ignored, invalid)
+
+
+def _pilots(view: AppView, invalid: dict[str, str]) -> PilotList:
+    """The app's pilots; a value that breaks the format means no pilots (listed in `invalid`
+    under the key's name): routing goes on, everyone on Active."""
+    kv = view.pilots
+    if kv is None or not kv.value:
+        return NO_PILOTS
+    try:
+        return parse_pilot_list(orjson.loads(kv.value), f"app {view.name} pilots key")
+    except orjson.JSONDecodeError as exc:
+        invalid["pilots"] = f"app {view.name}: the pilots key is not JSON ({exc})"
+    except ContractError as exc:
+        invalid["pilots"] = str(exc)
+    return NO_PILOTS

@@ -112,6 +112,8 @@ class BackendLink(Link):
             self.tx.tool_primary(self, sb, rec)
         did = self.device_id
         self.write(codec.rewrite(f, f.session_id if did is None else did, sb))
+        if self.tool.msglog is not None:
+            self.tool.msglog.up(f, self, sb)
         self.proxy.m.fwd_primary_up.inc()
 
     def on_data(self, f: Frame) -> None:
@@ -122,6 +124,10 @@ class BackendLink(Link):
                 self.proxy.not_open("backend", self, f)
                 return
             tool.write(codec.rewrite(f, rec.session_id, rec.system))
+            r = tool.recent
+            r.replies[rec.system % r.size] = (rec.system, self, f.system, f.session_id)
+            if tool.msglog is not None:
+                tool.msglog.down(f, self, rec.system, rec.session_id)
             self.proxy.m.fwd_reply_down.inc()
             if self.draining:
                 self.maybe_finish()
@@ -137,6 +143,10 @@ class BackendLink(Link):
             self.tx.host_primary(tsb, HostPrimary(self, f.system, f.session_id, f.byte2, _now()))
         tsid = tool.sid
         tool.write(codec.rewrite(f, f.session_id if tsid is None else tsid, tsb))
+        r = tool.recent
+        r.primaries[tsb % r.size] = (tsb, self, f.system, f.session_id)
+        if tool.msglog is not None:
+            tool.msglog.down(f, self, tsb, f.session_id if tsid is None else tsid)
         self.proxy.m.fwd_primary_down.inc()
 
     def maybe_finish(self) -> None:

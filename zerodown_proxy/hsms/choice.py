@@ -1,6 +1,7 @@
 """Which Active instance a tool's new backend session goes to.
 
-Round robin over the routing snapshot's HSMS app (its Active instances with an HSMS port),
+Round robin over the instances `placement.place` gives the tool (its app's Active group, or the
+Standby group for a pilot),
 skipping instances that failed within T5 (E37's minimum between connect attempts to an entity)
 and instances the proxy's own health checks say are down (`instance_down`, injected by whoever
 runs the checks; the default says none is). Sessions already open are not moved by this: a hung
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 from ..config import HsmsSection
 from ..routing import Instance, Snapshot
+from .placement import place
 
 log = logging.getLogger("zerodown.hsms")
 
@@ -25,6 +27,7 @@ NO_BACKEND_RETRY = 0.5  # re-check for a routable HSMS instance (a snapshot swap
 class Pick:
     instance: Instance
     device_id: int | None  # session id for messages to it (None: the tool's own)
+    pilot: bool = False  # on the Standby group because the tool is a pilot
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,11 +52,21 @@ class BackendChoice:
         self.failed_until: dict[tuple[str, int | None], float] = {}
         self._rr = 0
 
-    def pick(self, snap: Snapshot, now: float) -> Pick | Wait:
-        app = snap.hsms_app()
-        insts = [i for i in app.active if i.hsms_port] if app is not None else []
+    def pick(
+        self,
+        snap: Snapshot,
+        now: float,
+        app_name: str | None = None,
+        address: str = "",
+        device_id: int | None = None,
+    ) -> Pick | Wait:
+        """An instance for a tool of `app_name` (None: the proxy's own listener's app)
+        connected from `address`, whose data messages carry `device_id`."""
+        placed = place(snap, app_name, address, device_id)
+        app, insts = placed.app, placed.instances
         if app is None or not insts:
-            return Wait(NO_BACKEND_RETRY, "no Active instance with an HSMS port")
+            where = f" of app {app_name}" if app_name else ""
+            return Wait(NO_BACKEND_RETRY, f"no Active instance{where} with an HSMS port")
         failed = self.failed_until
         ok = [i for i in insts if failed.get((i.address, i.hsms_port), 0) <= now]
         if not ok:
@@ -64,7 +77,7 @@ class BackendChoice:
             return Wait(NO_BACKEND_RETRY, "every Active instance is down (health checks)")
         self._rr += 1
         device = app.hsms_device_id if app.hsms_device_id is not None else self.device_id
-        return Pick(up[self._rr % len(up)], device)
+        return Pick(up[self._rr % len(up)], device, placed.pilot)
 
     def failed(self, inst: Instance, now: float) -> None:
         """Do not open sessions to `inst` for T5."""

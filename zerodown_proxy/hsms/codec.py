@@ -159,6 +159,10 @@ class FrameDecoder:
         """Bytes of an incomplete frame held (non-zero means T8 applies)."""
         return len(self._buf)
 
+    def unconsumed(self) -> bytes:
+        """The bytes of the incomplete frame held (what a takeover hands on with the socket)."""
+        return bytes(self._buf)
+
     @property
     def expected(self) -> int:
         """Wire size (length field included) of the incomplete frame held, as its length field

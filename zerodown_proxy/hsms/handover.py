@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from . import codec
 from .backend_link import BackendLink
 from .choice import Wait
+from .placement import place
 from .tool_link import ToolLink
 
 if TYPE_CHECKING:
@@ -45,10 +46,14 @@ class BackendSessions:
         p = self.proxy
         if p.closing or tool.closed or not tool.session.selected or tool.current is not None:
             return
+        if tool.holding is not None:
+            return  # being handed to a new proxy process: it opens its own session
         if tool.retry is not None:
             tool.retry.cancel()
             tool.retry = None
-        choice = p.choice.pick(p.router.current(), time.monotonic())
+        choice = p.choice.pick(
+            p.router.current(), time.monotonic(), tool.app, tool.address, tool.sid
+        )
         if isinstance(choice, Wait):
             if not tool.warned_no_backend:  # once per outage, not every retry
                 tool.warned_no_backend = True
@@ -59,6 +64,7 @@ class BackendSessions:
             tool.retry = p.loop.call_later(choice.seconds, self._retry, tool)
             return
         tool.warned_no_backend = False
+        tool.pilot = choice.pilot
         inst = choice.instance
         link = BackendLink(p, tool, inst, choice.device_id)
         tool.current = link
@@ -115,6 +121,8 @@ class BackendSessions:
         p.m.handover_s.observe(took, (kind,))
         if kind == "handover":
             p.m.handovers.inc()
+        elif kind == "pilot":
+            p.m.pilot_moves.inc()
         elif kind == "failover":
             p.m.failovers.inc()
         log.info(
@@ -189,22 +197,39 @@ class BackendSessions:
     # -- switch ---------------------------------------------------------------------------------
 
     def on_snapshot(self, old: Snapshot, new: Snapshot) -> None:
-        app = new.hsms_app()
-        active = frozenset(app.active) if app is not None else frozenset()
         for tool in list(self.proxy.tools):
             if tool.closed or not tool.session.selected:
                 continue
-            cur = tool.current
-            if cur is None:
+            if tool.current is None:
                 self.open(tool)
-            elif cur.instance not in active:
-                self.handover(tool, new.generation)
+            else:
+                self.place(tool, new)
 
-    def handover(self, tool: ToolLink, generation: int = 0) -> None:
-        """Move the tool's new primaries to a session on the current Active group."""
+    def place(self, tool: ToolLink, snap: Snapshot) -> None:
+        """Hand the tool over if its current session is not where `snap` places it: its app's
+        Active group, or the Standby group while it is a pilot (pilot add / remove, a switch,
+        or a device id learnt from its first data message)."""
+        cur = tool.current
+        if cur is None:
+            return
+        placed = place(snap, tool.app, tool.address, tool.sid)
+        was_pilot, tool.pilot = tool.pilot, placed.pilot
+        if cur.instance in placed.instances:
+            return
+        app = placed.app
+        # A pilot move: the tool goes between the two groups while neither changed role.
+        pilot_move = (
+            (placed.pilot or was_pilot)
+            and app is not None
+            and (cur.instance.group in (app.active_group, app.standby_group))
+        )
+        self.handover(tool, snap.generation, "pilot" if pilot_move else "handover")
+
+    def handover(self, tool: ToolLink, generation: int = 0, kind: str = "handover") -> None:
+        """Move the tool's new primaries to a session where it belongs now (placement.py)."""
         old = tool.current
         tool.current = None
-        tool.switch_kind = "handover"
+        tool.switch_kind = kind
         tool.switch_started = time.monotonic()
         if old is not None:
             if old.selected:

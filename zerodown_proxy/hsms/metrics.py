@@ -16,6 +16,7 @@ class HsmsMetrics:
         backends: Callable[[], int],
         in_flight: Callable[[], int],
         partial_bytes: Callable[[], int],
+        pilots: Callable[[], int] = lambda: 0,
     ) -> None:
         fwd = m.counter(
             "zerodown_hsms_forwarded_total",
@@ -51,15 +52,29 @@ class HsmsMetrics:
             "Replies that matched no open transaction (answered Reject.req reason 3)",
             ("side",),
         )
+        self.stream9 = m.counter(
+            "zerodown_hsms_stream9_total",
+            "Stream 9 from tools, by function and outcome (routed: to the backend session the "
+            "quoted header names; successor: that session was gone, sent to the tool's current "
+            "one; plain: no header inside; unmatched, malformed: not forwarded, logged)",
+            ("function", "outcome"),
+        )
         self.handovers = m.counter(
             "zerodown_hsms_handovers_total", "Tool sessions moved to a new backend on a switch"
         )
         self.failovers = m.counter(
             "zerodown_hsms_failovers_total", "Tool sessions moved after their backend session died"
         )
+        self.pilot_moves = m.counter(
+            "zerodown_hsms_pilot_moves_total",
+            "Tool sessions moved between Active and Standby by a pilot add or remove",
+        )
+        m.gauge("zerodown_hsms_pilot_sessions", "Tool sessions served by Standby as pilots",
+                fn=pilots)  # fmt: skip
         self.handover_s = m.histogram(
             "zerodown_hsms_handover_seconds",
-            "From the switch (or failure) to the new backend session being selected",
+            "From the switch, pilot change (kind=pilot) or failure to the new backend session "
+            "being selected",
             ("kind",),
         )
         self.closed = m.counter(

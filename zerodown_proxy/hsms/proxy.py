@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -34,7 +35,9 @@ from .budget import PartialBudget
 from .choice import BackendChoice, never_down
 from .codec import Frame
 from .handover import BackendSessions
+from .listeners import AppListeners
 from .metrics import HsmsMetrics
+from .msglog import MessageLog
 from .session import Close, PeerRejected, Refused
 from .status import status
 from .tool_link import ToolLink
@@ -68,6 +71,7 @@ class HsmsProxy:
         self.batching = False
         self.dirty: list[Any] = []
         self.choice = BackendChoice(cfg, instance_down)
+        self.msglog = MessageLog.from_config(cfg)  # None: off (the default)
         self.sessions = BackendSessions(self)
         self.budget: PartialBudget[ToolLink] = PartialBudget(
             cfg.max_partial_bytes, lambda tool: tool.resume(Pause.LIMIT)
@@ -80,23 +84,34 @@ class HsmsProxy:
             backends=lambda: sum(len(t.backends()) for t in tools),
             in_flight=lambda: sum(t.in_flight() for t in tools),
             partial_bytes=lambda: self.budget.used,
+            pilots=lambda: sum(1 for t in tools if t.pilot),
         )
         router.subscribe(self.sessions.on_snapshot)
+        self.listeners = AppListeners(self)
+        router.subscribe(self.listeners.on_snapshot)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
+    async def start(
+        self, host: str, port: int, reuse_port: bool = False, sock: socket.socket | None = None
+    ) -> None:
+        """Listen on host:port, or serve on `sock` (already listening: takeover/listeners.py)."""
         self.loop = asyncio.get_running_loop()
-        self._server = await self.loop.create_server(
-            lambda: ToolLink(self),
-            host,
-            port,
-            backlog=1024,
-            reuse_address=True,
-            reuse_port=reuse_port or None,
-        )
+        if sock is not None:
+            self._server = await self.loop.create_server(lambda: ToolLink(self), sock=sock)
+        else:
+            self._server = await self.loop.create_server(
+                lambda: ToolLink(self),
+                host,
+                port,
+                backlog=1024,
+                reuse_address=True,
+                reuse_port=reuse_port or None,
+            )
         self.port = self._server.sockets[0].getsockname()[1]
         self._sweeper = self.loop.create_task(self._sweep_forever())
+        self.listeners.reuse_port = reuse_port
+        await self.listeners.reconcile(self.router.current())
 
     async def close(self, grace: float) -> None:
         """Stop accepting; let open transactions finish (up to `grace` s); then Separate every
@@ -104,6 +119,7 @@ class HsmsProxy:
         self.closing = True
         if self._server is not None:
             self._server.close()
+        self.listeners.close()
         deadline = time.monotonic() + grace
         while any(t.in_flight() for t in self.tools) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -117,6 +133,8 @@ class HsmsProxy:
         end = time.monotonic() + 1.0
         while self.tools and time.monotonic() < end:
             await asyncio.sleep(0.01)
+        if self.msglog is not None:
+            self.msglog.close()
 
     def flush(self) -> None:
         self.batching = False
@@ -153,6 +171,11 @@ class HsmsProxy:
         tool.switch_started = time.monotonic()
         self.sessions.open(tool)
 
+    def device_learnt(self, tool: ToolLink) -> None:
+        """The tool's device id is known (or changed): a pilot by device id moves now."""
+        if tool.current is not None and tool.session.selected:
+            self.sessions.place(tool, self.router.current())
+
     def tool_deselected(self, tool: ToolLink) -> None:
         log.info("tool %s deselected", tool.peer, extra=_ev("hsms_tool_deselected", tool=tool.peer))
         self.sessions.release(tool, "tool deselected")
@@ -176,6 +199,10 @@ class HsmsProxy:
             self.m.aborted.inc(("tool_disconnected",), len(tool.queue))
             tool.queue.clear()
         sweep.summarize(self, tool, time.monotonic(), final=True)
+        if tool.handed_over:  # its connection lives on in the new proxy process
+            log.info("tool %s handed over", tool.peer, extra=_ev("hsms_tool_handed_over",
+                                                                 tool=tool.peer))  # fmt: skip
+            return
         log.info(
             "tool %s disconnected", tool.peer,
             extra=_ev("hsms_tool_disconnected", tool=tool.peer, error=str(exc) if exc else None),
@@ -194,6 +221,8 @@ class HsmsProxy:
         self.m.aborted.inc((reason,))
         if f.byte2 & 0x80:
             tool.write(codec.abort_reply(f))
+            if tool.msglog is not None:
+                tool.msglog.proxy_reply(f)
             what = f"answered S{f.byte2 & 0x7F}F0"
         else:
             what = "dropped (no W-bit: nothing to answer)"

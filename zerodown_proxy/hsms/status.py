@@ -11,10 +11,14 @@ if TYPE_CHECKING:
 
 def status(p: HsmsProxy) -> dict[str, Any]:
     sessions = []
+    default = p.router.snapshot.hsms_app(None)
     for t in sorted(p.tools, key=lambda t: t.connected_at):
         sessions.append(
             {
                 "tool": t.peer,
+                # Which app it is on: its listener's, or the app [proxy] hsms_listen serves.
+                "app": t.app if t.app is not None else (default.name if default else None),
+                "pilot": t.pilot,
                 "state": t.session.state.value,
                 "device_id": t.sid,
                 "connected_at": round(t.connected_at, 6),
@@ -27,6 +31,7 @@ def status(p: HsmsProxy) -> dict[str, Any]:
         )
     return {
         "port": p.port,
+        "listeners": p.listeners.status(),
         "tool_sessions": len(p.tools),
         "handovers": int(p.m.handovers.get()),
         "failovers": int(p.m.failovers.get()),

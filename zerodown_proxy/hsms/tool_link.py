@@ -7,12 +7,15 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from ..contract.pilots import canonical_address
 from ..flow import Pause
 from . import codec
 from .codec import Frame, FrameDecoder
 from .links import Link
 from .loglimit import LogLimiter
+from .msglog import ToolLog
 from .session import Close, Deselected, HsmsSession, PeerRejected, Refused, Selected
+from .stream9 import Recent, route
 from .transactions import Transactions
 
 if TYPE_CHECKING:
@@ -34,9 +37,12 @@ class Queued(NamedTuple):
 class ToolLink(Link):
     """One tool connection (HSMS passive side)."""
 
-    def __init__(self, proxy: HsmsProxy) -> None:
+    def __init__(self, proxy: HsmsProxy, app: str | None = None) -> None:
         super().__init__()
         self.proxy = proxy
+        self.app = app  # the app whose listener accepted it (None: [proxy] hsms_listen's)
+        self.address = ""  # the tool's IP address, as pilots name it
+        self.pilot = False  # served by the Standby group as a pilot
         cfg = proxy.cfg
         self.session = HsmsSession("passive", cfg.t6, cfg.t7, 0.0, cfg.max_message_bytes)
         self.peer = "-"
@@ -45,7 +51,10 @@ class ToolLink(Link):
         self.queue: deque[Queued] = deque()
         self.queued_bytes = 0
         self.tx: Transactions[BackendLink] = Transactions()
+        self.recent = Recent(cfg.stream9_memory)  # what was sent to it, for Stream 9 headers
         self.sid: int | None = None  # the tool's device id, as seen in its data messages
+        self.addr = "-"
+        self.msglog: ToolLog | None = None  # the message log (msglog.py), None when off
         self.connected_at = time.time()
         self.selected_at: float | None = None
         self.switch_kind = "startup"  # why the next backend session is being opened
@@ -55,6 +64,10 @@ class ToolLink(Link):
         self.warnings = LogLimiter(cfg.warn_limit, cfg.warn_interval, _now())
         # Decoder offset of the incomplete message that holds a partial-budget reservation.
         self.partial_at = -1
+        # A takeover is handing this connection to a new process (takeover/tools.py): the
+        # tool's new primaries are kept here, encoded, for the new process; not forwarded.
+        self.holding: list[bytes] | None = None
+        self.handed_over = False
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -63,6 +76,10 @@ class ToolLink(Link):
         self.flow.attach(transport)  # type: ignore[arg-type]
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "-"
+        self.address = canonical_address(peer[0]) if peer else ""
+        self.addr = peer[0] if peer else "-"
+        if self.proxy.msglog is not None:
+            self.msglog = self.proxy.msglog.for_tool(self, self.addr)
         self.proxy.tool_connected(self)
         self.run(self.session.connection_made())
 
@@ -72,6 +89,9 @@ class ToolLink(Link):
         if self.retry is not None:
             self.retry.cancel()
         self.proxy.tool_lost(self, exc)
+        if self.msglog is not None:
+            self.msglog.close()
+            self.msglog = None
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -152,7 +172,9 @@ class ToolLink(Link):
     # -- data path ----------------------------------------------------------------------------
 
     def on_data(self, f: Frame) -> None:
-        self.sid = f.session_id
+        if f.session_id != self.sid:
+            self._session_id(f.session_id)
+            self.proxy.device_learnt(self)  # a pilot by device id moves before this message
         if not f.byte3 & 1:  # even function: a reply (or SxF0) to a host primary
             rec = self.tx.host_reply(f.system)
             if rec is None:
@@ -160,16 +182,30 @@ class ToolLink(Link):
                 return
             backend = rec.link
             backend.write(codec.rewrite(f, rec.session_id, rec.system))
+            if self.msglog is not None:
+                self.msglog.up(f, backend, rec.system)
             self.proxy.m.fwd_reply_up.inc()
             if backend.draining:
                 backend.maybe_finish()
             return
+        if self.holding is not None:
+            self.holding.append(f.encode())
+            return
         self.proxy.router.current()  # a committed switch hands this tool over first
+        if f.byte2 & 0x7F == 9:
+            route(self, f)
+            return
         cur = self.current
         if cur is not None and cur.selected and not self.queue:
             cur.send_primary(f)
         else:
             self.proxy.enqueue(self, f)
+
+    def _session_id(self, sid: int) -> None:
+        self.sid = sid
+        ml = self.proxy.msglog
+        if ml is not None and self.msglog is None:  # a message_log_tools rule by device id
+            self.msglog = ml.for_tool(self, self.addr)
 
     def backends(self) -> list[BackendLink]:
         return ([self.current] if self.current is not None else []) + self.draining

@@ -91,6 +91,15 @@ class Transactions(Generic[L]):
         open_ = self._up.get(link)
         return open_.pop(system, None) if open_ is not None else None
 
+    def find_tool_primary(self, system: int, session_id: int) -> tuple[L, int, ToolPrimary] | None:
+        """The open tool primary the tool numbered `system` (session `session_id`): its session,
+        the proxy's system bytes on it, its record. A scan: for the rare S9F9, not per message."""
+        for link, open_ in self._up.items():
+            for psb, rec in open_.items():
+                if rec.system == system and rec.session_id == session_id:
+                    return link, psb, rec
+        return None
+
     # -- host primaries (backend -> tool) -------------------------------------------------------
 
     def host_primary(self, system: int, rec: HostPrimary[L]) -> None:

@@ -37,6 +37,7 @@ class RequestCycle:
         "upgrade",
         "chunked",
         "preview",
+        "pilot_headers",
         "request_id",
         "head",
         "body_buf",
@@ -77,6 +78,7 @@ class RequestCycle:
         self.upgrade = frame.upgrade
         self.chunked = frame.body == CHUNKED
         self.preview = False
+        self.pilot_headers: dict[bytes, bytes] | None = None  # kept only while pilots need them
         self.body_buf: list[bytes] = []
         self.buffered = 0
         self.retained: list[bytes] | None = [] if method in IDEMPOTENT else None

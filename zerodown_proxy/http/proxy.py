@@ -16,10 +16,12 @@ import functools
 import hmac
 import logging
 import os
+import socket
 import time
 from typing import Any
 
 from ..config import HttpSection
+from ..contract.pilots import canonical_address
 from ..metrics import Registry
 from ..routing import Instance, Router, Snapshot
 from .accounting import HttpAccounting, register_gauges
@@ -82,19 +84,25 @@ class HttpProxy:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
+    async def start(
+        self, host: str, port: int, reuse_port: bool = False, sock: socket.socket | None = None
+    ) -> None:
+        """Listen on host:port, or serve on `sock` (already listening: takeover/listeners.py)."""
         self.loop = asyncio.get_running_loop()
         self.capacity = Capacity(
             self.cfg.max_client_connections, self.cfg.fd_reserve, raise_nofile_limit()
         )
-        self._server = await self.loop.create_server(
-            lambda: ClientProtocol(self),
-            host,
-            port,
-            backlog=2048,
-            reuse_address=True,
-            reuse_port=reuse_port or None,
-        )
+        if sock is not None:
+            self._server = await self.loop.create_server(lambda: ClientProtocol(self), sock=sock)
+        else:
+            self._server = await self.loop.create_server(
+                lambda: ClientProtocol(self),
+                host,
+                port,
+                backlog=2048,
+                reuse_address=True,
+                reuse_port=reuse_port or None,
+            )
         self.port = self._server.sockets[0].getsockname()[1]
         self.queue.start(self.loop, self._resume)
         self._sweeper = self.loop.create_task(sweep_forever(self))
@@ -155,6 +163,9 @@ class HttpProxy:
             ):
                 cycle.local = (403, "standby preview needs a valid X-Zerodown-Token")
                 self.count_client_error(403)
+        wanted = self.router.snapshot.pilot_headers
+        if wanted:
+            cycle.pilot_headers = {n: headers[k][1] for k, n in enumerate(lnames) if n in wanted}
         return cycle
 
     def send_request(self, cycle: RequestCycle) -> None:
@@ -170,6 +181,10 @@ class HttpProxy:
             )
             return
         cycle.app = app
+        if app.pilots is not None and not cycle.preview:
+            # A pilot (client address or header rule) goes where the Standby preview goes.
+            addr = canonical_address(cycle.client.peer)
+            cycle.preview = app.pilots.http(addr, cycle.pilot_headers) and bool(app.standby)
         self._attempt(cycle)
 
     def _attempt(self, cycle: RequestCycle, inst: Instance | None = None) -> None:
