@@ -76,6 +76,11 @@ class HttpSection:
     retry_budget_min: int = 10  # ... plus this many
     max_client_connections: int = 10000  # also at most half of (open-files limit - fd_reserve)
     fd_reserve: int = 256  # file descriptors HTTP never takes (HSMS tools, admin, discovery)
+    # Overload (http/overload.py): requests in flight on one instance at most (0: no limit;
+    # Envoy's circuit-breaker default), and how long a request may wait for a free instance
+    # before it is shed with 503 + Retry-After (HAProxy's `timeout queue`; 0: shed at once).
+    max_requests_per_instance: int = 1024
+    max_queue_time: float = 2.0
 
 
 # -- [health_check] and [outlier_detection] (owner: health/; the balancer consults both) ----------
@@ -451,6 +456,10 @@ def _check_http(h: HttpSection) -> None:
         raise ConfigError("[http] max_client_connections must be at least 1")
     if h.fd_reserve < 0:
         raise ConfigError("[http] fd_reserve must be 0 or more")
+    if h.max_requests_per_instance < 0:
+        raise ConfigError("[http] max_requests_per_instance must be 0 (no limit) or more")
+    if h.max_queue_time < 0:
+        raise ConfigError("[http] max_queue_time must be 0 (shed at once) or more seconds")
 
 
 def _check_hsms(h: HsmsSection) -> None:

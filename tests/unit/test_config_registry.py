@@ -56,6 +56,8 @@ def test_config_file_env_and_overrides(tmp_path: Path):
         ("[nope]\n", "unknown config section"),
         ("[http]\nread_timeout = 'x'\n", "must be a number"),
         ("[http]\nbalance = 'random'\n", "balance must be"),
+        ("[http]\nmax_queue_time = -1\n", "max_queue_time must be 0 (shed at once) or more"),
+        ("[http]\nmax_requests_per_instance = -2\n", "max_requests_per_instance must be 0"),
         ("[proxy]\nhttp_listen = 'host:port'\n", "not an address"),
         ("this is not toml", "not valid TOML"),
     ],

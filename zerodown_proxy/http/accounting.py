@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 class HttpAccounting:
     __slots__ = (
         "balancer", "access_log", "_answered", "m_requests", "m_latency", "m_upstream_errors",
-        "m_retries", "m_client_errors", "m_client_aborts",
+        "m_retries", "m_client_errors", "m_client_aborts", "m_loop_lag",
     )  # fmt: skip
 
     def __init__(self, metrics: Registry, balancer: Balancer, access_log: AccessLog | None) -> None:
@@ -53,6 +53,11 @@ class HttpAccounting:
         )
         self.m_client_errors = m.counter(
             "zerodown_http_client_errors_total", "Requests refused for bad input", ("code",)
+        )
+        self.m_loop_lag = m.histogram(
+            "zerodown_http_loop_lag_seconds",
+            "How late the event loop ran each periodic sweep (0.25 s apart): how long a ready "
+            "socket may have waited before the proxy read it",
         )
         self.m_client_aborts = m.counter(
             "zerodown_http_client_aborts_total", "Clients that left before their response", ("app",)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..config import HttpSection, OutlierSection
@@ -53,6 +54,10 @@ class Balancer:
         self._panic: set[tuple[str, str]] = set()  # groups in panic mode (logged once each)
         self._rr = 0
         self.retries = RetryBudget(cfg.retry_budget_ratio, cfg.retry_budget_min)
+        # Set by the proxy to its WaitQueue's dict and freed(): while requests wait for room,
+        # every finished attempt tells the queue (one truth test per answer otherwise).
+        self.waiting: dict[Any, Any] = {}
+        self.on_free: Callable[[Instance], None] = lambda inst: None
         self.m_ejections = metrics.counter(
             "zerodown_http_ejections_total",
             "Instances ejected as outliers, by reason (consecutive_5xx, "
@@ -136,6 +141,8 @@ class Balancer:
         """The attempt on `inst` ended (answered, failed or abandoned: status 0)."""
         key = inst.http_key
         self.inflight[key] -= 1
+        if self.waiting:
+            self.on_free(inst)
         faulted = self._faulted
         if faulted and key in faulted:
             if faulted[key] <= 1 or self.inflight[key] == 0:

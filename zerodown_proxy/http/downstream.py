@@ -21,6 +21,7 @@ from ..flow import FlowControl, Pause
 from .cycle import BUFFER_LIMIT, RequestCycle
 from .framing import HOP_BY_HOP, NO_BODY, Refusal, RequestFrame, request_frame
 from .headers import body_size, error_response
+from .overload import RETRY_AFTER
 
 if TYPE_CHECKING:
     from .proxy import HttpProxy
@@ -105,7 +106,7 @@ class ClientProtocol(asyncio.Protocol):
             # so the fd comes back at once and the client knows why (see README, HTTP limits).
             self.closing = True
             self.flow.pause_reading(Pause.LIMIT)
-            transport.write(error_response(503, refusal, close=True))  # type: ignore[attr-defined]
+            transport.write(error_response(503, refusal, True, retry_after=RETRY_AFTER))  # type: ignore[attr-defined]
             transport.close()
             return
         self.admitted = True
@@ -236,7 +237,11 @@ class ClientProtocol(asyncio.Protocol):
         cycle = self.proxy.prepare(self, method, frame, self._headers, self._lnames)  # type: ignore[arg-type]
         self.receiving = self.last = cycle
         if self.current is None:
-            self.dispatch(cycle)
+            if cycle.local is None:  # dispatch(), inline for the common case
+                self.current = cycle
+                self.proxy.send_request(cycle)
+            else:
+                self.dispatch(cycle)
         else:
             self.queue.append(cycle)
             if len(self.queue) >= PIPELINE_LIMIT:
@@ -281,13 +286,15 @@ class ClientProtocol(asyncio.Protocol):
                 self.flow.resume_reading(Pause.PIPELINE)
             self.dispatch(nxt)
 
-    def respond_error(self, cycle: RequestCycle, status: int, message: str) -> None:
+    def respond_error(
+        self, cycle: RequestCycle, status: int, message: str, retry_after: int = 0
+    ) -> None:
         """Answer `cycle` from the proxy itself (502/503/504/413...)."""
         cycle.status = status
         close = not cycle.request_done or not cycle.keep_alive or self.proxy.draining
         if close:
             cycle.keep_alive = False
-        data = error_response(status, message, close, cycle.request_id)
+        data = error_response(status, message, close, cycle.request_id, retry_after)
         cycle.sent = body_size(data)  # for the access log
         self.write(data)
         if cycle is self.current:

@@ -31,8 +31,11 @@ STATUS_REASONS = {
 }
 
 
-def error_response(status: int, message: str, close: bool, request_id: str = "") -> bytes:
-    """A complete plain-text error response the proxy itself produces."""
+def error_response(
+    status: int, message: str, close: bool, request_id: str = "", retry_after: int = 0
+) -> bytes:
+    """A complete plain-text error response the proxy itself produces (`retry_after`: seconds
+    for a Retry-After field, on the 503s of overload)."""
     body = (message.rstrip("\n") + "\n").encode()
     head = [
         b"HTTP/1.1 %d %s\r\n" % (status, STATUS_REASONS.get(status, b"Error")),
@@ -42,6 +45,8 @@ def error_response(status: int, message: str, close: bool, request_id: str = "")
     ]
     if request_id:
         head.append(b"X-Request-Id: " + request_id.encode() + b"\r\n")
+    if retry_after:
+        head.append(b"Retry-After: %d\r\n" % retry_after)
     if close:
         head.append(b"Connection: close\r\n")
     head.append(b"\r\n")
@@ -74,33 +79,31 @@ def upstream_head(
     request_id = b""
     upgrade = b""
     ap = parts.append
-    for (name, value), ln in zip(headers, lnames, strict=True):
+    for field, ln in zip(headers, lnames, strict=True):
         if ln in drop:
             if ln == b"upgrade":
-                upgrade = value
+                upgrade = field[1]
         elif ln[0] != 120 and ln != b"host":  # not x-...: forwarded as is (the common case)
-            ap(name)
-            ap(b": ")
-            ap(value)
-            ap(b"\r\n")
+            ap(b"%s: %s\r\n" % field)  # one format: half the cost of four appends
         elif ln == b"host":
             continue  # re-added below from the frame
         elif ln == b"x-forwarded-for":
-            xff = xff + b", " + value if xff else value
+            xff = xff + b", " + field[1] if xff else field[1]
         elif ln == PREVIEW_HEADER or ln == TOKEN_HEADER or ln.startswith(b"x-forwarded-"):
             continue
         else:
             if ln == b"x-request-id":
-                request_id = value
-            ap(b"%s: %s\r\n" % (name, value))
+                request_id = field[1]
+            ap(b"%s: %s\r\n" % field)
     # HTTP/1.0 clients may omit Host; backends speaking 1.1 require it.
     host = frame.host or default_host
-    parts.append(b"Host: %s\r\n" % host)
-    if not request_id:
+    if request_id:
+        ap(b"Host: %s\r\n" % host)
+    else:
         request_id = new_request_id()
-        parts.append(b"X-Request-Id: %s\r\n" % request_id)
-    parts.append(b"X-Forwarded-For: %s\r\n" % (xff + b", " + peer if xff else peer))
-    parts.append(b"X-Forwarded-Proto: http\r\nX-Forwarded-Host: %s\r\n" % host)
+        ap(b"Host: %s\r\nX-Request-Id: %s\r\n" % (host, request_id))
+    ap(b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: %s\r\n"
+       % (xff + b", " + peer if xff else peer, host))  # fmt: skip
     if frame.body == CHUNKED:
         parts.append(b"Transfer-Encoding: chunked\r\n")
     if frame.upgrade and upgrade:

@@ -32,6 +32,7 @@ from .cycle import RequestCycle
 from .downstream import ClientProtocol
 from .framing import LENGTH, RequestFrame
 from .headers import PREVIEW_HEADER, TOKEN_HEADER, upstream_head
+from .overload import RETRY_AFTER, WaitQueue
 from .pool import IdlePool
 from .timeouts import sweep_forever
 from .upstream import UpstreamProtocol
@@ -59,6 +60,10 @@ class HttpProxy:
         self.pool_release = pool.release
         self.pool_discard = pool.discard
         self.balancer = Balancer(cfg, metrics)
+        # Overload: at most max_requests_per_instance per instance, the rest wait (bounded).
+        self.queue = WaitQueue(cfg, metrics)
+        self.balancer.waiting = self.queue.waiting
+        self.balancer.on_free = self.queue.freed
         self.draining = False
         self.port = 0
         self._rid_prefix = os.urandom(4).hex().encode()
@@ -102,6 +107,7 @@ class HttpProxy:
                 reuse_port=reuse_port or None,
             )
         self.port = self._server.sockets[0].getsockname()[1]
+        self.queue.start(self.loop, self._resume)
         self._sweeper = self.loop.create_task(sweep_forever(self))
 
     async def close(self, grace: float) -> None:
@@ -195,23 +201,36 @@ class HttpProxy:
             cycle.preview = app.pilots.http(addr, cycle.pilot_headers) and bool(app.standby)
         self._attempt(cycle)
 
-    def _attempt(self, cycle: RequestCycle) -> None:
-        app = cycle.app
-        assert app is not None
-        inst = self.balancer.pick(app.standby if cycle.preview else app.active, cycle.tried)
+    def _attempt(self, cycle: RequestCycle, inst: Instance | None = None) -> None:
+        """Pick an instance and send `cycle` to it (`inst`: already picked, by the queue)."""
+        bal = self.balancer
         if inst is None:
-            if cycle.preview:
-                msg = f"app {app.name}: Standby group {app.standby_group} has no healthy instance"
-            else:
-                msg = f"app {app.name}: Active group {app.active_group} has no healthy instance"
-            cycle.client.respond_error(cycle, 503, msg)
-            return
+            app = cycle.app
+            assert app is not None
+            group = app.standby if cycle.preview else app.active
+            inst = bal.pick(group, cycle.tried)
+            if inst is None:
+                role, name = (
+                    ("Standby", app.standby_group)
+                    if cycle.preview
+                    else ("Active", app.active_group)
+                )
+                cycle.client.respond_error(
+                    cycle, 503, f"app {app.name}: {role} group {name} has no healthy instance"
+                )
+                return
+            queue = self.queue
+            if queue.waiting or bal.inflight.get(inst.http_key, 0) >= queue.limit:
+                inst = self._no_room(cycle, group)
+                if inst is None:
+                    return
         prev = cycle.instance
         if prev is not None:
-            self.balancer.finished(prev, 0)
+            bal.finished(prev, 0)
         cycle.instance = inst
+        # A retry when an attempt came before (it may have waited in the queue since).
+        bal.started(inst, retry=bool(cycle.tried))
         cycle.tried.append(inst)
-        self.balancer.started(inst, retry=prev is not None)
         conns = self.idle.get(inst.http_key)
         while conns:
             up = conns.pop()
@@ -221,6 +240,36 @@ class HttpProxy:
                 return
         self._connect(cycle, inst)
 
+    def _resume(self, cycle: RequestCycle, inst: Instance) -> None:
+        """A waiting request has room on `inst`; if the routing changed while it waited (a
+        switch), it is routed again instead, as a request arriving now (it may wait once more)."""
+        router = self.router
+        snap = router.snapshot if router.pending is None else router.current()
+        app = cycle.app
+        if app is not None and snap.apps.get(app.name) is app:
+            self._attempt(cycle, inst)
+        else:
+            self.send_request(cycle)
+
+    def _no_room(self, cycle: RequestCycle, group: tuple[Instance, ...]) -> Instance | None:
+        """Requests are waiting, or the picked instance is at max_requests_per_instance: another
+        instance with room, or None: `cycle` waits behind the others (FIFO) or, with
+        max_queue_time 0, is shed."""
+        app = cycle.app
+        assert app is not None
+        queue = self.queue
+        bal = self.balancer
+        if (app.name, cycle.preview) not in queue.waiting:
+            inst = queue.room(group, bal.inflight, queue.limit, bal.avoid, cycle.tried)
+            if inst is not None:
+                return inst
+        prev, cycle.instance = cycle.instance, None
+        if prev is not None:
+            bal.finished(prev, 0)  # a retry: its failed attempt holds no slot while it waits
+        if not queue.wait(cycle, time.monotonic()):
+            queue.shed(cycle, "queue_full")
+        return None
+
     def _connect(self, cycle: RequestCycle, inst: Instance) -> None:
         cap = self.capacity
         if not cap.upstream_room(len(self.clients)) and not self.pool.evict_one():
@@ -228,7 +277,7 @@ class HttpProxy:
             cycle.instance = None
             cycle.client.respond_error(
                 cycle, 503, f"the proxy has no file descriptor left for a backend connection "
-                            f"(budget {cap.fd_budget}); try again later",
+                            f"(budget {cap.fd_budget}); try again later", RETRY_AFTER,
             )  # fmt: skip
             return
         cap.upstreams += 1

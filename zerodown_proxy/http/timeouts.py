@@ -1,8 +1,8 @@
 """Every timeout of the HTTP side, checked by one periodic sweep (no timer per request).
 
 Client: header, idle and read timeouts. Upstream: first byte and between-bytes read timeouts.
-The idle pool's upstream_idle_timeout, the capacity's open-files limit and the balancer's
-ejection decay are refreshed on the same tick.
+The idle pool's upstream_idle_timeout, the overload queue's max_queue_time, the capacity's
+open-files limit and the balancer's ejection decay are refreshed on the same tick.
 """
 
 from __future__ import annotations
@@ -23,10 +23,16 @@ SWEEP_INTERVAL = 0.25
 
 
 async def sweep_forever(proxy: HttpProxy) -> None:
+    due = time.monotonic() + SWEEP_INTERVAL
     while True:
-        await asyncio.sleep(SWEEP_INTERVAL)
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        now = time.monotonic()
+        # How late this tick runs is how long the event loop kept everything else waiting
+        # (a saturated CPU, a long callback): bytes in socket buffers wait that long too.
+        proxy.acc.m_loop_lag.observe(max(0.0, now - due))
+        due = now + SWEEP_INTERVAL
         try:
-            sweep(proxy, time.monotonic())
+            sweep(proxy, now)
         except Exception:
             log.exception("timeout sweep failed")
 
@@ -60,5 +66,8 @@ def sweep(proxy: HttpProxy, now: float) -> None:
         elif c.idle() and now - c.last_activity > cfg.client_idle_timeout:
             c.close()
     proxy.pool.expire(now - cfg.upstream_idle_timeout)
+    if proxy.queue.waiting:
+        for cycle in proxy.queue.expire(now):
+            proxy.queue.shed(cycle, "queue_timeout")
     proxy.capacity.resize(nofile_limit())
     proxy.balancer.sweep(now)

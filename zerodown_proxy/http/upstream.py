@@ -359,12 +359,10 @@ class UpstreamProtocol(asyncio.Protocol):
             parts.append(b"\r\n")
             return b"".join(parts)
         ap = parts.append
-        for (name, value), ln in zip(self._headers, self._lnames, strict=True):
+        # One format per field: about half the cost of four appends (name, ": ", value, CRLF).
+        for field, ln in zip(self._headers, self._lnames, strict=True):
             if ln not in drop:
-                ap(name)
-                ap(b": ")
-                ap(value)
-                ap(b"\r\n")
+                ap(b"%s: %s\r\n" % field)
         if not interim:
             if self._rechunk:
                 codings = self.frame.codings  # type: ignore[union-attr]
