@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from zerodown_proxy.takeover import wire
+
 from ..helpers import ROOT, instance, registry, wait_until, write_registry
 from ..hsmspeers import RawHost, RawTool, s6f11_body
 from ..rawhttp import read_response
@@ -363,21 +365,31 @@ def _children(pid: int) -> set[int]:
     return out
 
 
+def _execed(pid: int) -> bool:
+    """The takeover's new process has exec'd: its environment has the channel variable."""
+    try:
+        return wire.ENV.encode() + b"=" in Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+
+
 async def test_a_new_process_not_ready_in_time_is_killed_and_the_old_one_serves(
     tmp_path, backend_factory, start_proxy, monkeypatch
 ):
     port = await backend_factory("v1", "i0")
     reg = tmp_path / "registry.json"
     write_registry(reg, registry(1, "blue", [instance("b1", "blue", "v1", port)]))
-    monkeypatch.setenv("ZERODOWN_TAKEOVER_READY_TIMEOUT", "3")
+    monkeypatch.setenv("ZERODOWN_TAKEOVER_READY_TIMEOUT", "6")
     proxy = start_proxy(reg)
     os.kill(proxy.pid, signal.SIGUSR2)
+    # Stopped only once it runs the new program: a child stopped between fork and exec would
+    # also stop its parent, which waits for the exec (libuv's spawn), not the test's point.
     (child,) = await asyncio.to_thread(
-        wait_until, lambda: _children(proxy.pid), 10, "the new process"
+        wait_until, lambda: {c for c in _children(proxy.pid) if _execed(c)}, 10, "the new process"
     )
     os.kill(child, signal.SIGSTOP)  # it hangs: never ready
     await asyncio.to_thread(
-        wait_until, lambda: "was not ready within 3s" in proxy.output(), 30, "the failure"
+        wait_until, lambda: "was not ready within 6s" in proxy.output(), 30, "the failure"
     )
     await asyncio.to_thread(wait_until, lambda: not _children(proxy.pid), 10, "the child reaped")
     assert proxy.status()["pid"] == proxy.pid
