@@ -61,16 +61,10 @@ class Receiver:
     async def connect(self) -> dict[str, socket.socket]:
         """The donor's listening sockets by name."""
         ch = self.ch = await asyncio.to_thread(wire.Channel.connect, self.path, CONNECT_TIMEOUT)
-        ch.send({"t": "hello", "pid": os.getpid()})
-        msg, fds = await asyncio.to_thread(ch.recv)
-        names = msg.get("names") or []
-        if msg.get("t") != "listeners" or len(names) != len(fds):
-            for fd in fds:
-                os.close(fd)
-            raise wire.ChannelError(f"expected the listening sockets, got {msg.get('t')!r}")
+        msg, socks = await asyncio.to_thread(wire.receive_listeners, ch)
         self.generation = int(msg.get("generation") or 0)
         self.extra = msg
-        return {name: socket.socket(fileno=fd) for name, fd in zip(names, fds, strict=True)}
+        return socks
 
     def close(self) -> None:
         """Stopping: unblock a read still waiting for the old process."""

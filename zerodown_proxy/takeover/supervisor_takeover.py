@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
@@ -151,14 +150,7 @@ class SupervisorReceiver:
 
     async def inherit(self, sup: Supervisor) -> None:
         ch = self.ch = await asyncio.to_thread(wire.Channel.connect, self.path, 10.0)
-        ch.send({"t": "hello", "pid": os.getpid()})
-        msg, fds = await asyncio.to_thread(ch.recv)
-        names = msg.get("names") or []
-        if msg.get("t") != "listeners" or len(names) != len(fds):
-            for fd in fds:
-                os.close(fd)
-            raise wire.ChannelError(f"expected the listening sockets, got {msg.get('t')!r}")
-        sup.inherited = {n: socket.socket(fileno=fd) for n, fd in zip(names, fds, strict=True)}
+        msg, sup.inherited = await asyncio.to_thread(wire.receive_listeners, ch)
         sup.takeover_from = {int(i): p for i, p in (msg.get("workers") or {}).items()}
 
     def ready(self) -> None:

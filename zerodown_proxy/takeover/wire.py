@@ -112,3 +112,16 @@ def listen(path: str) -> socket.socket:
     s.bind(path)
     s.listen(4)
     return s
+
+
+def receive_listeners(ch: Channel) -> tuple[dict[str, Any], dict[str, socket.socket]]:
+    """The successor's side of the first exchange: hello, then the donor's "listeners" message
+    (its other fields, and the listening sockets by name). A wrong message closes what came."""
+    ch.send({"t": "hello", "pid": os.getpid()})
+    msg, fds = ch.recv()
+    names = msg.get("names") or []
+    if msg.get("t") != "listeners" or len(names) != len(fds):
+        for fd in fds:
+            os.close(fd)
+        raise ChannelError(f"expected the listening sockets, got {msg.get('t')!r}")
+    return msg, {n: socket.socket(fileno=fd) for n, fd in zip(names, fds, strict=True)}
