@@ -4,7 +4,8 @@ secsgem is thread-based and, as shipped, has four traits that matter for a peer 
 a proxy, switches and many sessions: its passive side accepts ONE connection at a time (it closes
 the listening socket after accept); a send to a dead socket blocks its caller forever; the system
 counter is not thread-safe; and a received Separate.req is ignored. This module keeps secsgem's
-HSMS framing, state machine and SECS-II codec, and fixes those four points:
+HSMS framing, state machine and SECS-II codec, and fixes those four points (and a fifth: starting
+a session could hang its caller forever, see `_QuietStop`):
 
 - `PeerSettings(sock=...)` runs one secsgem protocol over an already-accepted socket, so a host can
   own the listening socket and serve any number of sessions;
@@ -165,9 +166,20 @@ def _sf(function: secsgem.secs.SecsStreamFunction) -> str:
 
 
 class _QuietStop:
-    """secsgem busy-spins while its receiver thread stops; sleep instead (2 shared cores)."""
+    """secsgem busy-spins while its receiver thread starts and stops. Starting, the spin can last
+    forever: it waits to see `_thread_running` True, and a receiver whose peer closes at once (a
+    TCP health check: connect, close) sets it True and back to False before the spinning thread
+    looks, so the host's accept thread hung for good and its listen queue filled. Start without
+    the spin; stop with a bounded sleep (2 shared cores)."""
 
     select_timeout = SELECT_TIMEOUT
+
+    def _start_receiver(self) -> None:
+        self._thread_running = True  # the thread is started now: disconnect() must wait for it
+        threading.Thread(
+            target=self._TcpConnection__receiver_thread,  # type: ignore[attr-defined]
+            name=f"secsgem_receiver_{self._settings.address}:{self._settings.port}",  # type: ignore[attr-defined]
+        ).start()
 
     def disconnect(self) -> None:
         if not self._thread_running:  # type: ignore[attr-defined]

@@ -97,7 +97,7 @@ class HsmsHost:
     def stop(self) -> None:
         """Stop accepting, send Separate.req on every session, and close them; returns when closed."""
         self._stopping.set()
-        self._accept_thread.join()
+        self._accept_thread.join(5)  # bounded: a stuck accept must not hang the app's exit
         self._listener.close()
         with self._lock:
             sessions = list(self._sessions)

@@ -292,3 +292,49 @@ def test_a_connection_that_never_selects_is_closed_after_t7() -> None:
         wait_until(lambda: host.sessions() == 0, 5, "the session to be forgotten")
     finally:
         host.stop()
+
+
+def test_connections_closed_at_once_never_stop_the_host_accepting() -> None:
+    # Regression: secsgem spin-waited for its receiver thread to say it runs; a peer that closes
+    # right after connecting (a TCP health check) let the thread start and end before the spin
+    # looked, so the accept thread hung for good, the listen queue filled, and every later
+    # check timed out (the Nomad double marked both groups critical under HSMS load).
+    import socket
+    import struct
+    import threading
+    import time
+
+    hdr = struct.Struct(">IHBBBBI")
+    stop = threading.Event()
+
+    def load() -> None:  # a selected session sending S1F1 back to back, as a tool under load
+        with socket.create_connection(("127.0.0.1", host.port), timeout=5) as s:
+            s.sendall(hdr.pack(10, 0xFFFF, 0, 0, 0, 1, 1))  # Select.req
+            n = 1
+            while not stop.is_set() and n < 100_000:
+                assert s.recv(14), "host closed the load session"
+                n += 1
+                s.sendall(hdr.pack(10, 0, 0x81, 1, 0, 0, n))  # S1F1 W
+
+    host = start_hsms_host(0, "v1", instance_id="checks")
+    loaders = [threading.Thread(target=load, daemon=True) for _ in range(2)]
+    try:
+        for t in loaders:
+            t.start()
+        deadline = time.monotonic() + 8  # the old code hung within ~3 s of this on 2 cores
+        checks = 0
+        while checks < 400 and time.monotonic() < deadline:
+            socket.create_connection(("127.0.0.1", host.port), timeout=5).close()
+            checks += 1
+            time.sleep(0.01)
+        # The listen queue (64) is long past full if the accept thread hung: a Select must work.
+        with socket.create_connection(("127.0.0.1", host.port), timeout=5) as s:
+            s.sendall(hdr.pack(10, 0xFFFF, 0, 0, 0, 1, 7))
+            s.settimeout(5)
+            assert hdr.unpack(s.recv(14))[5:7] == (2, 7), "no Select.rsp"
+        assert checks >= 100
+    finally:
+        stop.set()
+        for t in loaders:
+            t.join(5)
+        host.stop()

@@ -245,7 +245,11 @@ async def on_nomad(nomad_stack: NomadStack, tmp_path: Path):
 
 async def test_nomad_pilot_one_of_four_tools_then_switch_and_rollback(on_nomad):
     stack, proxy, state, env = on_nomad
-    r = await pilot_then_switch(proxy, state, ["--backend", "nomad"], env)
+    try:
+        r = await pilot_then_switch(proxy, state, ["--backend", "nomad"], env)
+    finally:  # shown when the test fails: a group going critical explains most failures
+        for t, sid, status, output in stack.nomad.check_log:
+            print(f"check {t:.3f} {sid} {status} {output}")
     check_scenario(r, proxy)
     got = stack.consul.kv_get("zerodown/drimeap/pilots")
     assert got is not None and orjson.loads(got[0]) == {"group": None, "tools": []}

@@ -795,7 +795,7 @@ class FakeNomad:
                 w.close()
                 return "passing", f"TCP connect {target}: Success"
             except (OSError, TimeoutError) as exc:
-                return "critical", f"dial tcp {target}: {exc or 'i/o timeout'}"
+                return "critical", f"dial tcp {target}: {str(exc) or 'i/o timeout'}"
         if check["Type"] == "http":
             url = f"http://127.0.0.1:{port}{check.get('Path') or '/'}"
             try:
