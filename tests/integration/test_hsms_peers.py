@@ -9,6 +9,8 @@ comes back, device ids are checked, and the app Separates its sessions on SIGTER
 from __future__ import annotations
 
 import os
+import socket
+import struct
 import subprocess
 import sys
 import urllib.error
@@ -24,6 +26,9 @@ from orchestrator.devstack.hsms_sim import DATAID_STRIDE, SimTool
 from orchestrator.devstack.sample_hsms import start_hsms_host
 
 from ..helpers import ROOT, SampleApp, wait_until
+
+# HSMS frame: length, session id, byte 2, byte 3, PType, SType, system bytes (raw-socket tests)
+HEADER = struct.Struct(">IHBBBBI")
 
 
 @pytest.fixture
@@ -146,8 +151,6 @@ def test_hsms_sim_cli_report_matches_what_the_host_received(sample_app) -> None:
 def test_hsms_sim_cli_errors(sample_app) -> None:
     bad = run_cli("--target", "nowhere")
     assert bad.returncode == 2 and "HOST:PORT" in bad.stderr
-    import socket
-
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         free = s.getsockname()[1]
@@ -168,10 +171,7 @@ def test_sample_app_exits_cleanly_on_sigterm_with_a_tool_connected(sample_app, t
 def test_select_right_after_connect_is_honoured_every_time() -> None:
     # Regression: secsgem read the socket before its HSMS state was CONNECTED, so a Select.req
     # sent at once was answered but the session stayed NOT SELECTED and rejected all data.
-    import socket
-    import struct
-
-    hdr = struct.Struct(">IHBBBBI")
+    hdr = HEADER
 
     def read_frame(s: socket.socket) -> tuple[int, ...]:
         data = b""
@@ -282,8 +282,6 @@ def test_received_record_is_bounded_and_counts_everything(tools, monkeypatch) ->
 
 
 def test_a_connection_that_never_selects_is_closed_after_t7() -> None:
-    import socket
-
     host = start_hsms_host(0, "v1", t7=0.3)
     try:
         with socket.create_connection(("127.0.0.1", host.port), timeout=10) as s:
@@ -299,12 +297,10 @@ def test_connections_closed_at_once_never_stop_the_host_accepting() -> None:
     # right after connecting (a TCP health check) let the thread start and end before the spin
     # looked, so the accept thread hung for good, the listen queue filled, and every later
     # check timed out (the Nomad double marked both groups critical under HSMS load).
-    import socket
-    import struct
     import threading
     import time
 
-    hdr = struct.Struct(">IHBBBBI")
+    hdr = HEADER
     stop = threading.Event()
 
     def load() -> None:  # a selected session sending S1F1 back to back, as a tool under load
